@@ -1,0 +1,1 @@
+"""Kernels (Triton) with their plain-PyTorch references."""

@@ -1,0 +1,72 @@
+"""``block_sparse_attention``: attention over the (query block, key block) tiles a layout keeps."""
+
+from __future__ import annotations
+
+import torch
+
+from sparseflash._validate import GPU_DTYPES, check_backend, check_qkv, check_scale, check_seq_lens
+from sparseflash.layout import BlockLayout
+from sparseflash.ops.reference import attention_torch
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    check_indices: bool = True,
+    pack_gqa: bool | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention that computes only the blocks ``layout`` keeps; time scales with the kept fraction.
+
+    Same tensor conventions as :func:`sparseflash.flash_attention` (q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D),
+    GQA, bottom-right causal, fp16/bf16, head dims 16-256).
+
+    Args:
+        layout: a :class:`sparseflash.BlockLayout` built for (Sq, Sk), batch 1 or B, heads 1, Hkv or Hq.
+            The causal mask (and the sequence ends) are applied inside the blocks that need it only.
+        seq_lens: optional int32 (B,) valid lengths of a padded batch (Sq == Sk); each sequence may have its
+            own layout (layout batch B). Padded tokens neither attend nor are attended.
+        check_indices: check the layout's index values before launch (one host sync); turn off for layouts
+            from sparseflash's own patterns inside a captured graph.
+        pack_gqa: pack the query heads of a GQA group into one tile so each K/V tile load serves the group
+            (default: on for a layout shared by the group and a power-of-two group size).
+        backend: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'.
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype, and with ``return_lse`` lse (B, Hq, Sq) float32. A row with no kept
+        block (or no allowed key in its kept blocks) gives 0 and lse -inf.
+
+    Raises:
+        TypeError: bad tensor types/dtypes, or a layout that is not a BlockLayout (``None`` included: use
+            :func:`sparseflash.flash_attention` for dense attention).
+        ValueError: shape/device mismatches and a layout that does not fit q and k.
+    """
+    dims = check_qkv(q, k, v)
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(
+            f"layout: expected a sparseflash.BlockLayout (use flash_attention for dense attention), "
+            f"got {type(layout).__name__}"
+        )
+    scale = check_scale(scale, dims.head_dim)
+    check_seq_lens(seq_lens, dims, q.device, padding_side)
+    layout.validate(q, k, check_indices=check_indices)
+    backend = check_backend(backend, q.device)
+    if backend == "torch":
+        out, lse = attention_torch(q, k, v, causal=causal, scale=scale, layout=layout, seq_lens=seq_lens,
+                                   padding_side=padding_side)
+    else:
+        if q.dtype not in GPU_DTYPES:
+            raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
+        from sparseflash.ops.prefill import prefill_forward
+
+        out, lse = prefill_forward(q, k, v, causal=causal, scale=scale, layout=layout, seq_lens=seq_lens,
+                                   padding_side=padding_side, return_lse=return_lse, pack_gqa=pack_gqa)
+    return (out, lse) if return_lse else out
