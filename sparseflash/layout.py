@@ -288,7 +288,10 @@ class BlockLayout:
         return cls.from_dense(partial | full, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
 
     def to_flex(self, *, causal: bool = True, num_heads: int | None = None) -> object:
-        """A FlexAttention ``BlockMask`` with the same kept blocks, split into partial and full blocks.
+        """A FlexAttention ``BlockMask`` computing the same function, split into partial and full blocks.
+
+        Its ``mask_mod`` looks the kept blocks up (Flex evaluates it on partial blocks only, and its eager
+        path defines the function by it), and applies the bottom-right causal mask when ``causal``.
 
         Flex broadcasts a head dim of 1 but has no notion of KV-head layouts: pass ``num_heads`` (query heads)
         to repeat a per-KV-head layout over its group (a copy).
@@ -303,20 +306,24 @@ class BlockLayout:
             partial_num, partial_idx, full_num, full_idx = (
                 t.repeat_interleave(rep, dim=1) for t in (partial_num, partial_idx, full_num, full_idx)
             )
+        # Flex defines the function by mask_mod (block lists only skip work), so it carries the layout too
+        keep = self.to_dense()
+        if num_heads is not None and self.num_heads not in (1, num_heads):
+            keep = keep.repeat_interleave(num_heads // self.num_heads, dim=1)
+        per_batch, per_head = keep.shape[0] > 1, keep.shape[1] > 1
+        block_q, block_k = self.block_size
         offset = self.seq_len_k - self.seq_len_q
 
-        def causal_mask(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
-
-        def no_mask(b, h, q_idx, kv_idx):
-            return q_idx >= 0
+        def layout_mask(b, h, q_idx, kv_idx):
+            kept = keep[b if per_batch else 0, h if per_head else 0, q_idx // block_q, kv_idx // block_k]
+            return kept & (kv_idx <= q_idx + offset) if causal else kept
 
         kwargs = {}
         if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
             kwargs["compute_q_blocks"] = False  # forward only: skip the transposed copy
         return BlockMask.from_kv_blocks(
             partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=self.block_size,
-            mask_mod=causal_mask if causal else no_mask, seq_lengths=(self.seq_len_q, self.seq_len_k), **kwargs,
+            mask_mod=layout_mask, seq_lengths=(self.seq_len_q, self.seq_len_k), **kwargs,
         )
 
     # ---------------------------------------------------------------- metrics
