@@ -1,0 +1,223 @@
+"""``flexprefill``: FlexPrefill's per-head choice between query-aware and vertical-slash blocks.
+
+FlexPrefill (Lai et al., ICLR 2025, arXiv:2502.20766; bytedance/FlexPrefill @a24b27b,
+``flex_prefill_attention.py::get_active_blocks``), per query head, with ``B`` the (square) block size:
+
+1. the last ``B`` queries' softmax rows (causal) give a vertical distribution ``a`` (column means) and a
+   slash distribution ``c`` (diagonal means), token level;
+2. budgets: ``n = (#sorted-descending prefix of the distribution whose cumsum <= gamma) + 1`` tokens,
+   turned into ``n // B + 1`` blocks and clamped to ``[min_budget, max_budget]`` (tokens, rounded up to
+   blocks), separately for ``a`` and ``c``;
+3. ``a`` and ``c`` are sum-pooled per key block (``c`` by the key each diagonal meets in the last row);
+4. decision: ``p_hat = softmax_J(mean(last queries) . mean_J(k) * scale)`` is compared with the pooled ``a``
+   by the square-root Jensen-Shannon divergence; below ``tau`` the head is **query-aware** and both budgets
+   drop to ``min_budget``;
+5. the sink column (key block 0) and the main diagonal group get score +inf (after the divergence test);
+6. the top ``n_v`` block columns are kept in every row they are causal for, and the top ``n_s`` diagonal
+   groups ``Delta`` give blocks ``(I, I - Delta)``;
+7. query-aware heads add, on top of step 6, the blocks of ``softmax_J(mean_I(q) . mean_J(k) * scale)``
+   (causal) taken in descending order over the *whole* matrix while the running sum stays ``<= gamma`` times
+   the number of query blocks (global coverage, FlexPrefill's code; the paper's Algorithm 1 uses this set
+   alone, the code unions it with step 6 — we follow the code);
+8. the diagonal blocks are always kept.
+
+Below ``max(2 B, min_budget rounded up to blocks)`` keys the layout is dense causal, as in FlexPrefill.
+Deviations, all documented in ``methods.md`` §2.3: the block count uses ``// B + 1`` where FlexPrefill
+hard-codes ``// 128 + 1`` (equal at the default ``B = 128``); pooled means are over the real tokens of a
+ragged last block (FlexPrefill's official code rescales the same way); ``seq_len_q < seq_len_k`` is accepted
+(bottom-right aligned: diagonal group ``Delta`` of query block ``I`` is ``Delta`` blocks left of the key
+block holding the last query of ``I``). Everything stays on the device: no host synchronisation, the
+query-aware branch is computed for every head and kept where the test says so.
+
+``gamma`` is a cumulative attention-mass threshold, so ``target_recall`` is accepted as its synonym.
+
+Layout heads: **per query head** (``H = num_heads``), as FlexPrefill scores per query head (grouped onto
+its KV head without copying K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparseflash.layout import BlockLayout, causal_block_mask
+from sparseflash.patterns import _checks
+from sparseflash.patterns.last_queries import last_query_scores
+from sparseflash.patterns.registry import register
+
+DEFAULT_GAMMA = 0.9  # README; the RULER scripts use 0.95 for Llama-3.1-8B and GLM-4-9B
+
+
+def cover_count(dist: torch.Tensor, gamma: float) -> torch.Tensor:
+    """FlexPrefill's ``score_cover_topk``: 1 + the length of the sorted prefix whose cumsum stays <= gamma.
+
+    Args:
+        dist: float (..., n), a distribution along the last dim.
+
+    Returns:
+        int64 (...): the number of entries needed to cover ``gamma`` of the mass (the crossing one included).
+    """
+    cumsum = dist.sort(dim=-1, descending=True).values.cumsum(-1)
+    return (cumsum <= gamma).sum(-1) + 1
+
+
+def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``n[...]`` largest entries of each row of ``scores`` (per-row count, no host sync).
+
+    Args:
+        scores: float (..., m). n: int (...), clamped to ``[0, m]`` by construction of the ranks.
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < n.unsqueeze(-1)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of ``x`` (batch, heads, seq, dim) over blocks of ``block`` tokens (the last one ragged), float32."""
+    seq = x.shape[2]
+    num_blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks * block - seq))
+    sums = padded.view(*x.shape[:2], num_blocks, block, x.shape[3]).sum(3)
+    counts = torch.clamp(seq - torch.arange(num_blocks, device=x.device) * block, max=block)
+    return sums / counts[:, None].to(torch.float32)
+
+
+def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``sqrt(JSD(p || q))`` along the last dim, natural log, with ``0 * log 0 = 0``."""
+    m = (p + q) / 2
+    kl_p = torch.where(p > 0, p * torch.log(p / m), 0.0).sum(-1)
+    kl_q = torch.where(q > 0, q * torch.log(q / m), 0.0).sum(-1)
+    return torch.sqrt((0.5 * kl_p + 0.5 * kl_q).clamp(min=0))
+
+
+def _grouped_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x (B, Hq, M, D) . y (B, Hkv, N, D)^T`` per query head, y shared by its group: (B, Hq, M, N)."""
+    batch, num_heads, rows, dim = x.shape
+    num_kv = y.shape[1]
+    out = torch.matmul(x.view(batch, num_kv, num_heads // num_kv, rows, dim), y.unsqueeze(2).transpose(-1, -2))
+    return out.view(batch, num_heads, rows, y.shape[2])
+
+
+def _dense(q: torch.Tensor, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int]) -> BlockLayout:
+    mask = causal_block_mask(seq_len_q, seq_len_k, block_size, device=q.device)
+    mask = mask.expand(q.shape[0], q.shape[1], *mask.shape)
+    return BlockLayout.from_dense(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+
+
+@register("flexprefill", kind="dynamic", heads="q")
+def flexprefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    causal: bool = True,
+    gamma: float | None = None,
+    target_recall: float | None = None,
+    tau: float = 0.1,
+    min_budget: int | None = 512,
+    max_budget: int | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> BlockLayout:
+    """FlexPrefill block selection as a per-query-head :class:`~sparseflash.BlockLayout` (module docstring).
+
+    Args:
+        q: (batch, num_heads, seq_len_q, head_dim), fp16/bf16/fp32. k: (batch, num_kv_heads, seq_len_k,
+            head_dim), ``seq_len_q <= seq_len_k`` in the intended use.
+        block_size: square ``(B, B)``; FlexPrefill supports 32, 64 and 128 (default 128).
+        causal: must be True.
+        gamma: cumulative attention mass each budget covers, in (0, 1]; default 0.9 (README; 0.95 in the
+            RULER scripts for Llama-3.1-8B and GLM-4-9B).
+        target_recall: synonym of ``gamma`` (give one or the other).
+        tau: square-root JS divergence below which a head is query-aware, >= 0 (default 0.1; 0 disables the
+            query-aware branch).
+        min_budget: minimum vertical and slash budget in tokens, rounded up to blocks (default 512, the
+            README; 1024 in the experiment scripts; None means one block).
+        max_budget: maximum budget in tokens (None: no limit).
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        backend: 'auto', 'triton' or 'torch' for the last-query scores.
+
+    Returns:
+        BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb).
+
+    Raises:
+        ValueError: bad shapes, a non-square block size, both ``gamma`` and ``target_recall``, or an option
+            out of range.
+        NotImplementedError: ``causal=False``.
+    """
+    block_size = _checks.pattern_inputs("flexprefill", q, k, block_size, causal)
+    if block_size[0] != block_size[1]:
+        raise ValueError(f"block_size: expected a square block (FlexPrefill uses one block size), got {block_size}")
+    if gamma is not None and target_recall is not None:
+        raise ValueError(f"gamma, target_recall: expected one of them, got gamma={gamma} and target_recall={target_recall}")
+    if target_recall is not None:
+        gamma = _checks.fraction("target_recall", target_recall)
+    else:
+        gamma = _checks.fraction("gamma", DEFAULT_GAMMA if gamma is None else gamma)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
+        raise ValueError(f"tau: expected a float >= 0, got {tau!r}")
+    if min_budget is not None:
+        _checks.positive_int("min_budget", min_budget)
+    if max_budget is not None:
+        _checks.positive_int("max_budget", max_budget)
+        if min_budget is not None and max_budget < min_budget:
+            raise ValueError(f"max_budget: expected >= min_budget={min_budget}, got {max_budget}")
+    block = block_size[0]
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    seq_len_k = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    num_q_blocks, num_k_blocks = math.ceil(seq_len_q / block), math.ceil(seq_len_k / block)
+    min_blocks = 1 if min_budget is None else math.ceil(min_budget / block)
+    max_blocks = num_k_blocks if max_budget is None else min(math.ceil(max_budget / block), num_k_blocks)
+    min_blocks = min(min_blocks, max_blocks)
+    if seq_len_k <= max(2 * block, min_blocks * block):
+        return _dense(q, seq_len_q, seq_len_k, block_size)
+    device = q.device
+
+    # 1. last-block statistics (token level), as distributions (FlexPrefill divides by the row count)
+    rows = min(block, seq_len_q)
+    vert, slash = last_query_scores(q, k, num_queries=rows, causal=True, scale=scale, slash=True, backend=backend)
+    vert, slash = vert / rows, slash / rows
+    # 2. budgets in blocks
+    n_vert = (cover_count(vert, gamma) // block + 1).clamp(min_blocks, max_blocks)
+    n_slash = (cover_count(slash, gamma) // block + 1).clamp(min_blocks, max_blocks)
+    # 3. pooled per key block
+    pad = num_k_blocks * block - seq_len_k
+    vert_blocks = torch.nn.functional.pad(vert, (0, pad)).view(batch, num_heads, num_k_blocks, block).sum(-1)
+    slash_blocks = torch.nn.functional.pad(slash, (0, pad)).view(batch, num_heads, num_k_blocks, block).sum(-1)
+    # 4. query-aware test: pooled estimate of the last block's distribution vs the measured one
+    k_mean = block_means(k, block)  # (B, Hkv, Kb, D)
+    q_last = q[:, :, seq_len_q - rows:].float().mean(2, keepdim=True) * scale  # (B, Hq, 1, D)
+    p_hat = torch.softmax(_grouped_dot(q_last, k_mean).squeeze(2), dim=-1)
+    query_aware = sqrt_js_divergence(p_hat, vert_blocks) < tau  # (B, Hq)
+    n_vert = torch.where(query_aware, min_blocks, n_vert)
+    n_slash = torch.where(query_aware, min_blocks, n_slash)
+    # 5. forced sink column and main diagonal group (after the divergence test)
+    last_diag = (seq_len_k - 1) // block
+    vert_blocks[..., 0] = float("inf")
+    slash_blocks[..., last_diag] = float("inf")
+    # 6. vertical and slash blocks
+    allowed = causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
+    mask = top_n_mask(vert_blocks, n_vert)[:, :, None, :] & allowed
+    offset = seq_len_k - seq_len_q
+    q_last_pos = torch.clamp((torch.arange(num_q_blocks, device=device) + 1) * block, max=seq_len_q) - 1 + offset
+    diag_block = torch.div(q_last_pos, block, rounding_mode="floor")  # key block of each row block's last query
+    group = torch.arange(num_k_blocks, device=device)[None, :] - diag_block[:, None] + last_diag  # (Qb, Kb)
+    in_range = (group >= 0) & (group <= last_diag) & allowed
+    slash_keep = top_n_mask(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
+    picked = slash_keep.gather(-1, group.clamp(0, num_k_blocks - 1).reshape(1, 1, -1).expand(batch, num_heads, -1))
+    mask |= picked.view(batch, num_heads, num_q_blocks, num_k_blocks) & in_range
+    # 7. query-aware heads: global gamma-coverage of the pooled block attention
+    q_mean = block_means(q, block) * scale  # (B, Hq, Qb, D)
+    pooled = _grouped_dot(q_mean, k_mean).masked_fill(~allowed, float("-inf"))
+    pooled = torch.softmax(pooled, dim=-1).nan_to_num(0.0).flatten(2)  # rows with no allowed block: 0
+    values, order = pooled.sort(dim=-1, descending=True)
+    covered = values.cumsum(-1) <= gamma * pooled.sum(-1, keepdim=True)
+    coverage = torch.zeros_like(covered).scatter_(-1, order, covered)
+    coverage = coverage.view(batch, num_heads, num_q_blocks, num_k_blocks) & allowed
+    mask |= coverage & query_aware[:, :, None, None]
+    # 8. diagonal blocks
+    mask |= _checks.diagonal_blocks(seq_len_q, seq_len_k, block_size, device)
+    return BlockLayout.from_dense(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
