@@ -33,17 +33,6 @@ def _rows_reference(q, k, v, rows: range, heads: range, *, causal=True, layout=N
                             q.shape[-1] ** -0.5)
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [True, False])
