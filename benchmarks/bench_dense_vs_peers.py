@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo
+
+# one compiled flex per process: every shape compiles once; a recompile limit would fall back to eager
+torch._dynamo.config.cache_size_limit = 64
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,10 +39,17 @@ SWEEP = {
 }
 
 
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def peers(q, k, v, causal):
     """name -> zero-argument callable for each peer (None where the backend refuses the shape)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def sdpa(backend, repeat):
         kk = k.repeat_interleave(HQ // HKV, 1) if repeat else k
@@ -50,7 +61,7 @@ def peers(q, k, v, causal):
         return run
 
     seq = q.shape[2]
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = _compiled_flex()
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki if causal else qi >= 0, None, None, seq, seq,
                              device="cuda", _compile=True)
     fns = {
@@ -110,6 +121,7 @@ def main() -> None:
                     except Exception as e:  # a peer refusing a shape is a result, not a crash
                         row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                     rows.append(row)
+                    write_result(dest / f"prefill_dense_{gpu_tag()}.json", "prefill_dense", rows, ceilings)  # partial, in case of a kill
                     print({k2: row.get(k2) for k2 in ("impl", "seqlen", "head_dim", "causal", "ms", "tflops",
                                                        "rel_err", "error")}, flush=True)
     _add_ratios(rows)

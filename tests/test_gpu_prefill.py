@@ -67,7 +67,7 @@ def test_large_block_sparse(poison_empty, layout_heads):
     for rows in (range(0, 256), range(seq - 256, seq)):
         ref, _ = _rows_reference(q, k, v, rows, range(4, 8), layout=layout)
         assert rel_err(out[:, 4:8, rows.start : rows.stop], ref) <= REL_TOL[torch.bfloat16]
-    dense_layout = sf.dense_layout(seq, seq)
+    dense_layout = sf.dense_layout(seq, seq, device="cuda")
     torch.testing.assert_close(sf.block_sparse_attention(q, k, v, dense_layout), sf.flash_attention(q, k, v),
                                atol=2e-2, rtol=0)
 

@@ -142,7 +142,7 @@ def prefill_forward(
         BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack,
         CAUSAL=causal, SPARSE=sparse, LAYOUT_BLOCK_Q=layout_block[0], LAYOUT_BLOCK_K=layout_block[1],
         CAPACITY_POW2=capacity_pow2, HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse,
-        OFFS_64=_needs_int64(q, k, v, out),
+        OFFS_64=_needs_int64(q, k, v, out), PREFETCH=os.environ.get("SPARSEFLASH_SPARSE_PREFETCH", "0") == "1",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -87,7 +87,7 @@ def prefill_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
     CAUSAL: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BLOCK_Q: tl.constexpr, LAYOUT_BLOCK_K: tl.constexpr,
     CAPACITY_POW2: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    OFFS_64: tl.constexpr,
+    OFFS_64: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // PACK
     pid = tl.program_id(0)
@@ -161,16 +161,20 @@ def prefill_fwd_kernel(
         n_full = tl.sum((ids + 1 <= all_see // LAYOUT_BLOCK_K).to(tl.int32), 0)
         if HAS_SEQ_LENS:
             n_full = 0
-        for it in range(0, n_full * SUBS):
-            blk = tl.load(idx_row + (it // SUBS) * stride_ik)
-            start_n = blk * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+        n_iter = n_full * SUBS
+        blk = tl.load(idx_row, mask=n_iter > 0, other=0)
+        for it in range(0, n_iter):
+            if PREFETCH:  # the next block id is loaded one step ahead, as FlexAttention does
+                start_n = blk * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+                blk = tl.load(idx_row + ((it + 1) // SUBS) * stride_ik, mask=it + 1 < n_iter, other=0)
+            else:
+                start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
                 False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
-        for it in range(n_full * SUBS, n_blocks * SUBS):
-            blk = tl.load(idx_row + (it // SUBS) * stride_ik)
-            start_n = blk * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+        for it in range(n_iter, n_blocks * SUBS):
+            start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
