@@ -1,24 +1,58 @@
 """sparseflash: exact and block-sparse long-context attention for PyTorch, in Triton.
 
 Public API:
-    flash_attention          exact prefill attention (dense)
-    block_sparse_attention   prefill attention over the blocks a BlockLayout keeps
-    BlockLayout              the block layout every pattern returns and every kernel takes
-    attention_reference      the plain-PyTorch reference (explicit mask, float64)
+    flash_attention                   exact prefill attention (dense)
+    block_sparse_attention            prefill attention over the blocks a BlockLayout keeps
+    decode_attention                  split-KV decoding over a (paged) KV cache, dense or sparse
+    BlockLayout                       the block layout every pattern returns and every kernel takes
+    patterns                          the selection methods, by name (``patterns.select(name, q, k)``)
+    attention_recall, density         accuracy proxy and cost of a layout
+    permuted_block_sparse_attention   PBS-Attn's permuted path (with ``patterns.select("permuted", ...)``)
+    patch, unpatch, patched           turn a transformers model into a sparse-prefill model (needs transformers)
+    attention_reference, decode_reference, merge_attention_states   PyTorch references and helpers
 """
 
+from sparseflash import patterns
 from sparseflash.layout import BlockLayout, causal_block_mask, dense_layout
+from sparseflash.metrics import attention_recall, density
 from sparseflash.ops.block_sparse import block_sparse_attention
+from sparseflash.ops.decode import decode_attention
+from sparseflash.ops.decode_reference import decode_reference
 from sparseflash.ops.dense import flash_attention
+from sparseflash.ops.merge import merge_attention_states
 from sparseflash.ops.reference import attention_reference
+from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
 
 __version__ = "0.1.0"
 
+_INTEGRATION = ("patch", "unpatch", "patched")
+
+
+def __getattr__(name: str):
+    """``patch``/``unpatch``/``patched`` import transformers only when first used."""
+    if name in _INTEGRATION:
+        from sparseflash.integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'sparseflash' has no attribute {name!r}")
+
+
 __all__ = [
     "BlockLayout",
+    "PermutedLayout",
+    "attention_recall",
     "attention_reference",
     "block_sparse_attention",
     "causal_block_mask",
+    "decode_attention",
+    "decode_reference",
     "dense_layout",
+    "density",
     "flash_attention",
+    "merge_attention_states",
+    "patch",
+    "patched",
+    "patterns",
+    "permuted_block_sparse_attention",
+    "unpatch",
 ]

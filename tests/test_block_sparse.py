@@ -238,3 +238,14 @@ def test_layout_errors(gen):
     too_many = sf.BlockLayout(torch.full_like(good.kv_num_blocks, 9), good.kv_indices, 256, 256, (64, 64))
     with pytest.raises(ValueError, match=r"counts in \[0, 4\]"):
         sf.block_sparse_attention(q, k, v, too_many)
+
+
+@pytest.mark.interpret
+def test_prefetching_sparse_loop_matches_reference(gen, monkeypatch):
+    """The variant that loads the next block id one step ahead (SPARSEFLASH_SPARSE_PREFETCH=1)."""
+    monkeypatch.setenv("SPARSEFLASH_SPARSE_PREFETCH", "1")
+    q, k, v = randn(gen, 1, 4, 230, 64), randn(gen, 1, 2, 230, 64), randn(gen, 1, 2, 230, 64)
+    layout = _layout(gen, 1, 2, 230, 230, 32, 0.5, empty_row=2)
+    out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
+    ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
+    assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
