@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-
-# one compiled flex per process: every shape compiles once; a recompile limit would fall back to eager
-torch._dynamo.config.cache_size_limit = 64
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,6 +86,8 @@ def check(fn, q, k, v, causal, rows=256):
 
 
 def main() -> None:
+    # one compiled flex per process: every shape compiles once; a recompile limit would fall back to eager
+    torch._dynamo.config.cache_size_limit = 64
     parser = base_parser(__doc__)
     parser.add_argument("--sweep", action="store_true", help="also time tile configs at 16K")
     args = parser.parse_args()
@@ -121,7 +120,8 @@ def main() -> None:
                     except Exception as e:  # a peer refusing a shape is a result, not a crash
                         row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                     rows.append(row)
-                    write_result(dest / f"prefill_dense_{gpu_tag()}.json", "prefill_dense", rows, ceilings)  # partial, in case of a kill
+                    # partial results on disk after every point, in case the call is killed
+                    write_result(dest / f"prefill_dense_{gpu_tag()}.json", "prefill_dense", rows, ceilings)
                     print({k2: row.get(k2) for k2 in ("impl", "seqlen", "head_dim", "causal", "ms", "tflops",
                                                        "rel_err", "error")}, flush=True)
     _add_ratios(rows)

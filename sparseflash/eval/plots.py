@@ -49,9 +49,9 @@ def heatmaps(cases: list[dict[str, Any]], out: Path) -> list[Path]:
         methods = _methods(tc)
         depths = sorted({c["depth"] for c in tc})
         lengths = sorted({c["length"] for c in tc})
-        fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.1 * len(lengths) * len(methods), 0.5 * len(depths) + 2),
-                                 squeeze=False, sharey=True)
-        for ax, method in zip(axes[0], methods):
+        size = (2.2 + 1.1 * len(lengths) * len(methods), 0.5 * len(depths) + 2)
+        fig, axes = plt.subplots(1, len(methods), figsize=size, squeeze=False, sharey=True)
+        for ax, method in zip(axes[0], methods, strict=True):
             cell: dict[tuple[float, int], list[float]] = defaultdict(list)
             for c in tc:
                 if c["method"] == method:
@@ -68,7 +68,7 @@ def heatmaps(cases: list[dict[str, Any]], out: Path) -> list[Path]:
                         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         axes[0][0].set_ylabel("needle depth (%)")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-        fig.suptitle(f"{task}: accuracy by needle depth and context length")
+        fig.suptitle(f"{task}: accuracy by needle depth and context length", y=1.03)
         path = out / f"heatmap_{task}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -97,7 +97,7 @@ def accuracy_vs_density(cases: list[dict[str, Any]], out: Path) -> Path | None:
         xs = [_mean(dens[n]) for n in sorted(pts)]
         ys = [_mean(pts[n]) for n in sorted(pts)]
         ax.plot(xs, ys, marker="o", label=method)
-        for x, y, n in zip(xs, ys, sorted(pts)):
+        for x, y, n in zip(xs, ys, sorted(pts), strict=True):
             ax.annotate(_klabel(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("density (kept causal blocks / causal blocks)")
     ax.set_ylabel("accuracy (all generation tasks)")
@@ -119,7 +119,7 @@ def recall_per_layer(cases: list[dict[str, Any]], out: Path) -> Path | None:
     plt = _plt()
     lengths = sorted({c["length"] for c in rc})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, sharey=True)
-    for ax, length in zip(axes[0], lengths):
+    for ax, length in zip(axes[0], lengths, strict=True):
         for method in _methods(rc):
             sel = [c for c in rc if c["method"] == method and c["length"] == length]
             if not sel:

@@ -20,7 +20,8 @@ def merge_attention_states(
         lse_a, lse_b: (batch, num_heads, seq_len) float32, natural log; ``-inf`` marks an empty row.
 
     Returns:
-        out (batch, num_heads, seq_len, head_dim) in the inputs' dtype (combined in float32) and lse float32.
+        out (batch, num_heads, seq_len, head_dim) in the inputs' dtype (combined in float32, float64 for
+        float64 inputs) and lse float32.
 
     Raises:
         TypeError: a non-tensor argument or differing output dtypes.
@@ -37,10 +38,12 @@ def merge_attention_states(
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if t.shape != out_a.shape[:3]:
             raise ValueError(f"{name}: expected shape {tuple(out_a.shape[:3])} (from out_a), got {tuple(t.shape)}")
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    # float32 math, or float64 when the inputs are float64
+    compute = torch.promote_types(torch.promote_types(out_a.dtype, lse_a.dtype), torch.float32)
+    lse_a, lse_b = lse_a.to(compute), lse_b.to(compute)
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(lse == float("-inf"), 0.0, lse)
     w_a = torch.exp(lse_a - safe).unsqueeze(-1)  # exp(-inf) = 0 for an empty part
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
-    out = w_a * out_a.float() + w_b * out_b.float()
-    return out.to(out_a.dtype), lse
+    out = w_a * out_a.to(compute) + w_b * out_b.to(compute)
+    return out.to(out_a.dtype), lse.float()

@@ -31,8 +31,9 @@ query-aware branch is computed for every head and kept where the test says so.
 
 ``gamma`` is a cumulative attention-mass threshold, so ``target_recall`` is accepted as its synonym.
 
-Layout heads: **per query head** (``H = num_heads``), as FlexPrefill scores per query head (grouped onto
-its KV head without copying K).
+Layout heads: **per query head** (``H = num_heads``) by default, as FlexPrefill scores per query head
+(grouped onto its KV head without copying K); ``heads='kv'`` gives one layout per KV head, the union over its
+group.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout, causal_block_mask
-from sparseflash.patterns import _checks
+from sparseflash.layout import BlockLayout
+from sparseflash.patterns import _common
 from sparseflash.patterns.last_queries import last_query_scores
 from sparseflash.patterns.registry import register
 
@@ -60,18 +61,6 @@ def cover_count(dist: torch.Tensor, gamma: float) -> torch.Tensor:
     """
     cumsum = dist.sort(dim=-1, descending=True).values.cumsum(-1)
     return (cumsum <= gamma).sum(-1) + 1
-
-
-def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Bool mask of the ``n[...]`` largest entries of each row of ``scores`` (per-row count, no host sync).
-
-    Args:
-        scores: float (..., m). n: int (...), clamped to ``[0, m]`` by construction of the ranks.
-    """
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks < n.unsqueeze(-1)
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -100,10 +89,10 @@ def _grouped_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.view(batch, num_heads, rows, y.shape[2])
 
 
-def _dense(q: torch.Tensor, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int]) -> BlockLayout:
-    mask = causal_block_mask(seq_len_q, seq_len_k, block_size, device=q.device)
-    mask = mask.expand(q.shape[0], q.shape[1], *mask.shape)
-    return BlockLayout.from_dense(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+def _dense(batch: int, heads: int, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
+           device: torch.device) -> BlockLayout:
+    mask = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)
+    return _common.to_layout(mask.expand(batch, heads, *mask.shape), seq_len_q, seq_len_k, block_size)
 
 
 @register("flexprefill", kind="dynamic", heads="q")
@@ -118,6 +107,7 @@ def flexprefill(
     tau: float = 0.1,
     min_budget: int | None = 512,
     max_budget: int | None = None,
+    heads: str = "q",
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -136,44 +126,46 @@ def flexprefill(
         min_budget: minimum vertical and slash budget in tokens, rounded up to blocks (default 512, the
             README; 1024 in the experiment scripts; None means one block).
         max_budget: maximum budget in tokens (None: no limit).
+        heads: 'q' (per query head, FlexPrefill) or 'kv' (union over each GQA group, one layout per KV head).
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         backend: 'auto', 'triton' or 'torch' for the last-query scores.
 
     Returns:
-        BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb).
+        BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb), or (batch, num_kv_heads, Qb) with
+        ``heads='kv'``.
 
     Raises:
         ValueError: bad shapes, a non-square block size, both ``gamma`` and ``target_recall``, or an option
             out of range.
         NotImplementedError: ``causal=False``.
     """
-    block_size = _checks.pattern_inputs("flexprefill", q, k, block_size, causal)
-    if block_size[0] != block_size[1]:
-        raise ValueError(f"block_size: expected a square block (FlexPrefill uses one block size), got {block_size}")
+    name = "flexprefill"
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = _common.check_qk(name, q, k)
+    _common.check_causal(name, causal, causal_only=True)
+    block_size = _common.check_block_size(name, block_size, square=True)
     if gamma is not None and target_recall is not None:
-        raise ValueError(f"gamma, target_recall: expected one of them, got gamma={gamma} and target_recall={target_recall}")
+        raise ValueError(f"{name}: expected gamma or target_recall, not both; got {gamma!r} and {target_recall!r}")
     if target_recall is not None:
-        gamma = _checks.fraction("target_recall", target_recall)
+        gamma = _common.check_fraction(f"{name}: target_recall", target_recall)
     else:
-        gamma = _checks.fraction("gamma", DEFAULT_GAMMA if gamma is None else gamma)
+        gamma = _common.check_fraction(f"{name}: gamma", DEFAULT_GAMMA if gamma is None else gamma)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
-        raise ValueError(f"tau: expected a float >= 0, got {tau!r}")
+        raise ValueError(f"{name}: tau: expected a float >= 0, got {tau!r}")
     if min_budget is not None:
-        _checks.positive_int("min_budget", min_budget)
+        _common.check_positive_int(f"{name}: min_budget", min_budget)
     if max_budget is not None:
-        _checks.positive_int("max_budget", max_budget)
+        _common.check_positive_int(f"{name}: max_budget", max_budget)
         if min_budget is not None and max_budget < min_budget:
-            raise ValueError(f"max_budget: expected >= min_budget={min_budget}, got {max_budget}")
+            raise ValueError(f"{name}: max_budget: expected >= min_budget={min_budget}, got {max_budget}")
+    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
     block = block_size[0]
-    batch, num_heads, seq_len_q, head_dim = q.shape
-    seq_len_k = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     num_q_blocks, num_k_blocks = math.ceil(seq_len_q / block), math.ceil(seq_len_k / block)
     min_blocks = 1 if min_budget is None else math.ceil(min_budget / block)
     max_blocks = num_k_blocks if max_budget is None else min(math.ceil(max_budget / block), num_k_blocks)
     min_blocks = min(min_blocks, max_blocks)
     if seq_len_k <= max(2 * block, min_blocks * block):
-        return _dense(q, seq_len_q, seq_len_k, block_size)
+        return _dense(batch, layout_heads, seq_len_q, seq_len_k, block_size, q.device)
     device = q.device
 
     # 1. last-block statistics (token level), as distributions (FlexPrefill divides by the row count)
@@ -199,14 +191,14 @@ def flexprefill(
     vert_blocks[..., 0] = float("inf")
     slash_blocks[..., last_diag] = float("inf")
     # 6. vertical and slash blocks
-    allowed = causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
-    mask = top_n_mask(vert_blocks, n_vert)[:, :, None, :] & allowed
+    allowed = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
+    mask = _common.select_topk(vert_blocks, n_vert)[:, :, None, :] & allowed
     offset = seq_len_k - seq_len_q
     q_last_pos = torch.clamp((torch.arange(num_q_blocks, device=device) + 1) * block, max=seq_len_q) - 1 + offset
     diag_block = torch.div(q_last_pos, block, rounding_mode="floor")  # key block of each row block's last query
     group = torch.arange(num_k_blocks, device=device)[None, :] - diag_block[:, None] + last_diag  # (Qb, Kb)
     in_range = (group >= 0) & (group <= last_diag) & allowed
-    slash_keep = top_n_mask(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
+    slash_keep = _common.select_topk(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
     picked = slash_keep.gather(-1, group.clamp(0, num_k_blocks - 1).reshape(1, 1, -1).expand(batch, num_heads, -1))
     mask |= picked.view(batch, num_heads, num_q_blocks, num_k_blocks) & in_range
     # 7. query-aware heads: global gamma-coverage of the pooled block attention
@@ -214,10 +206,13 @@ def flexprefill(
     pooled = _grouped_dot(q_mean, k_mean).masked_fill(~allowed, float("-inf"))
     pooled = torch.softmax(pooled, dim=-1).nan_to_num(0.0).flatten(2)  # rows with no allowed block: 0
     values, order = pooled.sort(dim=-1, descending=True)
-    covered = values.cumsum(-1) <= gamma * pooled.sum(-1, keepdim=True)
+    rows_with_blocks = allowed.any(-1).sum()  # each such row of the pooled matrix sums to 1
+    covered = values.cumsum(-1) <= gamma * rows_with_blocks
     coverage = torch.zeros_like(covered).scatter_(-1, order, covered)
     coverage = coverage.view(batch, num_heads, num_q_blocks, num_k_blocks) & allowed
     mask |= coverage & query_aware[:, :, None, None]
     # 8. diagonal blocks
-    mask |= _checks.diagonal_blocks(seq_len_q, seq_len_k, block_size, device)
-    return BlockLayout.from_dense(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    mask = _common.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    if layout_heads != num_heads:
+        mask = _common.group_heads(mask, num_kv_heads)
+    return _common.to_layout(mask, seq_len_q, seq_len_k, block_size)

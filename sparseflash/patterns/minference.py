@@ -30,16 +30,17 @@ So the layout computes every pair MInference computes (recall is at least MInfer
 at a higher density than the ``(vertical_size + slash_size) / row length`` token budget suggests. The
 exact two-loop kernel is not implemented here.
 
-Layout heads: **per query head** (``H = num_heads``), as MInference selects per query head; K/V are
-never copied (query head ``h`` scores against KV head ``h // G``).
+Layout heads: **per query head** (``H = num_heads``) by default, as MInference selects per query head (K/V
+are never copied: query head ``h`` scores against KV head ``h // G``); ``heads='kv'`` gives one layout per
+KV head, the union over its group.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout, causal_block_mask
-from sparseflash.patterns import _checks
+from sparseflash.layout import BlockLayout
+from sparseflash.patterns import _common
 from sparseflash.patterns.last_queries import last_query_scores
 from sparseflash.patterns.registry import register
 
@@ -108,7 +109,7 @@ def vertical_slash_block_mask(
     lead = columns.shape[:2]
     num_q_blocks = -(-seq_len_q // block_q)
     num_k_blocks = -(-seq_len_k // block_k)
-    allowed = causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
+    allowed = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
     # verticals: any kept column inside key block J (a column past a block's last query only happens in the
     # diagonal key block, which the local diagonals keep anyway)
     col_hit = torch.zeros(*lead, num_k_blocks * block_k, dtype=torch.bool, device=device)
@@ -116,7 +117,7 @@ def vertical_slash_block_mask(
     col_blocks = col_hit.view(*lead, num_k_blocks, block_k).any(-1)  # (B, H, Kb)
     mask = col_blocks[:, :, None, :] & allowed
     # slashes: distance d meets key block J from query block I iff d lies in
-    # [J_lo - p_last, J_hi - p_first] (p = absolute query positions of block I, clipped at 0)
+    # [p_first - J_hi, p_last - J_lo] (p = absolute query positions of block I, clipped at 0)
     hit = torch.zeros(*lead, seq_len_k, dtype=torch.bool, device=device)
     hit.scatter_(-1, distances, True)
     prefix = torch.nn.functional.pad(hit.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))  # (B, H, Sk+1)
@@ -126,8 +127,8 @@ def vertical_slash_block_mask(
     q_first = q_first.clamp(min=0)
     k_lo = torch.arange(num_k_blocks, device=device) * block_k
     k_hi = torch.clamp(k_lo + block_k, max=seq_len_k) - 1
-    lo = (k_lo[None, :] - q_last[:, None]).clamp(min=0)  # (Qb, Kb)
-    hi = (k_hi[None, :] - q_first[:, None]).clamp(max=seq_len_k - 1)
+    lo = (q_first[:, None] - k_hi[None, :]).clamp(min=0)  # (Qb, Kb)
+    hi = (q_last[:, None] - k_lo[None, :]).clamp(max=seq_len_k - 1)
     valid = (lo <= hi) & (q_last[:, None] >= 0)
     lo_c = lo.clamp(0, seq_len_k).reshape(1, 1, -1).expand(*lead, -1)
     hi_c = (hi + 1).clamp(0, seq_len_k).reshape(1, 1, -1).expand(*lead, -1)
@@ -148,6 +149,7 @@ def vertical_slash(
     slash_size: int = 6096,
     sink_tokens: int = 30,
     local_diagonals: int = 100,
+    heads: str = "q",
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -162,26 +164,33 @@ def vertical_slash(
             head_dim). Queries sit bottom-right (MInference itself assumes ``seq_len_q == seq_len_k``).
         block_size: (block_q, block_k) of the layout.
         causal: must be True (the pattern is defined for causal prefill).
+        heads: 'q' (per query head, MInference) or 'kv' (union over each GQA group, one layout per KV head).
         last_q, vertical_size, slash_size, sink_tokens, local_diagonals, scale, backend: see
             :func:`vertical_slash_indices`.
 
     Returns:
-        BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb): per query head.
+        BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb) (per query head, the default) or
+        (batch, num_kv_heads, Qb) with ``heads='kv'``.
 
     Raises:
         ValueError: bad q/k shapes or an option out of range (the message names it and what is accepted).
         NotImplementedError: ``causal=False``.
     """
-    block_size = _checks.pattern_inputs("vertical_slash", q, k, block_size, causal)
-    _checks.positive_int("last_q", last_q)
-    _checks.positive_int("vertical_size", vertical_size)
-    _checks.positive_int("slash_size", slash_size)
-    _checks.nonnegative_int("sink_tokens", sink_tokens)
-    _checks.positive_int("local_diagonals", local_diagonals)
-    seq_len_q, seq_len_k = q.shape[2], k.shape[2]
+    name = "vertical_slash"
+    _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = _common.check_qk(name, q, k)
+    _common.check_causal(name, causal, causal_only=True)
+    block_size = _common.check_block_size(name, block_size)
+    for option, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size),
+                          ("local_diagonals", local_diagonals)):
+        _common.check_positive_int(f"{name}: {option}", value)
+    _common.check_nonnegative_int(f"{name}: sink_tokens", sink_tokens)
+    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
     columns, distances = vertical_slash_indices(
         q, k, last_q=last_q, vertical_size=vertical_size, slash_size=slash_size, sink_tokens=sink_tokens,
         local_diagonals=local_diagonals, scale=scale, backend=backend,
     )
     mask = vertical_slash_block_mask(columns, distances, seq_len_q, seq_len_k, block_size)
-    return BlockLayout.from_dense(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    mask = _common.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    if layout_heads != num_heads:
+        mask = _common.group_heads(mask, num_kv_heads)
+    return _common.to_layout(mask, seq_len_q, seq_len_k, block_size)

