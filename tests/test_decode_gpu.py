@@ -15,18 +15,6 @@ HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every torch.empty starts as NaN (or -1 for ints): an unwritten output or partial fails the test."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def _rand(gen, *shape):
     return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(DTYPE)
 

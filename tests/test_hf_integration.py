@@ -26,6 +26,7 @@ from sparseflash import patterns  # noqa: E402
 from sparseflash.integrations import hf, models  # noqa: E402
 from sparseflash.integrations.hf import patch, patch_state, patched, unpatch  # noqa: E402
 from sparseflash.ops.reference import masked_attention, token_mask  # noqa: E402
+from sparseflash.patterns.pbs import PermutedLayout  # noqa: E402
 
 VOCAB = 96
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
@@ -107,11 +108,16 @@ def _reference_attention(method, options, dense_layers=()):
             )
         assert attention_mask is None, "the reference handles unpadded batch-1 inputs only"
         sq, sk = query.shape[2], key.shape[2]
-        blocks = {}
+        blocks, permuted_keep = {}, None
         if module.layer_idx not in dense_layers:
             layout = patterns.select(method, query, key, **options)
-            blocks = {"blocks": layout.to_dense(), "block_size": layout.block_size}
+            if isinstance(layout, PermutedLayout):  # PBS: blocks index permuted keys; the mask in original order
+                permuted_keep = layout.token_mask(range(sq))
+            else:
+                blocks = {"blocks": layout.to_dense(), "block_size": layout.block_size}
         mask = token_mask(range(sq), sq, sk, num_heads=query.shape[1], causal=True, **blocks)
+        if permuted_keep is not None:
+            mask = mask & permuted_keep
         out, _ = masked_attention(query.double(), key.double(), value.double(), mask, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -604,3 +610,16 @@ def test_e2e_benchmark_plumbing_on_cpu(tmp_path, capsys):
     assert doc["rows"][1]["logits_rel_err"] < 1e-4
     assert (tmp_path / "e2e_prefill_cpu.png").stat().st_size > 0
     assert "speedup_vs_sdpa" in capsys.readouterr().out
+
+
+def test_permuted_method_runs_pbs_path_inside_the_model(gen):
+    """PBS layouts index permuted keys: the patched model must take PBS's own attention path (sparse here)."""
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 300)
+    options = {"threshold": 0.3, "block_size": 64, "segment_size": 128}
+    ref = reference_run(model, "permuted", options, lambda m: logits(m, ids))
+    dense = logits(model, ids)
+    with patched(model, "permuted", min_sparse_len=0, **options):
+        out = logits(model, ids)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, dense) > 1e-4  # the layout really is sparse
