@@ -33,7 +33,8 @@ def block_sparse_attention(
         layout: a :class:`sparseflash.BlockLayout` built for (Sq, Sk), batch 1 or B, heads 1, Hkv or Hq.
             The causal mask (and the sequence ends) are applied inside the blocks that need it only.
         seq_lens: optional int32 (B,) valid lengths of a padded batch (Sq == Sk); each sequence may have its
-            own layout (layout batch B). Padded tokens neither attend nor are attended.
+            own layout (layout batch B). Padded tokens neither attend nor are attended. Its values are checked
+            on the host (one sync).
         check_indices: check the layout's index values before launch (one host sync); turn off for layouts
             from sparseflash's own patterns inside a captured graph.
         pack_gqa: pack the query heads of a GQA group into one tile so each K/V tile load serves the group

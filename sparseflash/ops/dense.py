@@ -30,7 +30,8 @@ def flash_attention(
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         return_lse: also return the natural-log log-sum-exp of each row.
         seq_lens: optional int32 (batch,) valid lengths of a padded batch (needs seq_len_q == seq_len_k);
-            padded tokens neither attend nor are attended and their rows come out 0.
+            padded tokens neither attend nor are attended and their rows come out 0. Its values are checked
+            on the host (one sync).
         padding_side: 'right' (valid tokens first) or 'left' (as transformers pads for generation).
         backend: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'.
 
