@@ -311,12 +311,13 @@ class BlockLayout:
                 t.repeat_interleave(rep, dim=1) for t in (partial_num, partial_idx, full_num, full_idx)
             )
         # Flex defines the function by mask_mod (block lists only skip work), so it carries the layout too
-        keep = self.to_dense()
-        if num_heads is not None and self.num_heads not in (1, num_heads):
-            keep = keep.repeat_interleave(num_heads // self.num_heads, dim=1)
-        per_batch, per_head = keep.shape[0] > 1, keep.shape[1] > 1
         block_q, block_k = self.block_size
         offset = self.seq_len_k - self.seq_len_q
+        if block_lookup:
+            keep = self.to_dense()
+            if num_heads is not None and self.num_heads not in (1, num_heads):
+                keep = keep.repeat_interleave(num_heads // self.num_heads, dim=1)
+            per_batch, per_head = keep.shape[0] > 1, keep.shape[1] > 1
 
         def layout_mask(b, h, q_idx, kv_idx):
             kept = keep[b if per_batch else 0, h if per_head else 0, q_idx // block_q, kv_idx // block_k]

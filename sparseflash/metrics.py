@@ -14,7 +14,6 @@ import torch
 from sparseflash.layout import BlockLayout, causal_block_mask
 from sparseflash.ops.block_sparse import block_sparse_attention
 from sparseflash.ops.dense import flash_attention
-from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
 
 
 def row_recall(
@@ -42,14 +41,8 @@ def row_recall(
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     _, lse_dense = flash_attention(q, k, k, causal=causal, scale=scale, return_lse=True, backend=backend)
-    if isinstance(layout, PermutedLayout):  # its key blocks index the permuted keys: PBS's own path
-        if not causal:
-            raise ValueError("causal: the permuted (PBS-Attn) layout is causal only, got causal=False")
-        _, lse_sparse = permuted_block_sparse_attention(q, k, k, layout, scale=scale, return_lse=True,
-                                                        backend=backend)
-    else:
-        _, lse_sparse = block_sparse_attention(q, k, k, layout, causal=causal, scale=scale, return_lse=True,
-                                               backend=backend)
+    _, lse_sparse = block_sparse_attention(q, k, k, layout, causal=causal, scale=scale, return_lse=True,
+                                           backend=backend)
     valid = torch.isfinite(lse_dense)
     diff = lse_sparse.float() - torch.where(valid, lse_dense.float(), 0.0)
     recall = torch.where(valid, torch.exp(diff).clamp(0.0, 1.0), 1.0)

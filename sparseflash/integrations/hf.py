@@ -606,15 +606,12 @@ def _prefill(
 ) -> torch.Tensor:
     from sparseflash.ops.block_sparse import block_sparse_attention
     from sparseflash.ops.dense import flash_attention
-    from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
 
     if plan.method == DENSE or window is not None or q.shape[2] < state.min_sparse_len:
         state.calls["dense"] += 1
         return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
     state.calls["sparse"] += 1
     layout = _select(plan, q, k, scaling, state.backend)
-    if isinstance(layout, PermutedLayout):  # its key blocks index permuted keys: PBS-Attn's own two-pass path
-        return permuted_block_sparse_attention(q, k, v, layout, scale=scaling, backend=state.backend)
     return block_sparse_attention(
         q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
     )

@@ -31,7 +31,8 @@ def block_sparse_attention(
 
     Args:
         layout: a :class:`sparseflash.BlockLayout` built for (Sq, Sk), batch 1 or B, heads 1, Hkv or Hq.
-            The causal mask (and the sequence ends) are applied inside the blocks that need it only.
+            The causal mask (and the sequence ends) are applied inside the blocks that need it only. A
+            ``PermutedLayout`` (PBS-Attn) runs through :func:`sparseflash.permuted_block_sparse_attention`.
         seq_lens: optional int32 (B,) valid lengths of a padded batch (Sq == Sk); each sequence may have its
             own layout (layout batch B). Padded tokens neither attend nor are attended. Its values are checked
             on the host (one sync).
@@ -56,6 +57,15 @@ def block_sparse_attention(
             f"layout: expected a sparseflash.BlockLayout (use flash_attention for dense attention), "
             f"got {type(layout).__name__}"
         )
+    from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
+
+    if isinstance(layout, PermutedLayout):  # its key blocks index permuted keys: PBS-Attn's own two-pass path
+        if not causal or seq_lens is not None:
+            raise ValueError(
+                "layout: a PermutedLayout (PBS-Attn) supports causal attention without seq_lens, "
+                f"got causal={causal}, seq_lens={'given' if seq_lens is not None else None}"
+            )
+        return permuted_block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
     scale = check_scale(scale, dims.head_dim)
     check_seq_lens(seq_lens, dims, q.device, padding_side)
     layout.validate(q, k, check_indices=check_indices)

@@ -1,4 +1,9 @@
-"""Launcher for :mod:`sparseflash.ops.prefill_kernel`: tile choice, GQA packing, scheduling, int64 offsets."""
+"""Launcher for :mod:`sparseflash.ops.prefill_kernel`: tile choice, GQA packing, scheduling, int64 offsets.
+
+Tuning switches read at each launch (for ``benchmarks/``): ``SPARSEFLASH_PREFILL_CONFIG=BM,BN,WARPS,STAGES``
+overrides the tile config; ``SPARSEFLASH_SPARSE_PREFETCH=1`` makes the block-sparse loop load the next block
+id one step ahead (FlexAttention's scheme), an experiment not yet timed on a GPU.
+"""
 
 from __future__ import annotations
 
