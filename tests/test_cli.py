@@ -54,6 +54,9 @@ def test_top_level_help(capsys):
     (["eval", "--task-option", "colour=red"], "not taken by any of"),
     (["plot", "/no/such/results"], "expected a cases.jsonl file"),
     (["eval", "--samples", "0", "--model", "tiny-random"], "--samples: expected >= 1"),
+    (["eval", "--batch-size", "0", "--model", "tiny-random"], "--batch-size: expected an integer >= 1, got 0"),
+    (["eval", "--methods", TEST_METHOD, "-O", "sdpa.backend=torch"], "sdpa: takes no options"),
+    (["eval", "--methods", "dense", "-O", "dense.threshold=0.9"], "dense: takes no pattern options"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -78,16 +81,19 @@ def test_option_parsers():
 def test_eval_smoke_on_a_tiny_random_model(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["eval", "--model", "tiny-random", "--device", "cpu", "--methods", TEST_METHOD, "--tasks",
-            "passkey,niah_single", "--lengths", "1024", "--depths", "0,100", "--samples", "1", "--out", str(out),
-            "--no-progress", "-O", f"{TEST_METHOD}.window=3"]
+            "passkey,niah_single", "--lengths", "512", "--depths", "0,100", "--samples", "1", "--out", str(out),
+            "--no-progress", "-O", f"{TEST_METHOD}.window=3", "--batch-size", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "sparseflash eval" in printed and "summary.json" in printed
+    assert "sparseflash eval" in printed and "summary.json" in printed and "batch size 2" in printed
+    assert "[1/4] passkey 512 sdpa: " in printed and "[4/4] niah_single 512 eval_test_local: " in printed
     cases = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
-    assert len(cases) == 8 and {c["method"] for c in cases} == {"dense", TEST_METHOD}
+    assert len(cases) == 8 and {c["method"] for c in cases} == {"sdpa", TEST_METHOD}
     assert all(c["options"] == {"window": 3} for c in cases if c["method"] == TEST_METHOD)
+    assert {c["batch_size"] for c in cases} == {2}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "tiny-random" and len(summary["rows"]) == 4
+    assert summary["model"] == "tiny-random" and len(summary["rows"]) == 4 and summary["baseline"] == "sdpa"
+    assert summary["config"]["batch_size"] == 2
     assert {"heatmap_passkey.png", "heatmap_niah_single.png", "accuracy_vs_density.png",
             "speed_vs_length.png"} <= {p.name for p in out.iterdir()}
     # the same command again resumes: nothing new to run

@@ -20,12 +20,13 @@ NEEDLE_TASKS = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "n
 
 
 def test_registry_lists_every_task():
-    assert set(available_tasks()) >= {*NEEDLE_TASKS, "variable_tracking", "perplexity", "recall"}
+    assert set(available_tasks()) >= {*NEEDLE_TASKS, "variable_tracking", "perplexity", "agreement", "recall"}
     with pytest.raises(ValueError, match=r"task: expected one of .*passkey.*, got 'nope'"):
         get_task("nope")
 
 
-@pytest.mark.parametrize("name", sorted(set(NEEDLE_TASKS) | {"variable_tracking", "perplexity", "recall"}))
+@pytest.mark.parametrize("name", sorted(set(NEEDLE_TASKS) | {"variable_tracking", "perplexity", "agreement",
+                                                               "recall"}))
 def test_same_seed_same_prompt_other_seed_other_prompt(name):
     task = get_task(name)
     depth = 30.0 if task.uses_depth else None
@@ -107,6 +108,17 @@ def test_variable_tracking_chain_in_order():
 def test_perplexity_window_has_enough_tokens():
     s = get_task("perplexity").build(TOK, 2048, None, 4)
     assert count_tokens(TOK, s.prompt) >= 2048 and s.meta["last_tokens"] == 512
+
+
+def test_agreement_window():
+    task = get_task("agreement")
+    assert task.kind == "agreement" and not task.uses_depth
+    s = task.build(TOK, 2048, None, 4)
+    assert count_tokens(TOK, s.prompt) >= 2048 and s.meta["last_tokens"] == 512 and s.metric == "agreement"
+    assert task.build(TOK, 16384, None, 4, text_source="fallback").meta["last_tokens"] == 1024  # capped
+    assert task.build(TOK, 2048, None, 4, last_tokens=100).meta["last_tokens"] == 100
+    with pytest.raises(ValueError, match=r"last_tokens: expected >= 0"):
+        task.build(TOK, 2048, None, 4, last_tokens=-1)
 
 
 def test_bad_arguments_name_the_argument():

@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 from sparseflash import patterns  # noqa: E402
 from sparseflash.integrations import hf, models  # noqa: E402
 from sparseflash.integrations.hf import patch, patch_state, patched, unpatch  # noqa: E402
+from sparseflash.layout import causal_block_mask  # noqa: E402
 from sparseflash.ops.reference import masked_attention, token_mask  # noqa: E402
 from sparseflash.patterns.pbs import PermutedLayout  # noqa: E402
 
@@ -98,8 +99,11 @@ def global_layers(model) -> list[int]:
 REF_NAME = "sf_test_masked_reference"
 
 
-def _reference_attention(method, options, dense_layers=()):
-    """Attention function: the pattern's layout as a token mask, float64 softmax; sliding layers: sdpa."""
+def _reference_attention(method, options, dense_layers=(), dense_last=0):
+    """Attention function: the pattern's layout as a token mask, float64 softmax; sliding layers: sdpa.
+
+    ``dense_last``: the last rows attend every causal key (the patch's ``dense_last_queries``).
+    """
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if kwargs.get("sliding_window") is not None:
@@ -118,6 +122,9 @@ def _reference_attention(method, options, dense_layers=()):
         mask = token_mask(range(sq), sq, sk, num_heads=query.shape[1], causal=True, **blocks)
         if permuted_keep is not None:
             mask = mask & permuted_keep
+        if dense_last:
+            causal_rows = token_mask(range(sq), sq, sk, num_heads=query.shape[1], causal=True)
+            mask[..., sq - dense_last:, :] = causal_rows[..., sq - dense_last:, :]
         out, _ = masked_attention(query.double(), key.double(), value.double(), mask, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -125,9 +132,9 @@ def _reference_attention(method, options, dense_layers=()):
 
 
 @torch.no_grad()
-def reference_run(model, method, options, fn, dense_layers=()):
+def reference_run(model, method, options, fn, dense_layers=(), dense_last=0):
     """``fn(model)`` with the model's attention replaced by the masked reference."""
-    AttentionInterface.register(REF_NAME, _reference_attention(method, options, dense_layers))
+    AttentionInterface.register(REF_NAME, _reference_attention(method, options, dense_layers, dense_last))
     AttentionMaskInterface.register(REF_NAME, sdpa_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(REF_NAME)
@@ -158,7 +165,7 @@ def test_sparse_method_at_density_one_matches_unpatched(arch, gen):
     model = tiny_model(arch)
     ids = ids_for(gen, 1, 83)
     ref = logits(model, ids)
-    with patched(model, "streaming", min_sparse_len=0, **FULL):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **FULL):
         out = logits(model, ids)
         calls = patch_state(model).calls
     assert calls["sparse"] == len(global_layers(model)) and calls["dense"] == 0
@@ -171,10 +178,50 @@ def test_sparse_method_matches_masked_reference(arch, gen):
     ids = ids_for(gen, 1, 101)
     dense = logits(model, ids)
     ref = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids))
-    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE):
         out = logits(model, ids)
     assert rel_err(out, ref) < 1e-5
     assert rel_err(out, dense) > 1e-3  # the sparsity is real: dropping blocks changed the logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_last_queries_are_exact(arch, gen):
+    """The last ``dense_last_queries`` rows of a sparse prefill attend every causal key (float64 reference)."""
+    model = tiny_model(arch)
+    ids = ids_for(gen, 1, 150)
+    ref = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids), dense_last=40)
+    no_tail = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids))
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=40, **SPARSE):
+        out = logits(model, ids)
+        assert patch_state(model).dense_last_queries == 40
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out[:, -40:], no_tail[:, -40:]) > 1e-3  # the tail really changed
+    assert rel_err(out[:, :-40], no_tail[:, :-40]) < 1e-5  # and nothing before it
+    # longer than the prompt: every row exact, the same as dense
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=1000, **SPARSE):
+        full = logits(model, ids)
+    assert rel_err(full, logits(model, ids)) < 1e-5
+    assert patch_state(model) is None
+    assert hf.DEFAULT_DENSE_LAST_QUERIES > 0
+    for bad, err in ((-1, ValueError), (1.5, TypeError), ("8", TypeError)):
+        with pytest.raises(err, match="dense_last_queries"):
+            patch(model, "streaming", dense_last_queries=bad)
+
+
+def test_on_prefill_hook_reports_work_density(gen):
+    """The public hook sees every layer prefill: 1.0 for dense layers, layout density + exact tail otherwise."""
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 160)
+    seen = []
+    with patched(model, "streaming", min_sparse_len=0, dense_layers=[0], dense_last_queries=16, **SPARSE):
+        patch_state(model).on_prefill = lambda layer, d: seen.append((layer, d))
+        logits(model, ids)
+        layout = patterns.select("streaming", torch.zeros(1, 4, 160, 16), torch.zeros(1, 2, 160, 16), **SPARSE)
+    allowed = int(causal_block_mask(160, 160, (16, 16)).sum())
+    expected = layout.density() + 16 * 160 / (16 * 16 * allowed)
+    assert [layer for layer, _ in seen] == [0, 1]
+    assert seen[0][1] == 1.0
+    assert seen[1][1] == pytest.approx(expected, rel=1e-6) and seen[1][1] < 1.0
 
 
 def test_dense_layers_and_layer_options(gen):
@@ -182,17 +229,17 @@ def test_dense_layers_and_layer_options(gen):
     ids = ids_for(gen, 1, 90)
     plain = logits(model, ids)
     ref = reference_run(model, "streaming", SPARSE, lambda m: logits(m, ids), dense_layers=(0,))
-    with patched(model, "streaming", min_sparse_len=0, dense_layers=[-2], **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, dense_layers=[-2], **SPARSE):
         state = patch_state(model)
         assert state.plans[0].method == "dense" and state.plans[1].method == "streaming"
         out = logits(model, ids)
         assert state.calls == {"dense": 1, "sparse": 1}
     assert rel_err(out, ref) < 1e-5
     # per-layer options: layer 1 gets a wider window (same method: starts from the global options)
-    with patched(model, "streaming", min_sparse_len=0, layer_options={1: {"local_tokens": 64}}, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={1: {"local_tokens": 64}}, **SPARSE):
         plans = patch_state(model).plans
         assert plans[0].options == SPARSE and plans[1].options == {**SPARSE, "local_tokens": 64}
-    with patched(model, "streaming", min_sparse_len=0, layer_options={0: "dense", 1: {"method": "dense"}}):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={0: "dense", 1: {"method": "dense"}}):
         assert [p.method for p in patch_state(model).plans.values()] == ["dense", "dense"]
         assert rel_err(logits(model, ids), plain) < 1e-5
 
@@ -234,12 +281,12 @@ def test_generate_static_cache_and_sparse_decode(gen):
         ):  # static cache: prefill slices the empty cache tail, decode steps use sdpa
             assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), ref)
             assert patch_state(model).calls["dense"] == 2
-        with patched(model, "streaming", min_sparse_len=0, decode="sparse", **FULL):
+        with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, decode="sparse", **FULL):
             assert torch.equal(model.generate(ids, **kwargs), ref)
             assert patch_state(model).calls == {"sparse": 2, "decode_sparse": 8}
         # really sparse decode steps: the same tokens as the masked reference
         ref_sparse = reference_run(model, "streaming", SPARSE, lambda m: m.generate(ids, **kwargs))
-        with patched(model, "streaming", min_sparse_len=0, decode="sparse", **SPARSE):
+        with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, decode="sparse", **SPARSE):
             assert torch.equal(model.generate(ids, **kwargs), ref_sparse)
 
 
@@ -265,7 +312,7 @@ def test_left_padded_batch(arch, gen):
     for b, n in enumerate(lengths):
         assert rel_err(out[b, seq_len - n :], ref[b, seq_len - n :]) < 1e-5
     # sparse: each sequence gives what it gives alone (one pattern + kernel call per sequence)
-    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE):
         out = logits(model, ids, attention_mask=mask, position_ids=pos)
         assert patch_state(model).calls["sparse_padded"] == len(global_layers(model))
         for b, n in enumerate(lengths):
@@ -296,7 +343,7 @@ def test_unpatch_restores(gen):
     model.set_attn_implementation("eager")
     ids = ids_for(gen, 1, 40)
     ref = logits(model, ids)
-    patch(model, "streaming", min_sparse_len=0, **SPARSE)
+    patch(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE)
     assert hf.is_patched(model)
     assert unpatch(model) is model
     assert not hf.is_patched(model) and patch_state(model) is None
@@ -347,7 +394,7 @@ def test_mistral_sliding_window_layers_stay_exact(gen):
     model.config.sliding_window = 32
     long_ids, short_ids = ids_for(gen, 1, 70), ids_for(gen, 1, 20)
     ref_long, ref_short = logits(model, long_ids), logits(model, short_ids)
-    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE):
         out_long = logits(model, long_ids)
         assert patch_state(model).calls == {"sdpa": 2}
         out_short = logits(model, short_ids)
@@ -371,7 +418,7 @@ def test_registry_wrappers_see_every_call_but_not_the_dry_run(gen, monkeypatch):
         registry._REGISTRY, "streaming", type(info)(info.name, recorded, info.kind, info.heads)
     )
     model = tiny_model("llama")
-    with patched(model, "streaming", min_sparse_len=0, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE):
         assert seen == []
         logits(model, ids_for(gen, 1, 40))
     assert seen == [(1, 4, 40, 16)] * 2
@@ -544,7 +591,7 @@ def test_smollm2_gguf_dense_patched_matches_unpatched(tmp_path):
     with patched(model, "dense"):
         out = logits(model, ids)
         assert patch_state(model).calls == {"dense": model.config.num_hidden_layers}
-    with patched(model, "streaming", min_sparse_len=0, **FULL):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **FULL):
         full = logits(model, ids)
     assert rel_err(out, ref) < 1e-4 and rel_err(full, ref) < 1e-4
     assert torch.equal(out[0, -1].argmax(), ref[0, -1].argmax())
@@ -556,7 +603,7 @@ def test_every_pattern_at_defaults_matches_masked_reference(method, gen):
     model = tiny_model("llama")
     ids = ids_for(gen, 1, 300)
     ref = reference_run(model, method, {}, lambda m: logits(m, ids))
-    with patched(model, method, min_sparse_len=0):
+    with patched(model, method, min_sparse_len=0, dense_last_queries=0):
         out = logits(model, ids)
         assert patch_state(model).calls == {"sparse": 2}
     assert rel_err(out, ref) < 1e-5
@@ -619,7 +666,7 @@ def test_permuted_method_runs_pbs_path_inside_the_model(gen):
     options = {"threshold": 0.3, "block_size": 64, "segment_size": 128}
     ref = reference_run(model, "permuted", options, lambda m: logits(m, ids))
     dense = logits(model, ids)
-    with patched(model, "permuted", min_sparse_len=0, **options):
+    with patched(model, "permuted", min_sparse_len=0, dense_last_queries=0, **options):
         out = logits(model, ids)
     assert rel_err(out, ref) < 1e-5
     assert rel_err(out, dense) > 1e-4  # the layout really is sparse

@@ -4,7 +4,10 @@
   (red -> yellow -> green, MInference's colours), for every task with a depth axis;
 * ``accuracy_vs_density.png``: accuracy against the density each method ran at, one point per (method, length);
 * ``recall_per_layer.png``: attention recall per layer for each method (``recall`` task), one panel per length;
-* ``speed_vs_length.png``: median prefill time per method against length, and the speedup vs dense.
+* ``speed_vs_length.png``: median prefill time per method against length, and the speedup vs the baseline
+  (``sdpa``);
+* ``agreement.png``: mean KL(baseline || method) and top-1 agreement per method against length, with 95 % t
+  intervals over the samples (``agreement`` task).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sparseflash.eval.methods import DENSE
+from sparseflash.eval.methods import BASELINE, DENSE
 
 _CMAP_COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
 
@@ -29,7 +32,8 @@ def _plt() -> Any:
 
 def _methods(cases: list[dict[str, Any]]) -> list[str]:
     names = sorted({c["method"] for c in cases})
-    return ([DENSE] if DENSE in names else []) + [m for m in names if m != DENSE]
+    first = [m for m in (BASELINE, DENSE) if m in names]
+    return first + [m for m in names if m not in first]
 
 
 def _mean(xs: list[float]) -> float:
@@ -140,7 +144,7 @@ def recall_per_layer(cases: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def speed_vs_length(cases: list[dict[str, Any]], out: Path) -> Path | None:
-    """Median prefill ms per method against length, and the speedup vs dense."""
+    """Median prefill ms per method against length, and the speedup vs the baseline."""
     import statistics
 
     timed = [c for c in cases if c.get("prefill_ms") is not None]
@@ -157,9 +161,9 @@ def speed_vs_length(cases: list[dict[str, Any]], out: Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for method, pts in med.items():
         ax1.plot(list(pts), list(pts.values()), marker="o", label=method)
-        if method != DENSE and DENSE in med:
-            common = [n for n in pts if n in med[DENSE]]
-            ax2.plot(common, [med[DENSE][n] / pts[n] for n in common], marker="o", label=method)
+        if method != BASELINE and BASELINE in med:
+            common = [n for n in pts if n in med[BASELINE]]
+            ax2.plot(common, [med[BASELINE][n] / pts[n] for n in common], marker="o", label=method)
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
@@ -168,8 +172,51 @@ def speed_vs_length(cases: list[dict[str, Any]], out: Path) -> Path | None:
     ax1.set_yscale("log")
     ax1.set_ylabel("prefill time, median (ms)")
     ax2.axhline(1.0, color="grey", lw=1)
-    ax2.set_ylabel("prefill speedup vs dense")
+    ax2.set_ylabel(f"prefill speedup vs {BASELINE}")
     path = out / "speed_vs_length.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def agreement(cases: list[dict[str, Any]], out: Path) -> Path | None:
+    """Mean KL(baseline || method) (log scale; the baseline's 0 is left out) and top-1 agreement against length,
+    one line per method, with 95 % t intervals over the samples as error bars."""
+    from sparseflash.eval.summary import t_interval
+
+    ag = [c for c in cases if c.get("kl") is not None and c.get("top1") is not None]
+    if not ag:
+        return None
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in _methods(ag):
+        for ax, key in ((ax1, "kl"), (ax2, "top1")):
+            if key == "kl" and method == BASELINE:
+                continue
+            by = defaultdict(list)
+            for c in ag:
+                if c["method"] == method:
+                    by[c["length"]].append(c[key])
+            xs = sorted(by)
+            ys = [_mean(by[n]) for n in xs]
+            cis = [t_interval(by[n]) for n in xs]
+            err = [[y - ci[0] if ci else 0.0 for y, ci in zip(ys, cis, strict=True)],
+                   [ci[1] - y if ci else 0.0 for y, ci in zip(ys, cis, strict=True)]]
+            if key == "kl":  # keep the bars inside the positive axis of a log plot
+                err[0] = [min(e, 0.999 * y) for e, y in zip(err[0], ys, strict=True)]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if ax1.lines:
+        ax1.set_yscale("log")
+    ax1.set_ylabel(f"KL({BASELINE} || method), nats, mean")
+    ax2.set_ylabel(f"top-1 agreement with {BASELINE}")
+    ax2.set_ylim(min(0.9, ax2.get_ylim()[0]), 1.005)
+    fig.suptitle("next-token agreement with the baseline (last positions of a real-prose window)", y=1.02)
+    path = out / "agreement.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -180,7 +227,7 @@ def plot_all(cases: list[dict[str, Any]], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = heatmaps(cases, out)
-    for fn in (accuracy_vs_density, recall_per_layer, speed_vs_length):
+    for fn in (accuracy_vs_density, recall_per_layer, speed_vs_length, agreement):
         p = fn(cases, out)
         if p is not None:
             paths.append(p)

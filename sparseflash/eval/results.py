@@ -6,6 +6,9 @@
   partial line when it opens the file (it cuts the file back to the last complete line), so the case simply runs
   again and no line is ever glued to a broken one.
 * Appending a case that is already stored raises, so the file never holds duplicates.
+* Every case names the ``baseline`` it was paired with (``sdpa``). Files from before the rename (no such field;
+  their ``dense`` meant the model as loaded, today's ``sdpa``) are refused with a clear message rather than
+  mixed with today's ``dense`` (sparseflash's exact kernels).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 CASES = "cases.jsonl"
 KEY_FIELDS = ("model", "task", "task_options", "method", "options", "length", "depth", "seed")
+BASELINE_FIELD = "baseline"
 
 
 def _canon(value: Any) -> str:
@@ -34,7 +38,8 @@ def read_cases(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a corrupt line that is not the last one (the file was edited, not interrupted).
+        ValueError: a corrupt line that is not the last one (the file was edited, not interrupted); a case without
+            a ``baseline`` field (written before the baseline was renamed ``sdpa``).
     """
     path = Path(path)
     if path.is_dir():
@@ -52,6 +57,10 @@ def read_cases(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if i == len(lines) - 1:  # unterminated last line: a write cut short
                 break
             raise ValueError(f"results: line {i + 1} of {path} is not valid JSON ({err})") from None
+        if BASELINE_FIELD not in cases[-1]:
+            raise ValueError(f"results: line {i + 1} of {path} has no {BASELINE_FIELD!r} field: it was written "
+                             f"before the baseline was renamed 'sdpa' (its 'dense' meant the model as loaded); "
+                             f"expected a results folder written by this version, use a new one")
     return cases
 
 

@@ -1,28 +1,42 @@
-"""The evaluation grid: tasks x lengths x depths x samples, each prompt run under dense and every method.
+"""The evaluation grid: tasks x lengths x depths x samples, each prompt run under the baseline and every method.
 
-Every prompt is generated once from its case seed and run by ``dense`` (the model as loaded) first, then by each
-method, so the comparison is paired: same prompt, same greedy decoding. Each (prompt, method) is one case,
-written to the :class:`~sparseflash.eval.results.ResultsStore` as soon as it finishes; cases already stored are
+Every prompt is generated once from its case seed and run by the baseline ``sdpa`` (the model as loaded) first,
+then by each method (``dense`` = sparseflash's exact kernels, or a sparse pattern), so the comparison is paired:
+same prompt, same greedy decoding. Each (prompt, method) is one case, written to the
+:class:`~sparseflash.eval.results.ResultsStore` (flushed) as soon as it finishes; cases already stored are
 skipped, so a rerun resumes. Case seeds come from the base seed and the case coordinates (task, length, depth,
 sample index), so any case can be regenerated alone.
+
+Work is done in *groups* (:class:`Unit`): one method over one batch of prompts. Generation tasks take
+``batch_size`` consecutive prompts of the same (task, length) at once (left-padded, one prefill, batched greedy
+decoding); the batches are fixed by the grid alone, so every method runs the very batches the baseline ran (same
+composition and order) and a resumed run rebuilds them identically. Perplexity and agreement run one prompt per
+group; ``recall`` runs all its methods on one capture of q/k.
+
+Agreement keeps the baseline's log-probabilities of the current prompt in memory (on the model's device,
+float32) and compares each method with them; when resuming with the baseline case stored but a method's not, the
+baseline's log-probabilities are recomputed (not stored again).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
+import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
-from sparseflash.eval.methods import DENSE, use_method
-from sparseflash.eval.model import Engine, LoadedModel
+from sparseflash.eval.methods import BASELINE, DENSE, SDPA, use_method
+from sparseflash.eval.model import Engine, Generation, LoadedModel
 from sparseflash.eval.results import ResultsStore
 from sparseflash.eval.tasks import Sample, get_task, plain_format
-from sparseflash.eval.tasks.base import PromptFormat
+from sparseflash.eval.tasks.base import PromptFormat, Task
 
 
 @dataclass
@@ -30,12 +44,16 @@ class EvalConfig:
     """One evaluation grid.
 
     Attributes:
-        tasks: task names. methods: method names (``dense`` is added first if missing).
+        tasks: task names. methods: method names (the baseline ``sdpa`` is added first if missing).
         method_options: per-method options, e.g. ``{"xattention": {"threshold": 0.9}}``.
         lengths: context lengths in tokens (prompt + generation budget). depths: needle depths in percent.
         samples: prompts per (task, length, depth). seed: base seed.
         task_options: options given to every task that takes them (e.g. ``value_type``).
         chat: wrap prompts in the tokenizer's chat template (the answer prefix follows the assistant header).
+        batch_size: prompts of one (task, length) run together by generation tasks (>= 1).
+
+    Raises:
+        ValueError: ``batch_size`` or ``samples`` < 1.
     """
 
     tasks: list[str]
@@ -47,9 +65,17 @@ class EvalConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     chat: bool = False
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
     def all_methods(self) -> list[str]:
-        return [DENSE] + [m for m in self.methods if m != DENSE]
+        """The baseline first, then the other methods in the given order."""
+        return [BASELINE] + [m for m in self.methods if m != BASELINE]
 
 
 def case_seed(base: int, task: str, length: int, depth: float | None, index: int) -> int:
@@ -80,6 +106,27 @@ def grid(config: EvalConfig) -> list[Prompt]:
     return out
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One group of work: ``methods`` (one, or every pending one for ``recall``) over a batch of ``prompts``."""
+
+    task: str
+    length: int
+    prompts: tuple[Prompt, ...]
+    methods: tuple[str, ...]
+
+
+def batches(config: EvalConfig) -> list[tuple[Prompt, ...]]:
+    """The grid's prompts cut into batches: ``batch_size`` consecutive prompts of one (task, length) for
+    generation tasks, one prompt otherwise. Fixed by the grid alone (not by what is already stored)."""
+    out: list[tuple[Prompt, ...]] = []
+    for (_, task), group in itertools.groupby(grid(config), key=lambda p: (p.length, p.task)):
+        prompts = list(group)
+        size = config.batch_size if get_task(task).kind == "generate" else 1
+        out.extend(tuple(prompts[i:i + size]) for i in range(0, len(prompts), size))
+    return out
+
+
 def _task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
     known = get_task(task).options
     return {k: v for k, v in options.items() if k in known}
@@ -101,7 +148,33 @@ def chat_format(tokenizer: Any) -> PromptFormat:
 def _base_case(loaded: LoadedModel, p: Prompt, task_opts: dict[str, Any], method: str,
                options: dict[str, Any]) -> dict[str, Any]:
     return {"model": loaded.name, "task": p.task, "task_options": task_opts, "method": method,
-            "options": options, "length": p.length, "depth": p.depth, "seed": p.seed}
+            "options": options, "length": p.length, "depth": p.depth, "seed": p.seed, "baseline": BASELINE}
+
+
+@dataclass
+class _Item:
+    """A prompt ready to run: its grid point, the generated sample and its token ids (1, S) int64."""
+
+    prompt: Prompt
+    sample: Sample
+    ids: torch.Tensor
+
+
+@dataclass
+class GroupDone:
+    """A finished group, for progress reports: its position, the unit, the cases it wrote and its wall time."""
+
+    index: int
+    total: int
+    unit: Unit
+    cases: list[dict[str, Any]]
+    seconds: float
+
+    def line(self) -> str:
+        """One plain progress line, e.g. ``[12/96] niah_single 32768 xattention: 1.00 (12.3 s)``."""
+        u = self.unit
+        return (f"[{self.index}/{self.total}] {u.task} {u.length} {','.join(u.methods)}: "
+                f"{_fmt_outcome(self.cases)} ({self.seconds:.1f} s)")
 
 
 class Runner:
@@ -109,86 +182,203 @@ class Runner:
 
     Args:
         loaded: the model. store: where cases go. config: the grid.
-        on_case: called after every (prompt, method) with the case dict (``None`` for a skipped case).
+        on_case: called with every case dict as soon as it is written.
+        on_group: called with a :class:`GroupDone` after every group (one method over one batch).
     """
 
     def __init__(self, loaded: LoadedModel, store: ResultsStore, config: EvalConfig,
-                 on_case: Callable[[dict[str, Any] | None], None] | None = None) -> None:
+                 on_case: Callable[[dict[str, Any]], None] | None = None,
+                 on_group: Callable[[GroupDone], None] | None = None) -> None:
         self.loaded = loaded
         self.engine = Engine(loaded)
         self.store = store
         self.config = config
         self.on_case = on_case or (lambda case: None)
+        self.on_group = on_group or (lambda group: None)
         self.fmt = chat_format(loaded.tokenizer) if config.chat else plain_format
-        self._warm: set[tuple[str, int]] = set()
+        self._warm: set[tuple[Any, ...]] = set()
+        self._items: dict[Prompt, _Item] = {}  # the current batch's prompts, built once for all methods
+        self._reference: tuple[Prompt, torch.Tensor] | None = None  # baseline log-probs of the agreement prompt
+
+    # ---------------------------------------------------------------- the plan
+    def _case(self, p: Prompt, method: str) -> dict[str, Any]:
+        return _base_case(self.loaded, p, _task_options(p.task, self.config.task_options), method,
+                          self.config.method_options.get(method, {}))
+
+    def _pending(self, p: Prompt, method: str) -> bool:
+        return not self.store.done(self._case(p, method))
+
+    def plan(self) -> list[Unit]:
+        """The groups still to run, in run order: per batch, the baseline first, then each method."""
+        units = []
+        for batch in batches(self.config):
+            todo = [m for m in self.config.all_methods() if any(self._pending(p, m) for p in batch)]
+            if not todo:
+                continue
+            task, length = batch[0].task, batch[0].length
+            if get_task(task).kind == "recall":
+                units.append(Unit(task, length, batch, tuple(todo)))
+            else:
+                units.extend(Unit(task, length, batch, (m,)) for m in todo)
+        return units
 
     def pending(self) -> int:
         """Number of (prompt, method) cases of the grid not yet in the store."""
-        n = 0
-        for p in grid(self.config):
-            opts = _task_options(p.task, self.config.task_options)
-            for m in self.config.all_methods():
-                n += not self.store.done(_base_case(self.loaded, p, opts, m, self.config.method_options.get(m, {})))
-        return n
+        return sum(self._pending(p, m) for p in grid(self.config) for m in self.config.all_methods())
 
+    # ---------------------------------------------------------------- running
     def run(self) -> list[dict[str, Any]]:
-        """Run every pending case; returns the cases written in this call."""
-        written = []
-        for p in grid(self.config):
-            task_opts = _task_options(p.task, self.config.task_options)
-            todo = [m for m in self.config.all_methods()
-                    if not self.store.done(_base_case(self.loaded, p, task_opts, m,
-                                                      self.config.method_options.get(m, {})))]
-            if not todo:
-                continue
-            task = get_task(p.task)
-            sample = task.build(self.loaded.tokenizer, p.length, p.depth, p.seed, self.fmt, **task_opts)
-            if task.kind == "recall":
-                cases = self._recall(p, sample, task_opts, todo)
-            else:
-                cases = []
-                for m in todo:
-                    cases.append(self._one(p, sample, task_opts, m))
+        """Run every pending case, writing each to the store as it finishes; returns the cases written."""
+        written: list[dict[str, Any]] = []
+        units = self.plan()
+        for i, unit in enumerate(units, 1):
+            t0 = time.perf_counter()
+            cases = self._run_unit(unit)
             for case in cases:
                 self.store.append(case)
                 written.append(case)
                 self.on_case(case)
+            self.on_group(GroupDone(i, len(units), unit, cases, time.perf_counter() - t0))
+        self._items.clear()
+        self._reference = None
         return written
 
-    # ---------------------------------------------------------------- one (prompt, method)
-    def _one(self, p: Prompt, sample: Sample, task_opts: dict[str, Any], method: str) -> dict[str, Any]:
-        options = self.config.method_options.get(method, {})
-        case = _base_case(self.loaded, p, task_opts, method, options)
-        task = get_task(p.task)
-        if task.kind == "perplexity":
-            ids = self.engine.encode(sample.prompt, max_tokens=p.length)
-        else:
-            ids = self.engine.encode(sample.prompt)
-        with use_method(self.loaded.model, method, options) as run:
-            self._warmup(method, p.length, ids)
-            run.reset()
-            if task.kind == "perplexity":
-                res = self.engine.perplexity(ids, sample.meta["last_tokens"])
-                case.update(res)
-                case["score"] = None
-            else:
-                def done(text: str) -> bool:
-                    return sample.metric == "all" and task.score(text, sample) >= 1.0
+    def _run_unit(self, unit: Unit) -> list[dict[str, Any]]:
+        items = self._prepare(unit)
+        if self._reference is not None and self._reference[0] not in unit.prompts:
+            self._reference = None  # free the previous agreement prompt's log-probs
+        kind = get_task(unit.task).kind
+        if kind == "recall":
+            return self._recall(items[0], list(unit.methods))
+        method = unit.methods[0]
+        if kind == "generate":
+            return self._generate(items, method)
+        if kind == "agreement":
+            return self._agreement(items[0], method)
+        if kind == "perplexity":
+            return self._perplexity(items[0], method)
+        raise ValueError(f"task kind: expected generate, perplexity, agreement or recall, got {kind!r}")
 
-                gen = self.engine.generate(ids, sample.max_new_tokens, done)
-                case.update(answer=gen.text, score=task.score(gen.text, sample), prefill_ms=gen.prefill_ms,
-                            decode_ms=gen.decode_ms, new_tokens=gen.new_tokens)
-            density = run.density()
-        case.update(density=density, references=sample.references, prompt_tokens=int(ids.shape[1]),
-                    sample_index=p.index, **self._context(sample))
+    def _prepare(self, unit: Unit) -> list[_Item]:
+        """The unit's prompts built and tokenized, reusing the current batch's when the batch is the same."""
+        if set(self._items) != set(unit.prompts):
+            self._items = {p: self._build(p) for p in unit.prompts}
+        return [self._items[p] for p in unit.prompts]
+
+    def _build(self, p: Prompt) -> _Item:
+        task = get_task(p.task)
+        opts = _task_options(p.task, self.config.task_options)
+        sample = task.build(self.loaded.tokenizer, p.length, p.depth, p.seed, self.fmt, **opts)
+        exact = task.kind in ("perplexity", "agreement")  # a window of exactly `length` tokens
+        ids = self.engine.encode(sample.prompt, max_tokens=p.length if exact else None)
+        return _Item(p, sample, ids)
+
+    def _options(self, method: str) -> dict[str, Any]:
+        return self.config.method_options.get(method, {})
+
+    def _finish(self, item: _Item, method: str, density: float | None, **fields: Any) -> dict[str, Any]:
+        case = self._case(item.prompt, method)
+        case.update(fields)
+        case.update(density=density, references=item.sample.references, prompt_tokens=int(item.ids.shape[1]),
+                    sample_index=item.prompt.index, **self._context(item.sample))
         return case
 
-    def _warmup(self, method: str, length: int, ids: torch.Tensor) -> None:
-        """On a GPU, one untimed prefill per (method, length) so compilation and autotuning are not timed."""
-        if self.loaded.device.type != "cuda" or (method, length) in self._warm:
+    # ---------------------------------------------------------------- generation (batched)
+    def _generate(self, items: list[_Item], method: str) -> list[dict[str, Any]]:
+        task = get_task(items[0].prompt.task)
+        prompts = [it.ids for it in items]
+        with use_method(self.loaded.model, method, self._options(method)) as run:
+            self._warmup(method, items[0].prompt.length, prompts)
+            run.reset()
+            gens = self.engine.generate_batch(prompts, [it.sample.max_new_tokens for it in items],
+                                              [_stop_when_full(task, it.sample) for it in items])
+            density = run.density()  # over the whole batch's prefill
+        return [self._answer_case(it, method, gen, task, density)
+                for it, gen in zip(items, gens, strict=True) if self._pending(it.prompt, method)]
+
+    def _answer_case(self, item: _Item, method: str, gen: Generation, task: Task,
+                     density: float | None) -> dict[str, Any]:
+        return self._finish(item, method, density, answer=gen.text, answer_tokens=gen.tokens,
+                            score=task.score(gen.text, item.sample), prefill_ms=gen.prefill_ms,
+                            decode_ms=gen.decode_ms, new_tokens=gen.new_tokens, batch_size=gen.batch_size)
+
+    def _warmup(self, method: str, length: int, prompts: list[torch.Tensor]) -> None:
+        """On a GPU, one untimed prefill per (method, length, batch size) so compilation and autotuning are not
+        timed."""
+        key = (method, length, len(prompts))
+        if self.loaded.device.type != "cuda" or key in self._warm:
             return
-        self.engine.prefill_ms(ids)
-        self._warm.add((method, length))
+        self.engine.prefill_ms(self.engine.batch(prompts))
+        self._warm.add(key)
+
+    # ---------------------------------------------------------------- perplexity
+    def _perplexity(self, item: _Item, method: str) -> list[dict[str, Any]]:
+        with use_method(self.loaded.model, method, self._options(method)) as run:
+            self._warmup(method, item.prompt.length, [item.ids])
+            run.reset()
+            res = self.engine.perplexity(item.ids, item.sample.meta["last_tokens"])
+            density = run.density()
+        return [self._finish(item, method, density, score=None, **res)]
+
+    # ---------------------------------------------------------------- agreement with the baseline
+    def _agreement(self, item: _Item, method: str) -> list[dict[str, Any]]:
+        last = item.sample.meta["last_tokens"]
+        if method == BASELINE:
+            self._reference = None
+            res, ref = self._baseline_logprobs(item, last)
+            self._reference = (item.prompt, ref)
+            return [self._finish(item, method, 1.0, score=None, **res)]
+        reference = self._reference_for(item, last)
+        with use_method(self.loaded.model, method, self._options(method)) as run:
+            self._warmup(method, item.prompt.length, [item.ids])
+            run.reset()
+            res, _ = self.engine.agreement(item.ids, last, reference)
+            density = run.density()
+        return [self._finish(item, method, density, score=None, **res)]
+
+    def _baseline_logprobs(self, item: _Item, last: int) -> tuple[dict[str, Any], torch.Tensor]:
+        """The baseline's agreement result (kl 0, top1 1) and its (P, V) float32 log-probs on the device."""
+        with use_method(self.loaded.model, BASELINE) as run:
+            self._warmup(BASELINE, item.prompt.length, [item.ids])
+            run.reset()
+            res, ref = self.engine.agreement(item.ids, last, None, keep=True)
+        assert ref is not None
+        return res, ref
+
+    def _reference_for(self, item: _Item, last: int) -> torch.Tensor:
+        """The baseline's log-probs of ``item``: kept from its baseline run, or recomputed (resume)."""
+        if self._reference is None or self._reference[0] != item.prompt:
+            self._reference = None
+            self._reference = (item.prompt, self._baseline_logprobs(item, last)[1])
+        return self._reference[1]
+
+    # ---------------------------------------------------------------- recall: all methods on one capture
+    def _recall(self, item: _Item, methods: list[str]) -> list[dict[str, Any]]:
+        from sparseflash.eval.recall import layer_recall
+
+        per: dict[str, list[tuple[int, float, float]]] = {m: [] for m in methods}
+
+        def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            for m in methods:
+                name = DENSE if m == SDPA else m  # exact attention either way: recall 1, density 1
+                rec, dens = layer_recall(name, self._options(m), q, k)
+                per[m].append((layer, rec, dens))
+
+        ms = self.engine.capture_qk(item.ids, on_layer)
+        cases = []
+        for m in methods:
+            if not self._pending(item.prompt, m):
+                continue
+            rows = sorted(per[m])
+            recalls = [r for _, r, _ in rows]
+            dens = [d for _, _, d in rows]
+            mean_recall = sum(recalls) / max(1, len(recalls))
+            cases.append(self._finish(item, m, sum(dens) / max(1, len(dens)), score=mean_recall,
+                                      recall=mean_recall, recall_per_layer=recalls, density_per_layer=dens,
+                                      layers=[layer for layer, _, _ in rows], capture_ms=ms))
+        for case in cases:
+            case["references"] = []
+        return cases
 
     def _context(self, sample: Sample) -> dict[str, Any]:
         needles = sample.meta.get("needles")
@@ -197,39 +387,44 @@ class Runner:
                 "needle_depths": [n["actual_depth"] for n in needles] if needles else None,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
-    # ---------------------------------------------------------------- recall: all methods on one capture
-    def _recall(self, p: Prompt, sample: Sample, task_opts: dict[str, Any], methods: list[str]
-                ) -> list[dict[str, Any]]:
-        from sparseflash.eval.recall import layer_recall
 
-        ids = self.engine.encode(sample.prompt)
-        per: dict[str, list[tuple[int, float, float]]] = {m: [] for m in methods}
+def _stop_when_full(task: Task, sample: Sample) -> Callable[[str], bool] | None:
+    """For string-match-all tasks, stop once every reference is in the answer (the score cannot change)."""
+    if sample.metric != "all":
+        return None
+    return lambda text: task.score(text, sample) >= 1.0
 
-        def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-            for m in methods:
-                rec, dens = layer_recall(m, self.config.method_options.get(m, {}), q, k)
-                per[m].append((layer, rec, dens))
 
-        ms = self.engine.capture_qk(ids, on_layer)
-        cases = []
-        for m in methods:
-            rows = sorted(per[m])
-            case = _base_case(self.loaded, p, task_opts, m, self.config.method_options.get(m, {}))
-            recalls = [r for _, r, _ in rows]
-            dens = [d for _, _, d in rows]
-            case.update(score=sum(recalls) / max(1, len(recalls)), recall=sum(recalls) / max(1, len(recalls)),
-                        density=sum(dens) / max(1, len(dens)), recall_per_layer=recalls, density_per_layer=dens,
-                        layers=[layer for layer, _, _ in rows], capture_ms=ms, prompt_tokens=int(ids.shape[1]),
-                        sample_index=p.index, references=[], **self._context(sample))
-            cases.append(case)
-        return cases
+# -------------------------------------------------------------------- progress
+PROGRESS_STYLES = ("bar", "lines", "none")
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, enabled: bool = True, description: str = "eval") -> Iterator[Callable[[Any], None]]:
-    """A rich progress bar with elapsed time and ETA; yields an ``advance(case)`` callback."""
-    if not enabled:
-        yield lambda case: None
+def progress(total: int, style: str = "bar", stream: TextIO | None = None,
+             description: str = "eval") -> Iterator[Callable[[GroupDone], None]]:
+    """Progress over ``total`` groups; yields the ``on_group`` callback for :class:`Runner`.
+
+    Args:
+        total: number of groups (``len(runner.plan())``).
+        style: ``bar`` (a rich bar with elapsed time and ETA), ``lines`` (one plain line per finished group,
+            flushed: for logs and pipes) or ``none``.
+        stream: where ``lines`` go (default ``sys.stdout``).
+
+    Raises:
+        ValueError: unknown ``style``.
+    """
+    if style not in PROGRESS_STYLES:
+        raise ValueError(f"style: expected one of {list(PROGRESS_STYLES)}, got {style!r}")
+    if style == "none":
+        yield lambda group: None
+        return
+    if style == "lines":
+        out = stream or sys.stdout
+
+        def line(group: GroupDone) -> None:
+            print(group.line(), file=out, flush=True)
+
+        yield line
         return
     from rich.progress import (
         BarColumn,
@@ -245,16 +440,25 @@ def progress_bar(total: int, enabled: bool = True, description: str = "eval") ->
                   TextColumn("{task.fields[last]}")) as prog:
         bar = prog.add_task(description, total=total, last="")
 
-        def advance(case: Any) -> None:
-            last = "" if case is None else (f"{case['task']} {case['length']} d={case['depth']} {case['method']}: "
-                                            f"{_fmt_score(case)}")
-            prog.update(bar, advance=1, last=last)
+        def advance(group: GroupDone) -> None:
+            u = group.unit
+            prog.update(bar, advance=1, last=f"{u.task} {u.length} {','.join(u.methods)}: "
+                                             f"{_fmt_outcome(group.cases)}")
 
         yield advance
 
 
-def _fmt_score(case: dict[str, Any]) -> str:
-    if case.get("ppl") is not None:
-        return f"ppl {case['ppl']:.2f}"
-    s = case.get("score")
-    return "-" if s is None else f"{s:.2f}"
+def _fmt_outcome(cases: list[dict[str, Any]]) -> str:
+    """A group's outcome in a few characters: mean score, ppl, KL / top-1 or recall per method."""
+    if not cases:
+        return "-"
+    if all(c.get("recall") is not None for c in cases):
+        return " ".join(f"{c['method']}={c['recall']:.2f}" for c in cases)
+    if all(c.get("kl") is not None for c in cases):
+        kl = sum(c["kl"] for c in cases) / len(cases)
+        top1 = sum(c["top1"] for c in cases) / len(cases)
+        return f"kl {kl:.4g} top1 {top1:.3f}"
+    if all(c.get("ppl") is not None for c in cases):
+        return f"ppl {sum(c['ppl'] for c in cases) / len(cases):.2f}"
+    scores = [c["score"] for c in cases if c.get("score") is not None]
+    return f"{sum(scores) / len(scores):.2f}" if scores else "-"

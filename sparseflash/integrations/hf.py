@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import inspect
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ import torch
 
 ATTN_NAME = "sf_sparse_prefill"  # no "flash" in the name: transformers treats such names as flash-attn
 DEFAULT_MIN_SPARSE_LEN = 8192  # prompts shorter than this stay dense; the GPU break-even is not measured yet
+DEFAULT_DENSE_LAST_QUERIES = 256  # final query rows of a sparse prefill computed exactly (question + answer prefix)
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 DECODE_CHOICES = ("dense", "sparse")
 BACKENDS = ("auto", "triton", "torch")
@@ -58,7 +59,9 @@ _STATE_ATTR = "_sparseflash_patch"  # on the model: its PatchState
 _LAYER_ATTR = "_sparseflash_layer"  # on each attention module: (PatchState, LayerPlan)
 _PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
 _LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
-_PATCH_KEYS = ("dense_layers", "min_sparse_len", "decode", "layer_options", "backend")
+_PATCH_KEYS = (
+    "dense_layers", "min_sparse_len", "dense_last_queries", "decode", "layer_options", "backend", "calibration"
+)
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,23 @@ class PatchState:
 
     ``calls`` counts the routes taken (``"sparse"``, ``"dense"``, ``"decode"``, ``"sdpa"``, ...; see the
     module docstring), one per attention-layer call; reset it freely.
+
+    ``on_prefill``: an optional hook ``(layer_idx, density)`` called after every prefill of a layer through the
+    ``sparse`` or ``dense`` routes: 1.0 for a dense prefill, else the layout's causal block density plus the exact
+    last query rows in the same units (the work done, relative to dense). Setting it costs one host sync per
+    sparse layer call; the evaluation harness uses it to report densities.
     """
 
     method: str
     options: dict[str, Any]
     min_sparse_len: int
+    dense_last_queries: int
     decode: str
     backend: str
     plans: dict[int, LayerPlan]
     previous_attn_implementation: str | None
     calls: Counter = field(default_factory=Counter)
+    on_prefill: Callable[[int, float], None] | None = None
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -105,6 +115,9 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
               e.g. the first layers as MInference does. Default none.
             * ``min_sparse_len``: prompts (per sequence) shorter than this stay dense. Default
               :data:`DEFAULT_MIN_SPARSE_LEN` (8192), to be replaced by the measured break-even length.
+            * ``dense_last_queries``: the last this many query rows of every sparse prefill attend all keys
+              exactly (the question and the answer prefix; cost O(n * N), not O(N^2)). Default
+              :data:`DEFAULT_DENSE_LAST_QUERIES`; 0 turns it off.
             * ``layer_options``: per-layer overrides ``{layer: "dense" | method | {"method": m, **opts}}``;
               a dict without ``"method"`` (or with the patch's own method) updates the global options, another
               method starts from its defaults.
@@ -113,6 +126,10 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
               tokens).
             * ``backend``: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``; passed
               to the kernels and to patterns that take it.
+            * ``calibration``: a file written by ``sparseflash calibrate`` (path) or a
+              :class:`sparseflash.calibration.Calibration`: its per-layer (xattention: per-head) thresholds
+              become ``layer_options``; refused (ValueError) if made for another method or model shape, or if
+              ``layer_options`` sets the same option for a calibrated layer.
 
     Returns:
         ``model`` itself, patched; :func:`unpatch` restores it.
@@ -314,10 +331,20 @@ def _build_state(
     decode = options.pop("decode", "dense")
     if decode not in DECODE_CHOICES:
         raise ValueError(f"decode: expected one of {list(DECODE_CHOICES)}, got {decode!r}")
+    dense_last_queries = _check_int(
+        "dense_last_queries", options.pop("dense_last_queries", DEFAULT_DENSE_LAST_QUERIES), 0
+    )
     backend = options.pop("backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     layer_options = options.pop("layer_options", None) or {}
+    from sparseflash.calibration import apply_calibration, pop_calibration
+
+    calibration = pop_calibration(method, options)
+    if calibration is not None:  # its per-layer values become layer_options
+        layer_options, dense_layers = apply_calibration(
+            calibration, model, method, layer_options, options, dense_layers, num_layers
+        )
     global_options = _check_pattern_options(method, options, method)
 
     if isinstance(dense_layers, int | str) or not isinstance(dense_layers, Iterable):
@@ -357,6 +384,7 @@ def _build_state(
         method=method,
         options=global_options,
         min_sparse_len=min_sparse_len,
+        dense_last_queries=dense_last_queries,
         decode=decode,
         backend=backend,
         plans=plans,
@@ -609,12 +637,34 @@ def _prefill(
 
     if plan.method == DENSE or window is not None or q.shape[2] < state.min_sparse_len:
         state.calls["dense"] += 1
+        if state.on_prefill is not None:
+            state.on_prefill(plan.layer_idx, 1.0)
         return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
     state.calls["sparse"] += 1
     layout = _select(plan, q, k, scaling, state.backend)
-    return block_sparse_attention(
+    out = block_sparse_attention(
         q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
     )
+    tail = min(state.dense_last_queries, q.shape[2])
+    if tail > 0:
+        # the last rows (the question and the answer prefix, whose hidden states give the first answer token)
+        # attend every key exactly: O(tail * N) work, bottom-right causal over the whole prompt
+        out[:, :, -tail:] = flash_attention(
+            q[:, :, -tail:], k, v, causal=True, scale=scaling, backend=state.backend
+        )
+    if state.on_prefill is not None:
+        state.on_prefill(plan.layer_idx, _work_density(layout, tail))
+    return out
+
+
+def _work_density(layout: Any, tail: int) -> float:
+    """The layout's causal block density plus ``tail`` exact rows over all keys, in causal-block units (<= 1)."""
+    from sparseflash.layout import causal_block_mask
+
+    bq, bk = layout.block_size
+    allowed = int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum())
+    extra = tail * layout.seq_len_k / (bq * bk * max(allowed, 1))
+    return min(1.0, layout.density() + extra)
 
 
 def _decode(

@@ -1,6 +1,13 @@
 """Evaluation tasks, registered by name; importing this package registers them all."""
 
-from sparseflash.eval.tasks import niah, passkey, perplexity, recall, variable_tracking  # noqa: F401
+from sparseflash.eval.tasks import (  # noqa: F401
+    agreement,
+    niah,
+    passkey,
+    perplexity,
+    recall,
+    variable_tracking,
+)
 from sparseflash.eval.tasks.base import (
     Sample,
     Task,

@@ -35,8 +35,9 @@ class Sample:
         task: task name. length: the asked context length in tokens (prompt + generation budget).
         depth: the asked needle depth in percent, or None. seed: the seed it was generated from.
         prompt: the full text given to the model, answer prefix included.
-        references: the strings scoring looks for (empty for perplexity and recall).
-        metric: ``all``, ``part``, ``passkey`` (see :mod:`sparseflash.eval.scoring`), ``ppl`` or ``recall``.
+        references: the strings scoring looks for (empty for perplexity, agreement and recall).
+        metric: ``all``, ``part``, ``passkey`` (see :mod:`sparseflash.eval.scoring`), ``ppl``, ``agreement``
+            or ``recall``.
         max_new_tokens: generation budget. num_tokens: prompt tokens (no special tokens).
         meta: task details (needles, their asked and actual depths, haystack source, options).
     """
@@ -60,8 +61,9 @@ class Task:
     """Base class of a task: subclasses set the class attributes and implement :meth:`build`.
 
     Attributes:
-        name: registry name. kind: ``generate`` (greedy answer, string-match score), ``perplexity`` or
-            ``recall``. uses_depth: whether the depth axis applies. options: option names and defaults.
+        name: registry name. kind: ``generate`` (greedy answer, string-match score; batched), ``perplexity``,
+            ``agreement`` (next-token distributions against the baseline's) or ``recall``.
+        uses_depth: whether the depth axis applies. options: option names and defaults.
     """
 
     name: str = ""

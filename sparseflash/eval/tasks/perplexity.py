@@ -23,6 +23,32 @@ from sparseflash.eval.tasks.base import (
 from sparseflash.eval.text import load_corpus
 
 
+def corpus_window(tokenizer: Tokenizer, length: int, seed: int, text_source: str = "auto",
+                  last_tokens: int = 0) -> tuple[str, dict[str, Any]]:
+    """A seeded window of the corpus with at least ``length`` tokens (the runner cuts it to exactly ``length``).
+
+    Returns:
+        (text, meta) with meta ``haystack`` (the corpus name), ``start_sentence`` and ``last_tokens`` (the given
+        value, or ``min(1024, length // 4)`` when it is 0).
+
+    Raises:
+        ValueError: ``length`` < 64, ``last_tokens`` < 0, an unknown ``text_source``.
+    """
+    check_length_depth(length, None, False)
+    if last_tokens < 0:
+        raise ValueError(f"last_tokens: expected >= 0 (0 = min(1024, length // 4)), got {last_tokens}")
+    rng = rng_for(seed)
+    corpus = load_corpus(text_source)
+    start = rng.randrange(len(corpus.sentences))
+    chars = length * 6
+    text = corpus.text(start, chars)
+    while count_tokens(tokenizer, text) < length:
+        chars *= 2
+        text = corpus.text(start, chars)
+    last = last_tokens or min(1024, length // 4)
+    return text, {"haystack": corpus.name, "start_sentence": start, "last_tokens": last}
+
+
 @register_task
 class Perplexity(Task):
     name = "perplexity"
@@ -34,16 +60,6 @@ class Perplexity(Task):
     def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
               fmt: PromptFormat = plain_format, **options: Any) -> Sample:
         opts = self.check_options(options)
-        check_length_depth(length, None, False)
-        rng = rng_for(seed)
-        corpus = load_corpus(opts["text_source"])
-        start = rng.randrange(len(corpus.sentences))
-        chars = length * 6
-        text = corpus.text(start, chars)
-        while count_tokens(tokenizer, text) < length:
-            chars *= 2
-            text = corpus.text(start, chars)
-        last = int(opts["last_tokens"]) or min(1024, length // 4)
+        text, meta = corpus_window(tokenizer, length, seed, opts["text_source"], int(opts["last_tokens"]))
         return Sample(task=self.name, length=length, depth=None, seed=seed, prompt=text, references=[],
-                      metric="ppl", max_new_tokens=0, num_tokens=length,
-                      meta={"haystack": corpus.name, "start_sentence": start, "last_tokens": last})
+                      metric="ppl", max_new_tokens=0, num_tokens=length, meta=meta)
