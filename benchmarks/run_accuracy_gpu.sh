@@ -37,24 +37,28 @@ case "$stage" in
     python3 benchmarks/real_models_setup.py --parts "$SF/parts" --dest "$SF/models" "${files[@]}" \
       && rm -rf "$SF/parts" "$SF"/models/*.gguf ;;
   diagnose)
-    mkdir -p "$SF/results/diagnose"
-    python3 benchmarks/diagnose_recall.py --model "$M15" --lengths 16384,32768 --out "$SF/results/diagnose" \
-      2>&1 | tee "$SF/results/diagnose/log.txt"
-    pack diagnose ;;
+    # diagnose q15|q05 LENGTHS
+    model="$SF/models/${NAMES[$1]}"; mkdir -p "$SF/results/diagnose_$1"
+    python3 benchmarks/diagnose_recall.py --model "$model" --lengths "${2:-16384,32768}" \
+      --out "$SF/results/diagnose_$1" 2>&1 | tee "$SF/results/diagnose_$1/log.txt"
+    pack "diagnose_$1" ;;
   calibrate)
-    mkdir -p "$SF/results/calibrate"
+    # calibrate q15|q05 METHOD RECALL...
+    key="$1"; method="$2"; shift 2
+    model="$SF/models/${NAMES[$key]}"; mkdir -p "$SF/results/calibrate_$key"
     for r in "$@"; do
-      "${SFCLI[@]}" calibrate --model "$M15" --method xattention --target-recall "$r" --length 16384 \
-        --out "$SF/results/calibrate/xattention_r${r}.json" 2>&1 | tee -a "$SF/results/calibrate/log.txt"
+      "${SFCLI[@]}" calibrate --model "$model" --method "$method" --target-recall "$r" --length 16384 \
+        --out "$SF/results/calibrate_$key/${method}_r${r}.json" 2>&1 | tail -4 | tee -a "$SF/results/calibrate_$key/log.txt"
     done
-    pack calibrate ;;
+    pack "calibrate_$key" ;;
   sweep)
-    mkdir -p "$SF/results/sweep"
-    python3 benchmarks/accuracy_sweep.py --model "$M15" --variants "$1" --lengths "${2:-32768}" \
-      --samples "${3:-2}" --batch-size 8 --out "$SF/results/sweep" --choose "$SF/chosen.json" \
-      2>&1 | tee -a "$SF/results/sweep/log.txt"
-    cp "$SF/chosen.json" "$SF/results/sweep/" 2>/dev/null
-    pack sweep ;;
+    # sweep q15|q05 VARIANTS.json LENGTHS SAMPLES TASKS: {SF} in the variants file becomes $SF
+    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/sweep_$key"; mkdir -p "$dir"
+    sed -e "s#{SF}#$SF#g" -e "s#{KEY}#$key#g" "$2" > "$dir/variants.json"
+    python3 benchmarks/accuracy_sweep.py --model "$model" --variants "$dir/variants.json" --lengths "${3:-32768}" \
+      --samples "${4:-2}" --tasks "${5:-niah_single,niah_multikey,niah_multivalue,agreement}" --batch-size 8 \
+      --out "$dir" --choose "$dir/chosen.json" 2>&1 | tee -a "$dir/log.txt"
+    pack "sweep_$key" ;;
   eval)
     # eval NAME MODEL ARGS...: `sparseflash eval` into $SF/results/NAME
     name="$1"; model="$2"; shift 2
