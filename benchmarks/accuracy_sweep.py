@@ -113,6 +113,8 @@ def score_variants(cases: list[dict[str, Any]], variants: list[dict[str, Any]], 
             if c.get("kl") is not None:
                 bucket["kl"].append(c["kl"])
                 bucket["top1"].append(c["top1"])
+                if c.get("kl_end") is not None:
+                    bucket["kl_end"].append(c["kl_end"])
                 if b is not None and b.get("ppl_window") and c.get("ppl_window"):
                     bucket["ppl_ratio"].append(c["ppl_window"] / b["ppl_window"])
             if c["task"] == "perplexity" and b is not None and b.get("ppl") and c.get("ppl"):
@@ -138,13 +140,25 @@ def score_variants(cases: list[dict[str, Any]], variants: list[dict[str, Any]], 
     return rows
 
 
-def choose(rows: list[dict[str, Any]], length: int) -> dict[str, Any] | None:
-    """The passing variant (not the floor) with the lowest mean density at ``length``; ties: higher speedup."""
-    ok = [r for r in rows if r["meets_bar"] and r["label"] != FLOOR and str(length) in r["lengths"]]
-    if not ok:
+def _net_losses(row: dict[str, Any]) -> int:
+    return sum(max(0, t["losses"] - t["wins"]) for t in row["tasks"].values())
+
+
+def choose(rows: list[dict[str, Any]], length: int, max_density: float = 0.25) -> dict[str, Any] | None:
+    """The passing variant (not the floor) with the lowest mean density at ``length`` (ties: higher speedup).
+
+    When none passes: among the variants at mean density <= ``max_density`` at ``length``, the one with the
+    fewest net retrieval losses, then the lowest KL (``meets_bar`` stays False in its row).
+    """
+    cands = [r for r in rows if r["label"] != FLOOR and str(length) in r["lengths"]]
+    ok = [r for r in cands if r["meets_bar"]]
+    if ok:
+        return min(ok, key=lambda r: (round(r["lengths"][str(length)].get("density", 1.0), 3),
+                                      -r["lengths"][str(length)].get("speedup", 0.0)))
+    sparse = [r for r in cands if r["lengths"][str(length)].get("density", 1.0) <= max_density]
+    if not sparse:
         return None
-    return min(ok, key=lambda r: (round(r["lengths"][str(length)].get("density", 1.0), 3),
-                                  -r["lengths"][str(length)].get("speedup", 0.0)))
+    return min(sparse, key=lambda r: (_net_losses(r), r["lengths"][str(length)].get("kl", float("inf"))))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -153,6 +167,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             tasks = " ".join(f"{k.split('@')[0]}:{t['score']:.2f}/{t['base']:.2f}(-{t['losses']}+{t['wins']})"
                              for k, t in sorted(r["tasks"].items()) if k.endswith(f"@{n}"))
             print(f"{r['label']:<24}{n:>7} dens {d.get('density', float('nan')):.3f} kl {d.get('kl', float('nan')):.4f}"
+                  f" kl_end {d.get('kl_end', float('nan')):.4f}"
                   f" top1 {d.get('top1', float('nan')):.3f} ppl x{d.get('ppl_ratio', float('nan')):.4f}"
                   f" speedup {d.get('speedup', float('nan')):.2f} {'PASS' if r['meets_bar'] else 'fail'} | {tasks}")
         if r["fails"]:
@@ -188,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print("no variant meets the bar", file=sys.stderr)
             Path(args.choose).write_text(json.dumps(None))
             return 1
-        Path(args.choose).write_text(json.dumps({k: best[k] for k in ("label", "method", "options")}))
-        print(f"chosen: {best['label']} {best['method']} {best['options']}")
+        Path(args.choose).write_text(json.dumps({k: best[k] for k in ("label", "method", "options", "meets_bar")}))
+        print(f"chosen: {best['label']} {best['method']} {best['options']} (meets the bar: {best['meets_bar']})")
     return 0
 
 

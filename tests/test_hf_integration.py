@@ -208,6 +208,30 @@ def test_dense_last_queries_are_exact(arch, gen):
             patch(model, "streaming", dense_last_queries=bad)
 
 
+def test_approximate_dropped_adds_the_pooled_blocks(gen, monkeypatch):
+    """approximate_dropped=True merges the coarse attention over dropped blocks into every sparse layer."""
+    from sparseflash.ops import dropped_blocks
+
+    model = tiny_model("llama")
+    ids = ids_for(gen, 1, 160)
+    opts = dict(min_sparse_len=0, dense_last_queries=0, **SPARSE)
+    with patched(model, "streaming", **opts):
+        plain = logits(model, ids)
+    calls = []
+    real = dropped_blocks.dropped_block_attention
+    monkeypatch.setattr(dropped_blocks, "dropped_block_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with patched(model, "streaming", approximate_dropped=True, **opts):
+        assert patch_state(model).approximate_dropped is True
+        approx = logits(model, ids)
+    assert len(calls) == 2  # one per sparse layer
+    assert rel_err(approx, plain) > 1e-4
+    assert hf.DEFAULT_APPROXIMATE_DROPPED in (True, False)
+    with pytest.raises(TypeError, match="approximate_dropped"):
+        patch(model, "streaming", approximate_dropped=1)
+    with pytest.raises(ValueError, match="approximate_dropped.*permuted"):
+        patch(model, "permuted", approximate_dropped=True)
+
+
 def test_on_prefill_hook_reports_work_density(gen):
     """The public hook sees every layer prefill: 1.0 for dense layers, layout density + exact tail otherwise."""
     model = tiny_model("llama")

@@ -328,3 +328,20 @@ def test_select_topk_with_per_row_budgets_and_forced(gen):
             assert set(torch.nonzero(keep[b, i]).flatten().tolist()) == want
     same = C.select_topk(scores, 3, allowed)
     assert torch.equal(same, C.select_topk(scores, torch.full((4,), 3), allowed))
+
+
+def test_xattention_local_blocks_forces_the_previous_blocks():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 512, 32, generator=gen)
+    k = torch.randn(1, 2, 512, 32, generator=gen)
+    for local in (1, 2):
+        keep = patterns.select("xattention", q, k, block_size=(64, 64), threshold=[0.0] * 4,
+                               local_blocks=local).to_dense()[0]
+        rows = torch.arange(8)
+        for back in range(1, local + 1):
+            ok = rows >= back
+            assert keep[:, rows[ok], rows[ok] - back].all()
+        base = patterns.select("xattention", q, k, block_size=(64, 64), threshold=[0.0] * 4).to_dense()[0]
+        assert keep.sum() > base.sum()  # threshold 0: sink + diagonal only, so the local blocks are new
+    with pytest.raises(ValueError, match="local_blocks"):
+        patterns.select("xattention", q, k, local_blocks=-1)

@@ -64,8 +64,8 @@ def check_method(name: str, options: dict[str, Any] | None = None) -> None:
 
 
 # options that belong to the patching, not to the pattern
-_PATCH_OPTIONS = ("dense_layers", "min_sparse_len", "dense_last_queries", "decode", "layer_options", "backend",
-                  "calibration")
+_PATCH_OPTIONS = ("dense_layers", "min_sparse_len", "dense_last_queries", "approximate_dropped", "decode",
+                  "layer_options", "backend", "calibration")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 EMBEDDED_DEFAULT = "qwen2.5-coder-0.5b"
+END_POSITIONS = 256  # agreement's kl_end/top1_end: the final positions (the default exact tail of a sparse prefill)
 TINY = "tiny-random"
 
 
@@ -405,9 +406,12 @@ class Engine:
             chunk: positions per lm-head call, at most 256.
 
         Returns:
-            ``({"kl", "top1", "ppl_window", "positions", "prefill_ms"}, log_probs or None)``: ``kl`` is the mean
-            KL(reference || this run) in nats, ``top1`` the fraction of positions whose argmax matches,
-            ``ppl_window`` this run's perplexity on the positions' next tokens.
+            ``({"kl", "top1", "kl_end", "top1_end", "ppl_window", "positions", "prefill_ms"}, log_probs or
+            None)``: ``kl`` is the mean KL(reference || this run) in nats, ``top1`` the fraction of positions
+            whose argmax matches, ``kl_end``/``top1_end`` the same over the final :data:`END_POSITIONS` positions
+            (those a sparse prefill with the default ``dense_last_queries`` computes exactly: what they measure is
+            the quality of the KV cache the prefill leaves for decoding), ``ppl_window`` this run's perplexity on
+            the positions' next tokens.
 
         Raises:
             ValueError: S < 2, ``last_tokens`` < 1, ``chunk`` outside [1, 256], or a reference of another shape.
@@ -427,21 +431,23 @@ class Engine:
             raise ValueError(f"reference: expected log-probabilities of shape {(positions, vocab)}, got "
                              f"{tuple(reference.shape)}")
         kept = torch.empty((positions, vocab), dtype=torch.float32, device=self.device) if keep else None
-        kl_sum, agree, nll_sum = 0.0, 0, 0.0
+        kl_rows = torch.zeros(positions, dtype=torch.float64, device=self.device)
+        agree_rows = torch.ones(positions, dtype=torch.float64, device=self.device)
+        nll_sum = 0.0
         for s in range(0, positions, chunk):
             e = min(s + chunk, positions)
             logp = torch.log_softmax(head(hidden[s:e]).float(), dim=-1)  # (c, V) float32
             nll_sum += float(-logp.gather(-1, targets[s:e, None]).double().sum())
             if reference is not None:
                 ref = reference[s:e]
-                kl_sum += float(_kl_rows(ref, logp).double().sum())
-                agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+                kl_rows[s:e] = _kl_rows(ref, logp).double()
+                agree_rows[s:e] = (ref.argmax(-1) == logp.argmax(-1)).double()
             if kept is not None:
                 kept[s:e] = logp
-        if reference is None:
-            agree = positions
-        result = {"kl": kl_sum / positions, "top1": agree / positions, "ppl_window": math.exp(nll_sum / positions),
-                  "positions": positions, "prefill_ms": ms}
+        end = min(END_POSITIONS, positions)
+        result = {"kl": float(kl_rows.mean()), "top1": float(agree_rows.mean()),
+                  "kl_end": float(kl_rows[-end:].mean()), "top1_end": float(agree_rows[-end:].mean()),
+                  "ppl_window": math.exp(nll_sum / positions), "positions": positions, "prefill_ms": ms}
         return result, kept
 
     @torch.inference_mode()

@@ -122,8 +122,11 @@ def _agreement_fields(group: list[dict[str, Any]], paired: list[tuple[dict[str, 
                       is_baseline: bool) -> dict[str, Any]:
     kl = [c.get("kl") for c in group]
     top1 = [c.get("top1") for c in group]
+    kl_end = [c.get("kl_end") for c in group if c.get("kl_end") is not None]
     row: dict[str, Any] = {"kl": _mean(kl), "kl_ci95": t_interval(kl), "top1": _mean(top1),
-                           "top1_ci95": t_interval(top1), "ppl_window": _mean([c.get("ppl_window") for c in group]),
+                           "top1_ci95": t_interval(top1), "kl_end": _mean(kl_end) if kl_end else None,
+                           "top1_end": _mean([c.get("top1_end") for c in group]) if kl_end else None,
+                           "ppl_window": _mean([c.get("ppl_window") for c in group]),
                            "positions": _mean([c.get("positions") for c in group])}
     if not is_baseline and paired:
         row["ppl_window_ratio"] = _mean(_ratios(paired, "ppl_window"))

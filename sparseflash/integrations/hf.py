@@ -50,6 +50,7 @@ import torch
 ATTN_NAME = "sf_sparse_prefill"  # no "flash" in the name: transformers treats such names as flash-attn
 DEFAULT_MIN_SPARSE_LEN = 8192  # prompts shorter than this stay dense; the GPU break-even is not measured yet
 DEFAULT_DENSE_LAST_QUERIES = 256  # final query rows of a sparse prefill computed exactly (question + answer prefix)
+DEFAULT_APPROXIMATE_DROPPED = False  # dropped blocks enter the softmax as pooled tokens (ops/dropped_blocks.py)
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 DECODE_CHOICES = ("dense", "sparse")
 BACKENDS = ("auto", "triton", "torch")
@@ -60,7 +61,8 @@ _LAYER_ATTR = "_sparseflash_layer"  # on each attention module: (PatchState, Lay
 _PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
 _LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
 _PATCH_KEYS = (
-    "dense_layers", "min_sparse_len", "dense_last_queries", "decode", "layer_options", "backend", "calibration"
+    "dense_layers", "min_sparse_len", "dense_last_queries", "approximate_dropped", "decode", "layer_options",
+    "backend", "calibration",
 )
 
 
@@ -92,6 +94,7 @@ class PatchState:
     options: dict[str, Any]
     min_sparse_len: int
     dense_last_queries: int
+    approximate_dropped: bool
     decode: str
     backend: str
     plans: dict[int, LayerPlan]
@@ -118,6 +121,11 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
             * ``dense_last_queries``: the last this many query rows of every sparse prefill attend all keys
               exactly (the question and the answer prefix; cost O(n * N), not O(N^2)). Default
               :data:`DEFAULT_DENSE_LAST_QUERIES`; 0 turns it off.
+            * ``approximate_dropped``: each block a row's layout drops enters its softmax as one pooled token
+              (mean key, mean value, log of its size added to the logit), so the row's normaliser and output
+              account for the dropped mass (:mod:`sparseflash.ops.dropped_blocks`; cost ~1/(block/2) of dense
+              attention). Not for ``permuted`` (its blocks index permuted keys). Default
+              :data:`DEFAULT_APPROXIMATE_DROPPED`.
             * ``layer_options``: per-layer overrides ``{layer: "dense" | method | {"method": m, **opts}}``;
               a dict without ``"method"`` (or with the patch's own method) updates the global options, another
               method starts from its defaults.
@@ -334,6 +342,10 @@ def _build_state(
     dense_last_queries = _check_int(
         "dense_last_queries", options.pop("dense_last_queries", DEFAULT_DENSE_LAST_QUERIES), 0
     )
+    approximate_dropped = options.pop("approximate_dropped", DEFAULT_APPROXIMATE_DROPPED)
+    if not isinstance(approximate_dropped, bool):
+        raise TypeError(f"approximate_dropped: expected a bool, got {type(approximate_dropped).__name__} "
+                        f"{approximate_dropped!r}")
     backend = options.pop("backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
@@ -380,11 +392,16 @@ def _build_state(
             pass_scale="scale" in takes and "scale" not in layer_opts,
             pass_backend="backend" in takes and "backend" not in layer_opts,
         )
+    if approximate_dropped and any(p.method == "permuted" for p in plans.values()):
+        raise ValueError(
+            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), got True"
+        )
     return PatchState(
         method=method,
         options=global_options,
         min_sparse_len=min_sparse_len,
         dense_last_queries=dense_last_queries,
+        approximate_dropped=approximate_dropped,
         decode=decode,
         backend=backend,
         plans=plans,
@@ -642,9 +659,19 @@ def _prefill(
         return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
     state.calls["sparse"] += 1
     layout = _select(plan, q, k, scaling, state.backend)
-    out = block_sparse_attention(
-        q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
-    )
+    if state.approximate_dropped:
+        from sparseflash.ops.dropped_blocks import dropped_block_attention
+        from sparseflash.ops.merge import merge_attention_states
+
+        out, lse = block_sparse_attention(
+            q, k, v, layout, causal=True, scale=scaling, check_indices=False, return_lse=True,
+            backend=state.backend,
+        )
+        out, _ = merge_attention_states(out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling))
+    else:
+        out = block_sparse_attention(
+            q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
+        )
     tail = min(state.dense_last_queries, q.shape[2])
     if tail > 0:
         # the last rows (the question and the answer prefix, whose hidden states give the first answer token)

@@ -249,6 +249,7 @@ def xattention(
     threshold: float | list[float] | None = None,
     target_recall: float | None = None,
     heads: str = "q",
+    local_blocks: int = 0,
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -265,6 +266,9 @@ def xattention(
             selector the same number; give one or the other).
         heads: ``"q"`` (one layout per query head) or ``"kv"`` (per KV head: the union of the group's
             per-query-head selections, so density rises and recall does not drop).
+        local_blocks: also force the key blocks just before each row's diagonal block (a local window of at
+            least ``local_blocks * block`` keys for every query; their mass counts first, like the sink's).
+            0 (default) is XAttention's rule.
         scale: softmax scale for the estimate, default ``1 / sqrt(D)``.
         backend: estimator backend, see :func:`xattention_scores`.
 
@@ -285,7 +289,9 @@ def xattention(
         tau = C.resolve_threshold("xattention", threshold, target_recall, DEFAULT_THRESHOLD)
     est = xattention_scores(q, k, stride=stride, block_size=bs, causal=causal, scale=scale, backend=backend)
     allowed = C.causal_allowed(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
-    forced = C.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=1, causal=causal, device=q.device)
+    local_blocks = C.check_nonnegative_int("xattention: local_blocks", local_blocks)
+    forced = C.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal,
+                           device=q.device)
     keep = C.select_by_cumulative_mass(est, tau, allowed, forced=forced)
     if heads == "kv":
         keep = C.group_heads(keep, num_kv_heads)
