@@ -55,7 +55,7 @@ case "$stage" in
     # sweep q15|q05 VARIANTS.json LENGTHS SAMPLES TASKS: {SF} in the variants file becomes $SF
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/sweep_$key"; mkdir -p "$dir"
     sed -e "s#{SF}#$SF#g" -e "s#{KEY}#$key#g" "$2" > "$dir/variants.json"
-    python3 benchmarks/accuracy_sweep.py --model "$model" --variants "$dir/variants.json" --lengths "${3:-32768}" \
+    timeout "${STAGE_TIMEOUT:-540}" python3 benchmarks/accuracy_sweep.py --model "$model" --variants "$dir/variants.json" --lengths "${3:-32768}" \
       --samples "${4:-2}" --tasks "${5:-niah_single,niah_multikey,niah_multivalue,agreement}" --batch-size 1 \
       --out "$dir" --choose "$dir/chosen.json" 2>&1 | tee -a "$dir/log.txt"
     pack "sweep_$key" ;;
@@ -66,10 +66,11 @@ case "$stage" in
     mapfile -t opts < <(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['method'])
 for k, v in c['options'].items(): print('-O'); print(c['method'] + '.' + k + '=' + json.dumps(v, separators=(',', ':')))" "$chosen")
     method="${opts[0]}"; opts=("${opts[@]:1}")
-    "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 --lengths "$2" \
+    timeout 240 "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 --lengths "$2" \
       --samples "$3" --depths 10,30,50,70,90 --methods "dense,$method" "${opts[@]}" --tasks agreement,perplexity \
       2>&1 | tail -3 | tee -a "$dir/log.txt"
-    "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --batch-size 1 --lengths "$2" --samples "$3" \
+    timeout "${STAGE_TIMEOUT:-540}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --batch-size 1 \
+      --lengths "$2" --samples "$3" \
       --depths 10,30,50,70,90 --methods "$method" "${opts[@]}" \
       --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking \
       2>&1 | grep -v "^\[" | tail -40 | tee -a "$dir/log.txt"

@@ -14,6 +14,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
+# largest softmax scale accepted: float16 logits (|q.k| < 2**40 at head_dim 256) times it stay far below float32's
+# 3.4e38, and no model uses more than a few hundred
+MAX_SCALE = 1e18
 
 
 class AttentionDims(NamedTuple):
@@ -90,14 +93,33 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionDim
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:
-    """Return the softmax scale: ``scale`` or ``1/sqrt(head_dim)``."""
+    """Return the softmax scale: ``scale`` or ``1/sqrt(head_dim)``.
+
+    The logits ``q.k * scale`` are formed in float32, so a scale above :data:`MAX_SCALE` (or one that is not a
+    finite float32) is refused: it overflows them to inf for ordinary inputs and the softmax turns to NaN.
+    """
     if scale is None:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    if not scale > 0 or scale != scale or scale == float("inf"):
-        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+    if not 0 < scale <= MAX_SCALE:  # False for NaN too
+        raise ValueError(
+            f"scale: expected a finite positive float of at most {MAX_SCALE:g} (larger ones can overflow the float32 "
+            f"logits q.k * scale), got {scale}"
+        )
     return float(scale)
+
+
+def check_grad(backend: str, **tensors: torch.Tensor) -> None:
+    """Refuse a call that builds an autograd graph on the Triton backend (its kernels have no backward)."""
+    if backend != "triton" or not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if needing:
+        raise ValueError(
+            f"{', '.join(needing)}: expected no requires_grad with grad mode on for the Triton backend "
+            "(sparseflash kernels have no backward; use torch.no_grad() or backend='torch'), got requires_grad=True"
+        )
 
 
 def check_seq_lens(

@@ -5,14 +5,18 @@ on a model that loads offline, writes one JSON line per case (as each finishes) 
 results folder, prints the summary table and draws the figures. Rerunning the same command resumes: finished
 cases are skipped.
 
-Bad input (an unknown task or method, a model path that does not exist, a malformed option) prints a message
-naming what was expected and exits with code 2.
+Bad input (an unknown task or method, a model path that does not exist, a malformed option or option value, a
+device this torch cannot use, an output path that cannot be written, a length too short for a task's prompt)
+prints a one-line message naming the flag, what was expected and what was given, and exits with code 2, before
+any model loads. Ctrl-C during ``eval`` prints how many cases the results folder holds and the command that
+resumes, and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,6 +31,8 @@ DEFAULT_TASKS = "passkey,niah_single"
 ALL_TASKS = ("passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,"
              "agreement,recall")
 CPU_BATCH, GPU_BATCH = 1, 8  # prompts per batch of a generation task (eval)
+FITS_ANY_TASK = 4096  # every task's own text (instructions, needles, question) fits far below this many tokens
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class UsageError(Exception):
@@ -101,6 +107,40 @@ def _device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu"
 
 
+def _check_device(text: str) -> str:
+    """``--device``: 'auto', 'cpu' or 'cuda[:i]' that this torch can use; ``UsageError`` otherwise."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected 'auto', 'cpu' or 'cuda[:i]', got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: expected 'auto' or 'cpu' (this torch {torch.__version__} sees no CUDA "
+                             f"device), got {text!r}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device: expected cuda:0..cuda:{count - 1} ({count} CUDA devices), got {text!r}")
+    return text
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    """``UsageError`` unless ``out`` is (or can be created as) a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: expected a folder (new or existing), got the existing file {str(out)!r}")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: expected a writable folder, cannot create or write {str(out)!r} "
+                         f"({str(parent)!r} is {'not writable' if parent.is_dir() else 'not a folder'})")
+
+
 def default_methods() -> list[str]:
     """Up to three dynamic methods, preferring xattention, flexprefill and vertical_slash."""
     from sparseflash.eval.methods import DENSE, pattern_names
@@ -122,10 +162,40 @@ def _check_tasks(text: str) -> list[str]:
     return names
 
 
+def _method_names(text: str | None) -> list[str]:
+    """``--methods`` split on commas; ``UsageError`` if it names none (``--methods ,``)."""
+    if text is None:
+        return default_methods()
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UsageError(f"--methods: expected one or more comma-separated method names, got {text!r}")
+    return names
+
+
+def _check_option_values(method: str, options: dict[str, Any], num_layers: int | None = None,
+                         model_name: str = "") -> None:
+    """The option values of ``method`` as ``sparseflash.patch`` checks them (no model needed; layer index ranges
+    only once ``num_layers`` is known), plus the pattern's own checks on a small random input."""
+    from sparseflash.eval.methods import BASELINE
+
+    if method == BASELINE:
+        return
+    try:
+        from sparseflash.integrations.hf import check_patch_options
+    except ImportError:  # no transformers: nothing can be patched; the run reports it
+        return
+    try:
+        check_patch_options(method, options, num_layers=num_layers)
+    except (ValueError, TypeError) as err:
+        after = "" if num_layers is None else (f" (checked after loading the model: {model_name} has "
+                                               f"{num_layers} layers)")
+        raise UsageError(f"--method-option: {method}: {err}{after}") from None
+
+
 def _check_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
     from sparseflash.eval.methods import DENSE, available_methods, check_method
 
-    names = default_methods() if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    names = _method_names(text)
     for m in names:
         if m not in available_methods():
             raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
@@ -136,6 +206,7 @@ def _check_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list
             check_method(m, opts)
         except ValueError as err:
             raise UsageError(f"--method-option: {err}") from None
+        _check_option_values(m, opts)
     return [DENSE] + [m for m in names if m != DENSE]
 
 
@@ -164,7 +235,7 @@ def _check_eval_methods(text: str | None, options: dict[str, dict[str, Any]]) ->
     """The eval's methods: the baseline ``sdpa`` first, then ``--methods`` (``dense`` = our exact kernels)."""
     from sparseflash.eval.methods import BASELINE, available_methods, check_method
 
-    names = default_methods() if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    names = _method_names(text)
     for m in names:
         if m not in available_methods():
             raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
@@ -175,12 +246,86 @@ def _check_eval_methods(text: str | None, options: dict[str, dict[str, Any]]) ->
             check_method(m, opts)
         except ValueError as err:
             raise UsageError(f"--method-option: {err}") from None
+        _check_option_values(m, opts)
     return [BASELINE] + [m for m in names if m != BASELINE]
+
+
+def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float], samples: int, seed: int,
+                       task_options: dict[str, Any], tokenizer: Any = None, fmt: Any = None) -> None:
+    """``UsageError`` unless every task's prompts of the shortest length leave room for a haystack.
+
+    Before the model loads (``tokenizer`` None) the prompts are built with a one-token-per-byte tokenizer, the
+    most tokens any byte-level tokenizer needs (exact for ``tiny-random``); once loaded, with the model's
+    tokenizer and prompt format (``--chat``). Lengths of :data:`FITS_ANY_TASK` tokens or more always fit.
+    """
+    from sparseflash.eval.runner import case_seed
+    from sparseflash.eval.tasks import get_task, plain_format
+
+    shortest = min(lengths)
+    if shortest >= FITS_ANY_TASK:
+        return
+    after_load = tokenizer is not None
+    if tokenizer is None:
+        from sparseflash.eval.tiny import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+    fmt = fmt or plain_format
+    for name in tasks:
+        task = get_task(name)
+        opts = {k: v for k, v in task_options.items() if k in task.options}
+        points = [(d, i) for d in (depths if task.uses_depth else [None]) for i in range(samples)]
+
+        def fits(n: int) -> str | None:
+            try:
+                for d, i in points:
+                    task.build(tokenizer, n, d, case_seed(seed, name, shortest, d, i), fmt, **opts)
+            except ValueError as err:
+                return str(err)
+            return None
+
+        err = fits(shortest)
+        if err is None:
+            continue
+        if fits(FITS_ANY_TASK) is not None:  # not a matter of length: a bad task option
+            raise UsageError(f"--task-option: task {name}: {err}")
+        lo, hi = shortest, FITS_ANY_TASK  # fits(lo) fails, fits(hi) works
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) is None else (mid, hi)
+        how = ("with this model's tokenizer and prompt format (checked after loading the model)" if after_load
+               else "with a one-token-per-byte tokenizer, the most any byte-level tokenizer needs")
+        raise UsageError(f"--lengths: expected lengths >= {hi} tokens: task {name}'s instructions, needles and "
+                         f"answer budget need that many {how}; got {shortest}")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that ran (and reruns) this command: ``--command-line`` if given, else ``sparseflash`` and
+    the arguments :func:`main` received."""
+    if args.command_line is not None:
+        return args.command_line
+    argv = getattr(args, "argv", None)
+    return "sparseflash " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
+def _check_eval_out(out: str | None) -> None:
+    """``--out`` of eval before loading: a writable folder whose cases.jsonl, if any, reads back."""
+    from sparseflash.eval.results import CASES, read_cases
+
+    _check_out_dir(Path(out) if out else Path("results"))
+    if out and (Path(out) / CASES).exists():
+        path = Path(out) / CASES
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"--out: expected a readable and writable {CASES}, cannot use {str(path)!r}")
+        try:
+            read_cases(path)
+        except ValueError as err:
+            raise UsageError(f"--out: {str(err).removeprefix('results: ')}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = _check_tasks(args.tasks)
+    _check_device(args.device)
     method_options = parse_method_options(args.method_option)
     methods = _check_eval_methods(args.methods, method_options)
     task_options = parse_task_options(args.task_option)
@@ -203,68 +348,91 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if kind == "cuda" else CPU_BATCH)
     if batch_size < 1:
         raise UsageError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    _check_lengths_fit(tasks, lengths, depths, samples, args.seed, task_options)
+    _check_eval_out(args.out)
     _check_model(args.model)
 
     from sparseflash.eval.model import load_model
     from sparseflash.eval.plots import plot_all
-    from sparseflash.eval.results import ResultsStore
+    from sparseflash.eval.results import CASES, ResultsStore, read_cases
     from sparseflash.eval.runner import EvalConfig, Runner, progress
     from sparseflash.eval.summary import render_table, write_summary
 
+    command = _command(args)
     console = _console()
     console.print(f"[bold]sparseflash eval[/]: model {args.model}, tasks {tasks}, methods {methods}, "
                   f"lengths {lengths}, depths {depths}, samples {samples}, batch size {batch_size}, "
                   f"seed {args.seed}")
-    with console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    too_long = [n for n in lengths if loaded.max_positions and n > loaded.max_positions]
-    if too_long:
-        console.print(f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
-                      f"({loaded.max_positions} tokens); its answers there are extrapolation")
-    out = Path(args.out or f"results/eval_{_sanitize(loaded.name)}_{loaded.device.type}")
+    out: Path | None = Path(args.out) if args.out else None
+    store = None
     try:
-        store = ResultsStore(out)
-    except ValueError as err:
-        raise UsageError(f"--out: {err}") from None
-    config = EvalConfig(tasks=tasks, methods=methods, lengths=lengths, depths=depths, samples=samples,
-                        seed=args.seed, method_options=method_options, task_options=task_options, chat=args.chat,
-                        batch_size=batch_size)
-    runner = Runner(loaded, store, config)
-    pending, groups = runner.pending(), len(runner.plan())
-    console.print(f"results: {out}/cases.jsonl ({len(store)} cases stored, {pending} to run in {groups} groups)")
-    style = "bar" if sys.stdout.isatty() and not args.no_progress else "lines"
-    with progress(groups, style=style) as on_group:
-        runner.on_group = on_group
-        runner.run()
-    command = "sparseflash " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None \
-        else args.command_line
-    keys = {(t, n) for t in tasks for n in lengths}
-    mine = [c for c in store if (c["task"], c["length"]) in keys and c["method"] in methods
-            and c["model"] == loaded.name]
-    summary = write_summary(out, mine, command, {"model": loaded.name, "config": {
-        "tasks": tasks, "methods": methods, "lengths": lengths, "depths": depths, "samples": samples,
-        "batch_size": batch_size, "seed": args.seed, "method_options": method_options, "task_options": task_options,
-        "chat": args.chat}})
-    console.print(render_table(summary["rows"], title=f"sparseflash eval: {loaded.name} on {summary['gpu']}"))
-    if not args.no_plots:
-        paths = plot_all(mine, out)
-        console.print("plots: " + ", ".join(str(p) for p in paths))
-    console.print(f"summary: {out / 'summary.json'}")
+        with console.status(f"loading {args.model} ..."):
+            loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        num_layers = getattr(loaded.model.config, "num_hidden_layers", None)
+        if isinstance(num_layers, int):  # layer indices of -O ... dense_layers / layer_options
+            for m in methods:
+                _check_option_values(m, method_options.get(m, {}), num_layers, loaded.name)
+        too_long = [n for n in lengths if loaded.max_positions and n > loaded.max_positions]
+        if too_long:
+            console.print(f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
+                          f"({loaded.max_positions} tokens); its answers there are extrapolation")
+        out = Path(args.out or f"results/eval_{_sanitize(loaded.name)}_{loaded.device.type}")
+        try:
+            store = ResultsStore(out)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--out: {str(err).removeprefix('results: ')}") from None
+        config = EvalConfig(tasks=tasks, methods=methods, lengths=lengths, depths=depths, samples=samples,
+                            seed=args.seed, method_options=method_options, task_options=task_options,
+                            chat=args.chat, batch_size=batch_size)
+        try:
+            runner = Runner(loaded, store, config)
+        except ValueError as err:  # no chat template
+            raise UsageError(f"--chat: {str(err).removeprefix('chat: ')}") from None
+        _check_lengths_fit(tasks, lengths, depths, samples, args.seed, task_options, loaded.tokenizer, runner.fmt)
+        pending, groups = runner.pending(), len(runner.plan())
+        console.print(f"results: {out}/{CASES} ({len(store)} cases stored, {pending} to run in {groups} groups)")
+        style = "bar" if sys.stdout.isatty() and not args.no_progress else "lines"
+        with progress(groups, style=style) as on_group:
+            runner.on_group = on_group
+            runner.run()
+        keys = {(t, n) for t in tasks for n in lengths}
+        mine = [c for c in store if (c["task"], c["length"]) in keys and c["method"] in methods
+                and c["model"] == loaded.name]
+        summary = write_summary(out, mine, command, {"model": loaded.name, "config": {
+            "tasks": tasks, "methods": methods, "lengths": lengths, "depths": depths, "samples": samples,
+            "batch_size": batch_size, "seed": args.seed, "method_options": method_options,
+            "task_options": task_options, "chat": args.chat}})
+        console.print(render_table(summary["rows"], title=f"sparseflash eval: {loaded.name} on {summary['gpu']}"))
+        if not args.no_plots:
+            paths = plot_all(mine, out)
+            console.print("plots: " + ", ".join(str(p) for p in paths))
+        console.print(f"summary: {out / 'summary.json'}")
+    except KeyboardInterrupt:
+        if store is not None:
+            saved = len(store)
+        else:
+            saved = len(read_cases(out)) if out is not None and (out / CASES).is_file() else 0
+        where = f"in {out / CASES}" if out is not None else "(stopped before the results folder was opened)"
+        print(f"\ninterrupted: {saved} case{'s' if saved != 1 else ''} saved {where}; the same command resumes "
+              f"(finished cases are skipped):\n  {command}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
 
-    from sparseflash.eval.plots import plot_all
+    from sparseflash.eval.plots import check_cases, plot_all
     from sparseflash.eval.results import read_cases
     from sparseflash.eval.summary import render_table, summarize
 
     try:
         cases = read_cases(args.results)
+        check_cases(cases)
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"results: {err}") from None
+        raise UsageError(f"results: {str(err).removeprefix('results: ')}") from None
     out = Path(args.out) if args.out else (Path(args.results) if Path(args.results).is_dir()
                                             else Path(args.results).parent)
+    _check_out_dir(out)
     console = _console()
     console.print(render_table(summarize(cases)))
     for p in plot_all(cases, out):
@@ -309,16 +477,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sparseflash.eval import bench
     from sparseflash.eval.summary import environment
 
+    _check_device(args.device)
     method_options = parse_method_options(args.method_option)
     methods = _check_methods(args.methods, method_options)
     kind = _device_kind(args.device)
     lengths = parse_lengths(args.lengths or ("4096,16384,65536" if kind == "cuda" else "512,1024"))
+    try:
+        bench.check_bench_args(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim,
+                               repeats=args.repeats, names=_BENCH_FLAGS)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    _check_out_dir(Path(args.out) if args.out else Path("results"))
     if args.part in ("e2e", "both"):
         _check_model(args.model)
     env = environment()
     out = Path(args.out or f"results/bench_{_sanitize(env['gpu'])}")
     out.mkdir(parents=True, exist_ok=True)
-    command = args.command_line or "sparseflash " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command(args)
     device = torch.device("cuda" if kind == "cuda" else "cpu")
     console = _console()
     written = []
@@ -337,6 +512,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from sparseflash.eval.model import load_model
 
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        num_layers = getattr(loaded.model.config, "num_hidden_layers", None)
+        if isinstance(num_layers, int):
+            for m in methods:
+                _check_option_values(m, method_options.get(m, {}), num_layers, loaded.name)
         rows = bench.e2e_rows(loaded, methods, lengths, method_options=method_options, repeats=args.repeats)
         path = out / f"e2e_prefill_{_sanitize(loaded.name)}_{_sanitize(env['gpu'])}.json"
         path.write_text(json.dumps({"benchmark": "e2e_prefill", **env, "command": command, "rows": rows}, indent=1))
@@ -347,6 +526,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in written:
         console.print(str(p))
     return 0
+
+
+_BENCH_FLAGS = {"heads_q": "--heads-q", "heads_kv": "--heads-kv", "head_dim": "--head-dim", "repeats": "--repeats"}
 
 
 def _print_rows(console: Any, table_cls: Any, title: str, rows: list[dict[str, Any]], cols: tuple[str, ...]) -> None:
@@ -395,6 +577,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--method: expected one of {sorted(CALIBRATED)}, got {args.method!r}")
     if not 0 < args.target_recall < 1:
         raise UsageError(f"--target-recall: expected a float in (0, 1), got {args.target_recall}")
+    _check_device(args.device)
     kind = _device_kind(args.device)
     length = _parse_length(args.length) if args.length is not None else DEFAULT_LENGTH[kind]
     if args.iterations < 1:
@@ -554,9 +737,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sparseflash`` program; returns the exit code (2 for bad input)."""
+    """Entry point of the ``sparseflash`` program; returns the exit code (2 for bad input, 130 for an eval stopped
+    by Ctrl-C)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what resumes an interrupted eval
     try:
         return int(args.func(args) or 0)
     except UsageError as err:

@@ -249,3 +249,98 @@ def test_prefetching_sparse_loop_matches_reference(gen, monkeypatch):
     out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
     ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+# ------------------------------------------------------------------------------- NaN, the torch path
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_dropped_blocks_and_padding_are_never_read(gen, backend):
+    """NaN/inf in K/V of blocks the layout drops and of padded tokens never reach the output."""
+    q, k, v = randn(gen, 2, 4, 96, 32), randn(gen, 2, 2, 96, 32), randn(gen, 2, 2, 96, 32)
+    keep = causal_block_mask(96, 96, (16, 16)).clone()[None, None].repeat(2, 2, 1, 1)
+    keep[..., 2] = False  # key block 2 (keys 32..47) dropped everywhere
+    keep[1, 0, :, 4] = False  # key block 4 dropped by KV head 0 of sequence 1
+    keep[0, 1, 5, :3] = False
+    layout = sf.BlockLayout.from_dense(keep, seq_len_q=96, seq_len_k=96, block_size=16)
+    seq_lens = torch.tensor([96, 75], dtype=torch.int32)
+    ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout, seq_lens=seq_lens)
+    kp, vp = k.clone(), v.clone()
+    for t in (kp, vp):
+        t[:, :, 32:48] = float("nan")
+        t[1, 0, 64:80] = float("inf")
+        t[1, :, 75:] = float("nan")  # padding of sequence 1
+    out, lse = sf.block_sparse_attention(q, kp, vp, layout, seq_lens=seq_lens, return_lse=True, backend=backend)
+    assert torch.isfinite(out).all()
+    assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES + [(2, 4, 4, 100, 100, 16, 2, 4, 0.3)],
+                         ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-d{}".format(*c))
+def test_torch_path_matches_reference(gen, case, dtype):
+    batch, hq, hkv, sq, sk, block, lb, lh, density = case
+    q, k, v = randn(gen, batch, hq, sq, 32, dtype=dtype), *(randn(gen, batch, hkv, sk, 32, dtype=dtype)
+                                                              for _ in range(2))
+    layout = _layout(gen, lb, lh, sq, sk, block, density, empty_row=1)
+    for causal in (True, False):
+        out, lse = sf.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend="torch")
+        ref_out, ref_lse = sf.attention_reference(q, k, v, causal=causal, layout=layout)
+        assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+    if sq == sk:
+        seq_lens = torch.tensor([sq // 2 + 1] * batch, dtype=torch.int32)
+        for side in ("left", "right"):
+            out = sf.block_sparse_attention(q, k, v, layout, seq_lens=seq_lens, padding_side=side, backend="torch")
+            ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout, seq_lens=seq_lens, padding_side=side)
+            assert_attention_close(out, None, ref_out, ref_lse, dtype)
+
+
+def test_torch_path_computes_kept_blocks_only(gen, monkeypatch):
+    """The CPU path gathers each query block's kept key blocks: no Sq x Sk score tensor is formed."""
+    import sparseflash.ops.reference as reference
+
+    widths = []
+    real = reference.masked_attention
+    monkeypatch.setattr(reference, "masked_attention", lambda q, k, *a, **kw: widths.append(k.shape[2]) or
+                        real(q, k, *a, **kw))
+    q, k, v = randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32)
+    keep = torch.eye(16, dtype=torch.bool)[None, None].clone()
+    keep[..., 0] = True  # a sink and the diagonal: 2 blocks of 32 per row
+    layout = sf.BlockLayout.from_dense(keep, seq_len_q=512, seq_len_k=512, block_size=32)
+    out = sf.block_sparse_attention(q, k, v, layout, backend="torch")
+    assert widths and max(widths) <= 2 * 32
+    assert_attention_close(out, None, *sf.attention_reference(q, k, v, layout=layout), torch.float16)
+
+
+def test_torch_path_is_differentiable(gen):
+    q, k, v = (randn(gen, 1, 4, 48, 16, dtype=torch.float32), randn(gen, 1, 2, 48, 16, dtype=torch.float32),
+               randn(gen, 1, 2, 48, 16, dtype=torch.float32))
+    layout = _layout(gen, 1, 2, 48, 48, 16, 0.7)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = sf.block_sparse_attention(*leaves, layout, backend="torch")
+    out.square().sum().backward()
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    sf.attention_reference(*ref_leaves, layout=layout)[0].square().sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no backward"):
+        sf.block_sparse_attention(*leaves, layout, backend="triton" if not torch.cuda.is_available() else "auto")
+
+
+def test_layout_argument_errors(gen):
+    """Errors name the argument, what was expected and what came."""
+    layout = _layout(gen, 1, 2, 64, 64, 32, 0.5)
+    q3 = randn(gen, 2, 64, 32)
+    with pytest.raises(ValueError, match=r"q: expected a 4-D tensor.*got 3-D"):
+        layout.validate(q3, q3)
+    with pytest.raises(ValueError, match=r"k: expected a 4-D tensor.*got 3-D"):
+        layout.validate(q3[None], q3)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=rf"num_heads: expected a positive int.*got {bad}"):
+            layout.to_flex(num_heads=bad)
+    with pytest.raises(TypeError, match=r"num_heads: expected a positive int.*got '4'"):
+        layout.to_flex(num_heads="4")
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"capacity: expected a positive int.*got 2.5"):
+        sf.BlockLayout.from_dense(mask, capacity=2.5)
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=rf"capacity: expected a positive int.*got {bad}"):
+            sf.BlockLayout.from_dense(mask, capacity=bad)

@@ -242,7 +242,14 @@ def test_bad_inputs(gen):
                                                     **kw})
     _raises(ValueError, call(cache_seqlens=torch.tensor([65, 1], dtype=torch.int32)), "cache_seqlens", "65")
     _raises(ValueError, call(cache_seqlens=torch.tensor([-1, 1], dtype=torch.int32)), "cache_seqlens")
-    _raises(TypeError, call(cache_seqlens=lengths.long()), "cache_seqlens", "int64")
+    _raises(TypeError, call(cache_seqlens=lengths.float()), "cache_seqlens", "float32")
+    _raises(TypeError, call(cache_seqlens=[64.0, 10]), "cache_seqlens", "float")
+    _raises(TypeError, call(cache_seqlens=[64, True]), "cache_seqlens", "bool")
+    _raises(TypeError, call(cache_seqlens="64"), "cache_seqlens", "str")
+    _raises(ValueError, call(cache_seqlens=[64, -1]), "cache_seqlens", "-1")
+    _raises(ValueError, call(cache_seqlens=[65, 1], check_values=False), "cache_seqlens", "65")
+    _raises(ValueError, call(cache_seqlens=[64]), "cache_seqlens", "(2,)")
+    _raises(ValueError, call(cache_seqlens=lengths.long() + 2**32), "cache_seqlens", str(64 + 2**32))
     _raises(ValueError, call(cache_seqlens=lengths[:1]), "cache_seqlens", "(2,)")
     _raises(TypeError, call(q=q.double()), "q", "float64")
     _raises(TypeError, call(k_cache=k.float()), "k_cache", "float32")
@@ -298,3 +305,61 @@ def test_bad_sparse_inputs(gen):
     twice[1, 1, 1] = (twice[1, 1, 0] + 1) % 4
     if twice[1, 1, 1] not in twice[1, 1, 2:].tolist():
         call(kv_block_indices=twice)()
+
+
+# ----------------------------------------------------------------------------- cache_seqlens, NaN, grad
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_cache_seqlens_as_int64_or_list(gen, backend):
+    """transformers holds lengths as int64 tensors or Python ints: both are converted to int32."""
+    q, k, v = _cache(gen, 2, 4, 2, 1, 32, 40, torch.float16)
+    want = decode_attention(q, k, v, torch.tensor([40, 9], dtype=torch.int32), backend=backend)
+    for lengths in (torch.tensor([40, 9]), [40, 9], (40, 9)):
+        for check_values in (True, False):
+            got = decode_attention(q, k, v, lengths, check_values=check_values, backend=backend)
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_nan_outside_the_attended_keys_does_not_leak(gen, backend, sparse):
+    """NaN/inf past cache_seqlens, in blocks not read, and in keys of later new tokens stay out of each row."""
+    batch, hq, hkv, sq, d, s_max, block = 2, 8, 2, 3, 32, 96, 16
+    q, k, v = _cache(gen, batch, hq, hkv, sq, d, s_max, torch.float16)
+    lengths = torch.tensor([70, 96], dtype=torch.int32)
+    kwargs = {}
+    if sparse:  # KV head 0 lists blocks 0 and 2, KV head 1 block 1; the tail blocks are read anyway
+        ids = torch.tensor([[[0, 2, 5], [1, 0, 0]]] * batch, dtype=torch.int32)
+        counts = torch.tensor([[2, 1]] * batch, dtype=torch.int32)
+        kwargs = dict(kv_block_indices=ids, kv_block_counts=counts, block_size=block)
+    ref_out, ref_lse = decode_reference(q, k, v, lengths, **kwargs)
+    kp, vp = k.clone(), v.clone()
+    for t in (kp, vp):
+        t[0, :, 70:] = float("nan")  # past the length of sequence 0
+        t[0, :, 70] = float("inf")
+        if sparse:
+            t[:, 0, 16:32] = float("nan")  # block 1: not listed for KV head 0
+            t[:, 1, 0:16] = float("nan")  # block 0: not listed for KV head 1
+    out, lse = decode_attention(q, kp, vp, lengths, return_lse=True, backend=backend, **kwargs)
+    assert torch.isfinite(out).all()
+    _check(out, lse, (ref_out, ref_lse), torch.float16)
+    # the last new token's key: only that token (row 2) sees it
+    for t in (kp, vp):
+        t.copy_(k if t is kp else v)
+    vp[1, :, 95] = float("nan")
+    out = decode_attention(q, k, vp, lengths, backend=backend, **kwargs)
+    assert torch.isfinite(out[1, :, :2]).all() and torch.isnan(out[1, :, 2]).all()
+    _check(out[1:, :, :2], None, (ref_out[1:, :, :2], ref_lse[1:, :, :2]), torch.float16)
+
+
+def test_torch_backend_is_differentiable_and_triton_refuses_grad(gen):
+    q, k, v = _cache(gen, 2, 4, 2, 2, 16, 20, torch.float32)
+    lengths = torch.tensor([20, 7], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    decode_attention(*leaves, lengths, backend="torch").square().sum().backward()
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    decode_reference(*ref_leaves, lengths)[0].square().sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-4)
+    half = [t.half().requires_grad_(True) for t in (q, k, v)]
+    with pytest.raises(ValueError, match="no backward"):
+        decode_attention(*half, lengths, backend="triton" if not torch.cuda.is_available() else "auto")

@@ -142,3 +142,135 @@ def test_bad_options_raise(gen):
     if not HAS_GPU:
         with pytest.raises(TypeError, match="float16 or bfloat16 for the Triton kernel"):
             sf.flash_attention(q.float(), k.float(), v.float(), backend="triton")
+
+
+# ------------------------------------------------------------------------------- NaN never leaks in
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _poison(t, where):
+    """A copy of ``t`` with NaN at the key positions ``where`` (a bool (B, S) or (S,) mask), inf at the first."""
+    t = t.clone()
+    where = where.expand(t.shape[0], t.shape[2])
+    t.masked_fill_(where[:, None, :, None], float("nan"))
+    first = where.nonzero()[0] if where.any() else None
+    if first is not None:
+        t[first[0], :, first[1]] = float("inf")
+    return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_nan_in_padding_does_not_leak(gen, backend, padding_side):
+    """NaN/inf in padded K/V (and padded query rows) never reach a valid row; padded rows are 0."""
+    q, k, v = _qkv(gen, (2, 4, 2, 70, 70, 64), torch.float16)
+    seq_lens = torch.tensor([40, 70], dtype=torch.int32)
+    pos = torch.arange(70)
+    pad = pos >= 40 if padding_side == "right" else pos < 30
+    pad = torch.stack([pad, torch.zeros_like(pad)])  # sequence 1 has no padding
+    ref_out, ref_lse = sf.attention_reference(q, k, v, seq_lens=seq_lens, padding_side=padding_side)
+    qp, kp, vp = _poison(q, pad), _poison(k, pad), _poison(v, pad)
+    for lse_wanted in (True, False):
+        res = sf.flash_attention(qp, kp, vp, seq_lens=seq_lens, padding_side=padding_side, return_lse=lse_wanted,
+                                 backend=backend)
+        out, lse = res if lse_wanted else (res, None)
+        assert torch.isfinite(out).all()
+        assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq,sk", [(70, 70), (40, 90), (90, 40)])
+def test_nan_in_future_keys_does_not_leak(gen, backend, sq, sk):
+    """Causal: a NaN key/value at position j poisons exactly the rows that see j (bottom-right aligned)."""
+    q, k, v = _qkv(gen, (1, 4, 2, sq, sk, 64), torch.float16)
+    j = sk - 7
+    bad = torch.arange(sk) == j
+    kp, vp = _poison(k, bad), _poison(v, bad)
+    sees_j = torch.arange(sq) + sk - sq >= j  # rows whose causal horizon reaches j
+    clean = ~sees_j
+    for kk, vv in ((k, vp), (kp, v)):
+        out, lse = sf.flash_attention(q, kk, vv, return_lse=True, backend=backend)
+        ref_out, ref_lse = sf.attention_reference(q, k, v)
+        assert torch.isfinite(out[:, :, clean]).all(), "NaN reached rows that do not see the poisoned key"
+        assert_attention_close(out[:, :, clean], lse[:, :, clean], ref_out[:, :, clean], ref_lse[:, :, clean],
+                               torch.float16)
+        assert torch.isnan(out[:, :, sees_j]).all(), "rows attending a NaN value must not hide it"
+
+
+# --------------------------------------------------------------------------------------- the torch path
+@pytest.mark.parametrize("seq_lens", [None, [37, 60]], ids=["dense", "padded"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 60, 60, 64), (2, 8, 1, 20, 60, 32), (2, 4, 4, 60, 25, 16)],
+                         ids=["gqa", "mqa-sq<sk", "sq>sk"])
+def test_torch_path_without_lse_matches_reference(gen, shape, causal, seq_lens):
+    """The SDPA fast path (no lse wanted) and its fallbacks agree with the reference."""
+    if seq_lens is not None and shape[3] != shape[4]:
+        pytest.skip("seq_lens needs Sq == Sk")
+    lens = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = _qkv(gen, shape, dtype)
+        for side in ("right", "left"):
+            out = sf.flash_attention(q, k, v, causal=causal, seq_lens=lens, padding_side=side, backend="torch")
+            ref_out, ref_lse = sf.attention_reference(q, k, v, causal=causal, seq_lens=lens, padding_side=side)
+            assert out.dtype == dtype
+            assert_attention_close(out, None, ref_out, ref_lse, dtype)
+            assert torch.all(out[~torch.isfinite(ref_lse)] == 0)
+
+
+def test_torch_path_uses_sdpa(gen, monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(gen, (1, 4, 2, 64, 64, 32), torch.float32)
+    sf.flash_attention(q, k, v)
+    sf.flash_attention(q, k, v, seq_lens=torch.tensor([30], dtype=torch.int32), padding_side="left")
+    assert len(calls) == 2
+
+
+def _grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (out.double() * weight).sum().backward()
+    return [t.grad.double() for t in leaves]
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["sdpa", "chunked"])
+@pytest.mark.parametrize("kwargs", [{}, {"causal": False}, {"seq_lens": [9, 16], "padding_side": "left"}],
+                         ids=["causal", "full", "padded"])
+def test_torch_path_is_differentiable(gen, kwargs, return_lse):
+    """backend='torch' keeps autograd: gradients match the float64 reference's."""
+    kwargs = dict(kwargs)
+    if "seq_lens" in kwargs:
+        kwargs["seq_lens"] = torch.tensor(kwargs["seq_lens"], dtype=torch.int32)
+    q, k, v = _qkv(gen, (2, 4, 2, 16, 16, 16), torch.float32)
+
+    def ours(q, k, v):
+        res = sf.flash_attention(q, k, v, return_lse=return_lse, backend="torch", **kwargs)
+        return res[0] + res[1].clamp_min(-5)[..., None] if return_lse else res
+
+    def ref(q, k, v):
+        out, lse = sf.attention_reference(q, k, v, **kwargs)
+        return out + lse.clamp_min(-5)[..., None] if return_lse else out
+
+    for got, want in zip(_grads(ours, q, k, v), _grads(ref, q, k, v), strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_triton_refuses_autograd(gen):
+    """The kernels have no backward: a graph-building call fails before launch instead of dropping grads."""
+    q, k, v = _qkv(gen, (1, 2, 2, 16, 16, 16), torch.float16)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="no backward.*torch.no_grad().*backend='torch'"):
+        sf.flash_attention(q, k, v, backend="triton" if not HAS_GPU else "auto")
+    if not HAS_GPU:
+        with torch.no_grad():
+            assert sf.flash_attention(q, k, v, backend="triton").grad_fn is None
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e300, float("nan"), float("inf"), 0.0, -2.0])
+def test_bad_scale_raises_before_work(gen, scale):
+    q, k, v = _good(gen)
+    with pytest.raises(ValueError, match="scale: expected"):
+        sf.flash_attention(q, k, v, scale=scale)

@@ -104,3 +104,20 @@ def test_attention_recall_of_a_permuted_layout_matches_brute_force():
     kept = layout.token_mask(range(1024))
     brute = (probs * kept).sum(-1).mean().item()
     assert sf.attention_recall(q, k, layout) == pytest.approx(brute, abs=1e-5)
+
+
+def test_recall_raises_on_nan_instead_of_reporting_it(gen):
+    """A NaN log-sum-exp (NaN in q or k) is an error, never a recall of 1 (or 0) from rows left out."""
+    q, k = randn(gen, 1, 2, 64, 16, dtype=torch.float32), randn(gen, 1, 2, 64, 16, dtype=torch.float32)
+    layout = BlockLayout.from_dense(causal_block_mask(64, 64, (16, 16))[None, None], seq_len_q=64, seq_len_k=64,
+                                    block_size=(16, 16))
+    bad_q = q.clone()
+    bad_q[0, 0, 5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"q, k: expected .*finite.*got NaN"):
+        attention_recall(bad_q, k, layout)
+    bad_k = k.clone()
+    bad_k[0, 1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"q, k: expected .*finite.*got NaN"):
+        attention_recall(q, bad_k, layout, per_head=True)
+    with pytest.raises(ValueError, match="scale: expected"):
+        attention_recall(q * 100, k, layout, scale=1e37)

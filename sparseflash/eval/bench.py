@@ -36,10 +36,34 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> fl
     return statistics.median(times)
 
 
+def check_bench_args(*, heads_q: object = 1, heads_kv: object = 1, head_dim: object = 64, repeats: object = 1,
+                     names: dict[str, str] | None = None) -> None:
+    """``ValueError`` naming the argument (``names`` maps it to e.g. a command-line flag), what was expected and
+    what was given: ``repeats`` and the head counts ints >= 1, ``heads_q`` a multiple of ``heads_kv`` (GQA),
+    ``head_dim`` one the kernels take (a multiple of 8 in [16, 256])."""
+    from sparseflash._validate import MAX_HEAD_DIM, MIN_HEAD_DIM
+
+    n = {key: key for key in ("heads_q", "heads_kv", "head_dim", "repeats")} | (names or {})
+    for key, value in (("repeats", repeats), ("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{n[key]}: expected an int >= 1, got {value!r}")
+    if heads_q % heads_kv:  # type: ignore[operator]
+        raise ValueError(f"{n['heads_q']}: expected a multiple of {n['heads_kv']}={heads_kv} (query heads per KV "
+                         f"head), got {heads_q}")
+    if head_dim % 8 or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:  # type: ignore[operator]
+        raise ValueError(f"{n['head_dim']}: expected a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
+                         f"got {head_dim}")
+
+
 def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_kv: int, head_dim: int,
                 device: torch.device, dtype: torch.dtype, method_options: dict[str, dict[str, Any]],
                 repeats: int = 5, seed: int = 0) -> list[dict[str, Any]]:
-    """Kernel timing rows on random q/k/v of shape (1, H, S, D), one set per length."""
+    """Kernel timing rows on random q/k/v of shape (1, H, S, D), one set per length.
+
+    Raises:
+        ValueError: see :func:`check_bench_args`.
+    """
+    check_bench_args(heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, repeats=repeats)
     import torch.nn.functional as F
 
     from sparseflash import block_sparse_attention, flash_attention
@@ -73,6 +97,7 @@ def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_k
 def e2e_rows(loaded: Any, methods: list[str], lengths: list[int], *, method_options: dict[str, dict[str, Any]],
              repeats: int = 3) -> list[dict[str, Any]]:
     """End-to-end prefill rows: the model's prompt forward per method and length (KJV prompt, batch 1)."""
+    check_bench_args(repeats=repeats)
     from sparseflash.eval.model import Engine
     from sparseflash.eval.text import load_corpus
 

@@ -58,6 +58,7 @@ DENSE = "dense"
 
 _STATE_ATTR = "_sparseflash_patch"  # on the model: its PatchState
 _LAYER_ATTR = "_sparseflash_layer"  # on each attention module: (PatchState, LayerPlan)
+_CONFIG_ATTR = "_sparseflash_configs"  # on the model: [(module, its original config)] swapped for private copies
 _PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
 _LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
 _PATCH_KEYS = (
@@ -162,21 +163,29 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
     _check_device_dtype(model, state.backend)
     _dry_run(modules, state)
     _register()
+    # the switch writes to the config, which transformers shares between models built from one config object:
+    # the patched model switches a private copy, so the others keep their attention (restored by unpatch)
+    swapped = _own_config(model)
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
-        model.set_attn_implementation(state.previous_attn_implementation)
+        _restore_config(swapped)
         raise NotImplementedError(
             f"model: {type(model).__name__} does not let transformers switch its attention implementation "
             f"(it does not follow the AttentionInterface), so it cannot be patched"
         )
     for idx, module in modules.items():
         setattr(module, _LAYER_ATTR, (state, state.plans[idx]))
+    setattr(model, _CONFIG_ATTR, swapped)
     setattr(model, _STATE_ATTR, state)
     return model
 
 
 def unpatch(model: Any) -> Any:
     """Undo :func:`patch`: the model's previous attention implementation comes back; returns ``model``.
+
+    The model gets its original config object back (:func:`patch` switched a private copy, so that other models
+    built from the same config object were never affected); changes made to ``model.config`` while patched stay
+    with that copy.
 
     Raises:
         ValueError: ``model`` is not patched.
@@ -186,12 +195,43 @@ def unpatch(model: Any) -> Any:
         raise ValueError(
             f"model: expected a model patched by sparseflash.patch, got an unpatched {type(model).__name__}"
         )
-    model.set_attn_implementation(state.previous_attn_implementation or "sdpa")
+    swapped = getattr(model, _CONFIG_ATTR, None)
+    if swapped is not None:
+        _restore_config(swapped)
+        delattr(model, _CONFIG_ATTR)
+    else:  # patched by a version that switched the shared config itself
+        model.set_attn_implementation(state.previous_attn_implementation or "sdpa")
     for module in model.modules():
         if hasattr(module, _LAYER_ATTR):
             delattr(module, _LAYER_ATTR)
     delattr(model, _STATE_ATTR)
     return model
+
+
+def _own_config(model: Any) -> list[tuple[torch.nn.Module, Any]]:
+    """Give ``model`` private copies of its config and sub-configs (every module holding one gets the copy).
+
+    Returns:
+        ``[(module, original config)]`` for :func:`_restore_config`.
+    """
+    import copy
+
+    from transformers import PretrainedConfig
+
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)  # memo: id(original) -> copy, for the config and everything inside it
+    swapped = []
+    for module in model.modules():
+        original = module.__dict__.get("config")
+        if isinstance(original, PretrainedConfig) and id(original) in memo:
+            swapped.append((module, original))
+            module.config = memo[id(original)]
+    return swapped
+
+
+def _restore_config(swapped: list[tuple[torch.nn.Module, Any]]) -> None:
+    for module, original in swapped:
+        module.config = original
 
 
 @contextlib.contextmanager
@@ -328,13 +368,88 @@ def _layer_index(name: str, value: object, num_layers: int) -> int:
     return value % num_layers
 
 
-def _build_state(
-    model: Any, modules: Mapping[int, torch.nn.Module], method: str, options: dict[str, Any], num_layers: int
-) -> PatchState:
-    from sparseflash.patterns import options_of
+def check_patch_options(
+    method: str, options: Mapping[str, Any] | None = None, num_layers: int | None = None
+) -> None:
+    """Check ``patch(model, method, **options)``'s method and options without a model: the checks :func:`patch`
+    runs, plus each pattern's own option checks on a small random CPU input.
 
+    Args:
+        method: ``"dense"`` or a pattern name.
+        options: pattern and patch options, as for :func:`patch`.
+        num_layers: the model's layer count, if known: layer indices (``dense_layers``, ``layer_options``) are
+            checked against it; without it only their types are (range checks need the model).
+
+    Raises:
+        TypeError, ValueError: as :func:`patch` (the message names the option, what was expected and what was
+            given). Checks that need the model (layer index range without ``num_layers``, a calibration file
+            against the model's shape, per-head values against its head count) are left to :func:`patch`.
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options: expected a dict of options, got {type(options).__name__}")
+    opts = dict(options or {})
+    settings = _patch_settings(method, opts)
+    from sparseflash.calibration import pop_calibration
+
+    pop_calibration(method, opts)  # loads and checks the file; its per-layer values are applied by patch
+    global_options = _check_pattern_options(method, opts, method)
+    overrides = _layer_overrides(
+        method, global_options, settings["dense_layers"], settings["layer_options"], num_layers
+    )
+    plans = [(method, global_options, method)] + [(m, o, f"layer_options[{i}]") for i, (m, o) in overrides.items()]
+    if settings["approximate_dropped"] and any(m == "permuted" for m, _, _ in plans):
+        raise ValueError(
+            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), got True"
+        )
+    seen: set[str] = set()
+    for layer_method, layer_opts, where in plans:
+        key = repr((layer_method, sorted(layer_opts.items())))
+        if layer_method != DENSE and key not in seen:
+            seen.add(key)
+            _probe_pattern(layer_method, layer_opts, where)
+
+
+def _probe_pattern(method: str, options: Mapping[str, Any], where: str) -> None:
+    """Run pattern ``method`` with ``options`` once on a small random CPU input (MHA, head_dim 64; as many heads
+    as a per-head list option has values): bad option values raise here, naming the option."""
+    from sparseflash.patterns import get, options_of
+
+    counts = set()
+    for name, value in options.items():
+        if name == "block_size":
+            continue
+        if isinstance(value, list | tuple):
+            counts.add(len(value))
+        elif isinstance(value, torch.Tensor) and value.dim() == 1:
+            counts.add(value.shape[0])
+        elif value is not None and not isinstance(value, bool | int | float | str):
+            return  # an object option (e.g. a calibration object): checked by patch on the model's shapes
+    if len(counts) > 1 or 0 in counts:
+        return  # per-head values of different lengths: only the model's head counts can tell
+    heads = counts.pop() if counts else 2
+    block = options.get("block_size", options_of(method).get("block_size", (128, 128)))
+    sizes = [b for b in (block if isinstance(block, tuple | list) else [block]) if isinstance(b, int)]
+    length = max([256] + [2 * b for b in sizes if 0 < b <= 1024])
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, length, 64, generator=gen)
+    k = torch.randn(1, heads, length, 64, generator=gen)
+    call = dict(options)
+    if "backend" in options_of(method):
+        call["backend"] = "torch"  # the patch option backend= picks the kernels; the probe runs on CPU
+    try:
+        inspect.unwrap(get(method).fn)(q, k, **call)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        cls = TypeError if isinstance(err, TypeError) else ValueError
+        raise cls(str(err) if where == method else f"{where}: {err}") from None
+
+
+def _patch_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Take the patch options out of ``options`` (in place; the pattern's options stay) and check them."""
     _check_method(method)
     dense_layers = options.pop("dense_layers", ())
+    if isinstance(dense_layers, int | str) or not isinstance(dense_layers, Iterable):
+        raise TypeError(f"dense_layers: expected an iterable of layer indices, got {dense_layers!r}")
+    dense_layers = tuple(dense_layers)
     min_sparse_len = _check_int("min_sparse_len", options.pop("min_sparse_len", DEFAULT_MIN_SPARSE_LEN), 0)
     decode = options.pop("decode", "dense")
     if decode not in DECODE_CHOICES:
@@ -350,24 +465,37 @@ def _build_state(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     layer_options = options.pop("layer_options", None) or {}
-    from sparseflash.calibration import apply_calibration, pop_calibration
+    if not isinstance(layer_options, Mapping):
+        raise TypeError(f"layer_options: expected a dict {{layer: method or options}}, got {layer_options!r}")
+    return {"dense_layers": dense_layers, "min_sparse_len": min_sparse_len, "decode": decode,
+            "dense_last_queries": dense_last_queries, "approximate_dropped": approximate_dropped,
+            "backend": backend, "layer_options": layer_options}
 
-    calibration = pop_calibration(method, options)
-    if calibration is not None:  # its per-layer values become layer_options
-        layer_options, dense_layers = apply_calibration(
-            calibration, model, method, layer_options, options, dense_layers, num_layers
-        )
-    global_options = _check_pattern_options(method, options, method)
 
-    if isinstance(dense_layers, int | str) or not isinstance(dense_layers, Iterable):
-        raise TypeError(f"dense_layers: expected an iterable of layer indices, got {dense_layers!r}")
+def _layer_overrides(
+    method: str,
+    global_options: dict[str, Any],
+    dense_layers: Iterable[object],
+    layer_options: Mapping[object, Any],
+    num_layers: int | None,
+) -> dict[int, tuple[str, dict[str, Any]]]:
+    """``{layer: (method, options)}`` from ``dense_layers`` and ``layer_options``, checked. Without
+    ``num_layers`` the layer indices are checked for type only and kept as given."""
+
+    def index(name: str, value: object) -> int:
+        if num_layers is not None:
+            return _layer_index(name, value, num_layers)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected layer indices as ints, got {type(value).__name__} {value!r}")
+        return value
+
     overrides: dict[int, tuple[str, dict[str, Any]]] = {}
     for idx in dense_layers:
-        overrides[_layer_index("dense_layers", idx, num_layers)] = (DENSE, {})
+        overrides[index("dense_layers", idx)] = (DENSE, {})
     if not isinstance(layer_options, Mapping):
         raise TypeError(f"layer_options: expected a dict {{layer: method or options}}, got {layer_options!r}")
     for raw_idx, spec in layer_options.items():
-        idx = _layer_index("layer_options", raw_idx, num_layers)
+        idx = index("layer_options", raw_idx)
         where = f"layer_options[{raw_idx}]"
         if isinstance(spec, str):
             layer_method, layer_opts = spec, {}
@@ -380,6 +508,25 @@ def _build_state(
         if layer_method == method and method != DENSE:
             layer_opts = {**global_options, **layer_opts}
         overrides[idx] = (layer_method, _check_pattern_options(layer_method, layer_opts, where))
+    return overrides
+
+
+def _build_state(
+    model: Any, modules: Mapping[int, torch.nn.Module], method: str, options: dict[str, Any], num_layers: int
+) -> PatchState:
+    from sparseflash.patterns import options_of
+
+    settings = _patch_settings(method, options)
+    dense_layers, layer_options = settings["dense_layers"], settings["layer_options"]
+    from sparseflash.calibration import apply_calibration, pop_calibration
+
+    calibration = pop_calibration(method, options)
+    if calibration is not None:  # its per-layer values become layer_options
+        layer_options, dense_layers = apply_calibration(
+            calibration, model, method, layer_options, options, dense_layers, num_layers
+        )
+    global_options = _check_pattern_options(method, options, method)
+    overrides = _layer_overrides(method, global_options, dense_layers, layer_options, num_layers)
 
     plans: dict[int, LayerPlan] = {}
     for idx in range(num_layers):
@@ -392,6 +539,7 @@ def _build_state(
             pass_scale="scale" in takes and "scale" not in layer_opts,
             pass_backend="backend" in takes and "backend" not in layer_opts,
         )
+    approximate_dropped = settings["approximate_dropped"]
     if approximate_dropped and any(p.method == "permuted" for p in plans.values()):
         raise ValueError(
             "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), got True"
@@ -399,11 +547,11 @@ def _build_state(
     return PatchState(
         method=method,
         options=global_options,
-        min_sparse_len=min_sparse_len,
-        dense_last_queries=dense_last_queries,
+        min_sparse_len=settings["min_sparse_len"],
+        dense_last_queries=settings["dense_last_queries"],
         approximate_dropped=approximate_dropped,
-        decode=decode,
-        backend=backend,
+        decode=settings["decode"],
+        backend=settings["backend"],
         plans=plans,
         previous_attn_implementation=model.config._attn_implementation,
     )

@@ -13,7 +13,10 @@ Semantics shared by every prefill entry point (dense and block-sparse):
 * a block layout keeps key block ``J`` for query block ``I`` (see :class:`sparseflash.BlockLayout`);
 * ``seq_lens`` (B,) marks the valid tokens of a padded batch (``Sq == Sk``): ``[0, len)`` when right-padded,
   ``[S - len, S)`` when left-padded; padded tokens neither attend nor are attended;
-* a query row with no key to attend to gives output 0 and log-sum-exp ``-inf``.
+* a query row with no key to attend to gives output 0 and log-sum-exp ``-inf``;
+* a key or value a row does not attend never reaches that row, whatever it holds: NaN or inf in padding, in
+  keys past a row's causal horizon or in dropped blocks leave it finite. A row that does attend a non-finite
+  value gets NaN (and a NaN lse when the key is non-finite), as the plain formula would give.
 """
 
 from __future__ import annotations
@@ -78,14 +81,33 @@ def _block_args(layout: BlockLayout | None) -> dict:
     return {"blocks": layout.to_dense(), "block_size": layout.block_size}
 
 
+def _group_mask(mask: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tensor:
+    """A mask ``(B or 1, 1 / Hkv / Hq, M or 1, Sk)`` as ``(B or 1, Hkv or 1, G or 1, M or 1, Sk)``."""
+    heads = mask.shape[1]
+    if heads == num_kv_heads * group:
+        return mask.unflatten(1, (num_kv_heads, group))
+    if heads in (1, num_kv_heads):
+        return mask.unsqueeze(2)
+    raise ValueError(f"mask: expected 1, {num_kv_heads} or {num_kv_heads * group} heads, got {heads}")
+
+
+def _split_non_finite(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bad, clean)``: bool (B, H, S) marking key rows holding NaN/inf, and ``t`` with those rows zeroed."""
+    bad = ~torch.isfinite(t).all(-1)
+    return bad, t.masked_fill(bad.unsqueeze(-1), 0.0)
+
+
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention under an explicit mask, in the dtype of the inputs.
 
+    Non-finite keys/values are zeroed before the products (so ``0 * NaN`` never happens and gradients stay
+    finite); the rows that do attend one are set to NaN afterwards (module docstring).
+
     Args:
         q: (B, Hq, M, D). k, v: (B, Hkv, Sk, D), Hq a multiple of Hkv (no K/V copy: heads are grouped).
-        mask: bool, broadcastable to (B, Hq, M, Sk); True = attend.
+        mask: bool (B or 1, 1 / Hkv / Hq, M or 1, Sk); True = attend.
         scale: softmax scale.
 
     Returns:
@@ -95,13 +117,18 @@ def masked_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     qg = q.reshape(batch, num_kv_heads, group, rows, head_dim)
+    mask = _group_mask(mask, num_kv_heads, group)  # (B|1, Hkv|1, G|1, M|1, Sk)
+    k_bad, k = _split_non_finite(k)
+    v_bad, v = _split_non_finite(v)
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, M, Sk)
-    mask = mask.expand(mask.shape[0], num_heads, rows, k.shape[2])
-    mask = mask.reshape(mask.shape[0], num_kv_heads, group, rows, k.shape[2])
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
     out = torch.matmul(probs, v.unsqueeze(2))
+    k_hit = (mask & k_bad[:, :, None, None, :]).any(-1)  # rows attending a non-finite key / value
+    v_hit = (mask & v_bad[:, :, None, None, :]).any(-1)
+    lse = lse.masked_fill(k_hit, float("nan"))
+    out = out.masked_fill((k_hit | v_hit).unsqueeze(-1), float("nan"))
     return out.reshape(batch, num_heads, rows, head_dim), lse.reshape(batch, num_heads, rows)
 
 
@@ -136,27 +163,25 @@ def attention_torch(
     *,
     causal: bool,
     scale: float,
-    layout: BlockLayout | None = None,
     seq_lens: torch.Tensor | None = None,
     padding_side: str = "right",
     chunk_rows: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path (CPU): float32 math, queries in chunks so memory stays O(chunk x Sk).
+    """Dense attention in float32, queries in chunks so memory stays O(chunk x Sk); differentiable.
 
-    Returns out (B, Hq, Sq, D) in q's dtype and lse (B, Hq, Sq) float32.
+    The PyTorch path's general case (it gives the lse; :func:`sparseflash.flash_attention` takes SDPA when
+    the lse is not wanted). Returns out (B, Hq, Sq, D) in q's dtype and lse (B, Hq, Sq) float32.
     """
     seq_len_q, seq_len_k = q.shape[2], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     k32, v32 = k.float(), v.float()
-    block_args = _block_args(layout)
+    outs, lses = [], []
     for start in range(0, seq_len_q, chunk_rows):
         rows = range(start, min(start + chunk_rows, seq_len_q))
         mask = token_mask(
-            rows, seq_len_q, seq_len_k, num_heads=q.shape[1], causal=causal, **block_args,
-            seq_lens=seq_lens, padding_side=padding_side, device=q.device,
+            rows, seq_len_q, seq_len_k, num_heads=q.shape[1], causal=causal, seq_lens=seq_lens,
+            padding_side=padding_side, device=q.device,
         )
         o, l = masked_attention(q[:, :, rows.start : rows.stop].float(), k32, v32, mask, scale)
-        out[:, :, rows.start : rows.stop] = o.to(q.dtype)
-        lse[:, :, rows.start : rows.stop] = l
-    return out, lse
+        outs.append(o.to(q.dtype))
+        lses.append(l)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -162,6 +162,35 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
     return value
 
 
+BACKEND_CHOICES = ("auto", "triton", "torch")
+
+
+def check_scale(name: str, scale: object) -> float | None:
+    """A pattern's ``scale`` option: None (``1 / sqrt(head_dim)``) or a finite float > 0.
+
+    Raises:
+        TypeError: not a real number (or a bool).
+        ValueError: NaN, infinite, zero or negative.
+    """
+    import math
+    import numbers
+
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name}: scale: expected a finite float > 0 or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: scale: expected a finite float > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+def check_backend_option(name: str, backend: object) -> str:
+    """A pattern's ``backend`` option: one of :data:`BACKEND_CHOICES`."""
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"{name}: backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend
+
+
 def resolve_threshold(
     name: str, threshold: object, target_recall: object, default: float
 ) -> float:

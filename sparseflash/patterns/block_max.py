@@ -163,6 +163,8 @@ def block_max(
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("block_max", q, k)
     bs = C.check_block_size("block_max", block_size)
     C.check_causal("block_max", causal, causal_only=True)
+    scale = C.check_scale("block_max", scale)
+    C.check_backend_option("block_max", backend)
     C.layout_heads("block_max", heads, num_heads, num_kv_heads)
     given = [n for n, v in (("calibration", calibration), ("threshold", threshold), ("top_k", top_k)) if v is not None]
     if len(given) > 1:

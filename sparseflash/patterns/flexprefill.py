@@ -143,6 +143,8 @@ def flexprefill(
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = _common.check_qk(name, q, k)
     _common.check_causal(name, causal, causal_only=True)
     block_size = _common.check_block_size(name, block_size, square=True)
+    scale = _common.check_scale(name, scale)
+    _common.check_backend_option(name, backend)
     if gamma is not None and target_recall is not None:
         raise ValueError(f"{name}: expected gamma or target_recall, not both; got {gamma!r} and {target_recall!r}")
     if target_recall is not None:

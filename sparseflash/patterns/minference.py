@@ -180,6 +180,8 @@ def vertical_slash(
     _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = _common.check_qk(name, q, k)
     _common.check_causal(name, causal, causal_only=True)
     block_size = _common.check_block_size(name, block_size)
+    scale = _common.check_scale(name, scale)
+    _common.check_backend_option(name, backend)
     for option, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size),
                           ("local_diagonals", local_diagonals)):
         _common.check_positive_int(f"{name}: {option}", value)

@@ -55,6 +55,8 @@ def oracle(
     _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("oracle", q, k)
     bs = C.check_block_size("oracle", block_size)
     C.check_causal("oracle", causal)
+    scale = C.check_scale("oracle", scale)
+    C.check_backend_option("oracle", backend)
     C.layout_heads("oracle", heads, num_heads, num_kv_heads)
     if density is not None and target_recall is not None:
         raise ValueError(f"oracle: expected density or target_recall, not both; got {density!r} and "

@@ -263,6 +263,8 @@ def permuted(
     batch, num_heads, num_kv_heads, seq_len, seq_len_k, head_dim = _common.check_qk(name, q, k)
     _common.check_causal(name, causal, causal_only=True)
     block_size = _common.check_block_size(name, block_size, square=True)
+    scale = _common.check_scale(name, scale)
+    _common.check_backend_option(name, backend)
     block = block_size[0]
     if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < block \
             or segment_size % block:

@@ -279,6 +279,8 @@ def xattention(
     stride = C.check_stride("xattention: stride", stride, STRIDES)
     bs = C.check_block_size("xattention", block_size, square=True, multiple_of=stride)
     C.check_causal("xattention", causal)
+    scale = C.check_scale("xattention", scale)
+    C.check_backend_option("xattention", backend)
     C.layout_heads("xattention", heads, num_heads, num_kv_heads)
     if isinstance(threshold, (list, tuple, torch.Tensor)):
         if target_recall is not None:
