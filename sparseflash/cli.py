@@ -189,7 +189,8 @@ def _check_option_values(method: str, options: dict[str, Any], num_layers: int |
     except (ValueError, TypeError) as err:
         after = "" if num_layers is None else (f" (checked after loading the model: {model_name} has "
                                                f"{num_layers} layers)")
-        raise UsageError(f"--method-option: {method}: {err}{after}") from None
+        msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
+        raise UsageError(f"--method-option: {msg}{after}") from None
 
 
 def _check_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
@@ -270,17 +271,18 @@ def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float]
 
         tokenizer = byte_tokenizer()
     fmt = fmt or plain_format
+    needs: dict[str, int] = {}
     for name in tasks:
         task = get_task(name)
         opts = {k: v for k, v in task_options.items() if k in task.options}
         points = [(d, i) for d in (depths if task.uses_depth else [None]) for i in range(samples)]
 
-        def fits(n: int) -> str | None:
+        def fits(n: int, task: Any = task, opts: dict[str, Any] = opts, points: list[Any] = points) -> str | None:
             try:
                 for d, i in points:
-                    task.build(tokenizer, n, d, case_seed(seed, name, shortest, d, i), fmt, **opts)
-            except ValueError as err:
-                return str(err)
+                    task.build(tokenizer, n, d, case_seed(seed, task.name, shortest, d, i), fmt, **opts)
+            except ValueError as exc:
+                return str(exc)
             return None
 
         err = fits(shortest)
@@ -292,10 +294,13 @@ def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float]
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if fits(mid) is None else (mid, hi)
-        how = ("with this model's tokenizer and prompt format (checked after loading the model)" if after_load
-               else "with a one-token-per-byte tokenizer, the most any byte-level tokenizer needs")
-        raise UsageError(f"--lengths: expected lengths >= {hi} tokens: task {name}'s instructions, needles and "
-                         f"answer budget need that many {how}; got {shortest}")
+        needs[name] = hi
+    if needs:
+        name = max(needs, key=needs.__getitem__)
+        how = ("with this model's tokenizer and prompt format; checked after loading the model" if after_load
+               else "counted one token per byte, the most a byte-level tokenizer needs")
+        raise UsageError(f"--lengths: expected lengths >= {needs[name]} tokens (task {name}'s instructions, needles "
+                         f"and answer budget need that many, {how}), got {shortest}")
 
 
 def _command(args: argparse.Namespace) -> str:

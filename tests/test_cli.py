@@ -130,3 +130,56 @@ def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "sparseflash", "eval", "--tasks", "nope"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
+
+
+def test_ctrl_c_during_eval_reports_and_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after 2 cases: no traceback, the count of saved cases and the command that resumes, exit 130."""
+    from sparseflash.eval.runner import Runner
+
+    out = tmp_path / "run"
+    argv = ["eval", "--model", "tiny-random", "--device", "cpu", "--methods", TEST_METHOD, "--tasks", "passkey",
+            "--lengths", "512", "--depths", "0,100", "--out", str(out), "--no-progress", "--no-plots"]
+    original = Runner._run_unit
+    done = []
+
+    def interrupted_after_two(self, unit):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        cases = original(self, unit)
+        done.extend(cases)
+        return cases
+
+    monkeypatch.setattr(Runner, "_run_unit", interrupted_after_two)
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert f"interrupted: 2 cases saved in {out / 'cases.jsonl'}" in captured.err
+    resume = captured.err.strip().splitlines()[-1].strip()
+    assert resume == "sparseflash " + " ".join(argv)
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(Runner, "_run_unit", original)
+    assert main(resume.split()[1:]) == 0  # the printed command resumes
+    assert "(2 cases stored, 2 to run" in capsys.readouterr().out
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_exit_code_through_python_dash_m(tmp_path):
+    """The real process, sent SIGINT once the grid starts, exits 130 without a traceback."""
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sparseflash", "eval", "--model", "tiny-random", "--device", "cpu",
+                             "--methods", "dense", "--tasks", "passkey", "--lengths", "1024", "--depths", "0,50,100",
+                             "--samples", "4", "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # wait until the grid starts
+        if line.startswith("results:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr
+    assert stderr.strip().splitlines()[-1].strip().startswith("sparseflash eval --model tiny-random")

@@ -388,8 +388,11 @@ def test_patched_context_unpatches_on_error(gen):
 @torch.no_grad()
 def prefill_and_step(model, ids):
     """Logits of the prompt's last token and of one decode step after it (KV cache), stacked (2, vocab)."""
+    from sparseflash.eval.model import cache_argument, returned_cache
+
     out = model(ids[:, :-1], use_cache=True)
-    step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    # the cache under the name this transformers takes: `cache` (>= 5.2x), `past_key_values` (5.17)
+    step = model(ids[:, -1:], **{cache_argument(model): returned_cache(out)}, use_cache=True)
     return torch.stack([out.logits[0, -1], step.logits[0, -1]]).float()
 
 
@@ -694,3 +697,100 @@ def test_permuted_method_runs_pbs_path_inside_the_model(gen):
         out = logits(model, ids)
     assert rel_err(out, ref) < 1e-5
     assert rel_err(out, dense) > 1e-4  # the layout really is sparse
+
+
+# ------------------------------------------------------------------ configs shared between models
+def _two_models_one_config(seed_a: int = 0, seed_b: int = 1):
+    """Two tiny Llamas built from one config object (transformers then shares it between them)."""
+    cfg = tiny_model("llama").config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_a)
+        a = transformers.LlamaForCausalLM(cfg).eval()
+        torch.manual_seed(seed_b)
+        b = transformers.LlamaForCausalLM(cfg).eval()
+    assert a.config is b.config is cfg
+    return cfg, a, b
+
+
+def test_patch_leaves_models_sharing_the_config_alone(gen):
+    """patch() switches a private copy of the config: a second model built from the same config object keeps
+    running its own attention, and unpatch gives the patched model the original object back."""
+    cfg, a, b = _two_models_one_config()
+    ids = ids_for(gen, 1, 40)
+    ref_a, ref_b = logits(a, ids), logits(b, ids)
+    patch(a, "dense")
+    assert a.config is not cfg and a.config._attn_implementation == hf.ATTN_NAME
+    assert cfg._attn_implementation == "sdpa" and b.config is cfg
+    assert rel_err(logits(b, ids), ref_b) == 0  # runs, unpatched (sdpa)
+    assert rel_err(logits(a, ids), ref_a) < 1e-5 and patch_state(a).calls["dense"] == 2
+    unpatch(a)
+    assert a.config is cfg and cfg._attn_implementation == "sdpa"
+    assert all(m.config is cfg for m in a.modules() if hasattr(m, "config"))
+    assert torch.equal(logits(a, ids), ref_a) and torch.equal(logits(b, ids), ref_b)
+
+
+def test_patch_two_models_sharing_the_config_and_unpatch_in_any_order(gen):
+    cfg, a, b = _two_models_one_config()
+    ids = ids_for(gen, 1, 40)
+    ref_a, ref_b = logits(a, ids), logits(b, ids)
+    patch(a, "dense")
+    patch(b, "streaming", min_sparse_len=0, dense_last_queries=0, **FULL)  # density 1.0: equals sdpa
+    unpatch(a)  # b stays patched
+    assert hf.is_patched(b) and b.config._attn_implementation == hf.ATTN_NAME
+    assert rel_err(logits(b, ids), ref_b) < 1e-5 and patch_state(b).calls["sparse"] == 2
+    assert torch.equal(logits(a, ids), ref_a)
+    unpatch(b)  # nothing left switched: the shared config was never written
+    assert cfg._attn_implementation == "sdpa" and a.config is b.config is cfg
+    assert torch.equal(logits(a, ids), ref_a) and torch.equal(logits(b, ids), ref_b)
+
+
+def test_patch_refused_by_the_model_restores_the_config(monkeypatch):
+    cfg, a, _ = _two_models_one_config()
+    monkeypatch.setattr(type(a), "set_attn_implementation", lambda self, name: None)  # ignores the switch
+    with pytest.raises(NotImplementedError, match="does not let transformers switch"):
+        patch(a, "dense")
+    assert a.config is cfg and not hf.is_patched(a)
+
+
+# ------------------------------------------------------------------ option checks
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0])
+def test_pattern_scale_is_checked_at_patch_time(value):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"xattention: scale: expected a finite float > 0 or None"):
+        patch(model, "xattention", scale=value)
+    assert not hf.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("method,options,error,message", [
+    ("xattention", {"threshold": "abc"}, ValueError, r"xattention: threshold: expected a float in \(0, 1\], got 'abc'"),
+    ("xattention", {"threshold": 1.5}, ValueError, r"threshold: expected a float in \(0, 1\], got 1.5"),
+    ("xattention", {"scale": float("nan")}, ValueError, r"xattention: scale: expected a finite float > 0"),
+    ("flexprefill", {"scale": float("inf")}, ValueError, r"flexprefill: scale: expected a finite float > 0"),
+    ("xattention", {"block_size": 48}, ValueError, r"block_size: expected .*got \(48, 48\)"),
+    ("xattention", {"min_sparse_len": -5}, ValueError, r"min_sparse_len: expected an int >= 0, got -5"),
+    ("xattention", {"dense_last_queries": -1}, ValueError, r"dense_last_queries: expected an int >= 0, got -1"),
+    ("xattention", {"approximate_dropped": 3}, TypeError, r"approximate_dropped: expected a bool, got int 3"),
+    ("xattention", {"dense_layers": 7}, TypeError, r"dense_layers: expected an iterable of layer indices, got 7"),
+    ("xattention", {"dense_layers": ["0"]}, TypeError, r"dense_layers: expected layer indices as ints, got str"),
+    ("xattention", {"layer_options": {1: {"threshold": 2}}}, ValueError,
+     r"layer_options\[1\]: xattention: threshold: expected a float in \(0, 1\], got 2"),
+    ("xattention", {"backend": "cuda"}, ValueError, r"backend: expected one of \['auto', 'triton', 'torch'\]"),
+    ("streaming", {"threshold": 0.9}, ValueError, r"streaming: unknown option\(s\) \['threshold'\]"),
+    ("dense", {"threshold": 0.9}, ValueError, r"method 'dense' takes no options"),
+    ("nope", {}, ValueError, r"method: expected one of"),
+    ("permuted", {"approximate_dropped": True}, ValueError, r"approximate_dropped: expected False"),
+])
+def test_check_patch_options_without_a_model(method, options, error, message):
+    with pytest.raises(error, match=message):
+        hf.check_patch_options(method, options)
+
+
+def test_check_patch_options_layer_ranges_need_num_layers():
+    hf.check_patch_options("xattention", {"dense_layers": [7], "layer_options": {9: "dense"}})  # types only
+    with pytest.raises(ValueError, match=r"dense_layers: expected layer indices in \[-2, 2\), got 7"):
+        hf.check_patch_options("xattention", {"dense_layers": [7]}, num_layers=2)
+    with pytest.raises(ValueError, match=r"layer_options: expected layer indices in \[-2, 2\), got 9"):
+        hf.check_patch_options("xattention", {"layer_options": {9: "dense"}}, num_layers=2)
+    # valid options pass, per-head thresholds included (their count is only known from the model)
+    hf.check_patch_options("xattention", {"threshold": [0.9, 0.8, 0.7, 0.6], "dense_layers": [0, -1]}, num_layers=2)
+    hf.check_patch_options("dense", {"backend": "torch", "min_sparse_len": 0})

@@ -113,3 +113,38 @@ def test_common_helpers_reject_bad_values():
         C.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 3)
     with pytest.raises(ValueError, match=r"reduce: expected one of \('union', 'vote'\), got 'max'"):
         C.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 2, reduce="max")
+
+
+SCALED = [n for n in patterns.available() if "scale" in patterns.options_of(n)]
+WITH_BACKEND = [n for n in patterns.available() if "backend" in patterns.options_of(n)]
+
+
+def test_the_scaled_and_backend_patterns_are_found():
+    assert {"xattention", "flexprefill", "vertical_slash", "oracle", "permuted", "block_max"} <= set(SCALED)
+    assert "flexprefill" in WITH_BACKEND
+
+
+@pytest.mark.parametrize("name", SCALED)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0, 0.0, -0.125])
+def test_scale_must_be_finite_and_positive(name, value):
+    with pytest.raises(ValueError, match=rf"{name}: scale: expected a finite float > 0 or None, got {value!r}"):
+        patterns.select(name, Q, K, block_size=(16, 16), scale=value)
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_scale_of_the_wrong_type(name):
+    with pytest.raises(TypeError, match=rf"{name}: scale: expected a finite float > 0 or None, got str '0.1'"):
+        patterns.select(name, Q, K, block_size=(16, 16), scale="0.1")
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_a_valid_scale_is_taken(name):
+    patterns.select(name, Q, K, block_size=(16, 16), scale=0.25)
+
+
+@pytest.mark.parametrize("name", WITH_BACKEND)
+@pytest.mark.parametrize("value", ["cuda", "", None, 1])
+def test_backend_must_be_a_known_one(name, value):
+    with pytest.raises(ValueError, match=rf"{name}: backend: expected one of \('auto', 'triton', 'torch'\), "
+                                         rf"got {value!r}"):
+        patterns.select(name, Q, K, block_size=(16, 16), backend=value)

@@ -192,6 +192,8 @@ def accuracy_vs_density(cases: list[dict[str, Any]], out: Path, colours: dict[st
         xs = [_mean(dens[n]) for n in sorted(pts)]
         ys = [_mean(pts[n]) for n in sorted(pts)]
         ax.plot(xs, ys, label=method, **method_style(method, colours))
+        if method in _FIXED_COLOURS:  # sdpa and dense sit at density 1.0: their length labels would pile up
+            continue
         for x, y, n in zip(xs, ys, sorted(pts), strict=True):
             ax.annotate(token_label(n), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points",
                         color=colours.get(method, "black"))

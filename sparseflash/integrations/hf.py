@@ -166,7 +166,11 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
     # the switch writes to the config, which transformers shares between models built from one config object:
     # the patched model switches a private copy, so the others keep their attention (restored by unpatch)
     swapped = _own_config(model)
-    model.set_attn_implementation(ATTN_NAME)
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except BaseException:
+        _restore_config(swapped)
+        raise
     if model.config._attn_implementation != ATTN_NAME:
         _restore_config(swapped)
         raise NotImplementedError(
@@ -391,7 +395,12 @@ def check_patch_options(
     settings = _patch_settings(method, opts)
     from sparseflash.calibration import pop_calibration
 
-    pop_calibration(method, opts)  # loads and checks the file; its per-layer values are applied by patch
+    given = opts.get("calibration")
+    try:
+        pop_calibration(method, opts)  # loads and checks the file; its per-layer values are applied by patch
+    except OSError as err:
+        raise ValueError(f"calibration: expected a readable file written by `sparseflash calibrate`, got "
+                         f"{str(given)!r} ({err.strerror or err})") from None
     global_options = _check_pattern_options(method, opts, method)
     overrides = _layer_overrides(
         method, global_options, settings["dense_layers"], settings["layer_options"], num_layers
