@@ -794,3 +794,18 @@ def test_check_patch_options_layer_ranges_need_num_layers():
     # valid options pass, per-head thresholds included (their count is only known from the model)
     hf.check_patch_options("xattention", {"threshold": [0.9, 0.8, 0.7, 0.6], "dense_layers": [0, -1]}, num_layers=2)
     hf.check_patch_options("dense", {"backend": "torch", "min_sparse_len": 0})
+
+
+def test_patch_defaults_are_the_safe_options(gen):
+    """patch(model) runs xattention with SAFE_OPTIONS; explicit options win; a calibration file skips them."""
+    model = tiny_model("llama")
+    with patched(model) as m:
+        state = patch_state(m)
+        assert state.method == hf.DEFAULT_METHOD == "xattention"
+        assert state.options == hf.SAFE_OPTIONS["xattention"] == {"threshold": 0.95, "local_blocks": 1}
+        assert state.dense_last_queries == hf.DEFAULT_DENSE_LAST_QUERIES
+    with patched(model, threshold=0.8) as m:
+        assert patch_state(m).options == {"threshold": 0.8, "local_blocks": 1}
+    with patched(model, "flexprefill") as m:
+        assert patch_state(m).options == {}
+    assert hf.with_safe_options("xattention", {"calibration": "x.json"}) == {"calibration": "x.json"}

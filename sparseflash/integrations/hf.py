@@ -50,6 +50,12 @@ import torch
 ATTN_NAME = "sf_sparse_prefill"  # no "flash" in the name: transformers treats such names as flash-attn
 DEFAULT_MIN_SPARSE_LEN = 8192  # prompts shorter than this stay dense; the GPU break-even is not measured yet
 DEFAULT_DENSE_LAST_QUERIES = 256  # final query rows of a sparse prefill computed exactly (question + answer prefix)
+DEFAULT_METHOD = "xattention"
+# patch()'s defaults per method, over the pattern's own (the papers'): measured on Qwen2.5-Coder at 16K-32K
+# (benchmarks/results/accuracy_h200/): threshold 0.95 halves XAttention's KL to dense against 0.9, and one
+# forced local block gives every query at least one block of preceding keys (the rows at the start of a block
+# otherwise lose their local context when the previous block is not selected).
+SAFE_OPTIONS: dict[str, dict[str, Any]] = {"xattention": {"threshold": 0.95, "local_blocks": 1}}
 DEFAULT_APPROXIMATE_DROPPED = False  # dropped blocks enter the softmax as pooled tokens (ops/dropped_blocks.py)
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 DECODE_CHOICES = ("dense", "sparse")
@@ -105,15 +111,17 @@ class PatchState:
 
 
 # ----------------------------------------------------------------------------------------- public API
-def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
+def patch(model: Any, method: str = DEFAULT_METHOD, **options: Any) -> Any:
     """Make every attention layer of ``model`` run through sparseflash; returns ``model`` (patched in place).
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``) of a type in :data:`SUPPORTED_MODEL_TYPES`.
         method: ``"dense"`` (sparseflash's exact kernels everywhere) or a pattern name from
-            ``sparseflash.patterns.available()``.
+            ``sparseflash.patterns.available()``. Default :data:`DEFAULT_METHOD`.
         **options: the pattern's own options (checked against its signature and by a dry run on a tiny input),
-            plus these patch options:
+            plus these patch options. For the methods in :data:`SAFE_OPTIONS`, options not given take the
+            values there (the settings measured on real models, README "Accuracy"), not the pattern's own
+            defaults (the papers'); with a ``calibration`` file they are not applied.
 
             * ``dense_layers``: iterable of layer indices (negative ones count from the end) kept dense,
               e.g. the first layers as MInference does. Default none.
@@ -159,7 +167,7 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
         )
     modules = _attention_modules(model)
     num_layers = len(modules)
-    state = _build_state(model, modules, method, dict(options), num_layers)
+    state = _build_state(model, modules, method, with_safe_options(method, options), num_layers)
     _check_device_dtype(model, state.backend)
     _dry_run(modules, state)
     _register()
@@ -182,6 +190,13 @@ def patch(model: Any, method: str = "xattention", **options: Any) -> Any:
     setattr(model, _CONFIG_ATTR, swapped)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def with_safe_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over :data:`SAFE_OPTIONS` of ``method`` (unchanged with a ``calibration``: it sets thresholds)."""
+    if "calibration" in options or not isinstance(method, str):
+        return dict(options)
+    return {**SAFE_OPTIONS.get(method, {}), **options}
 
 
 def unpatch(model: Any) -> Any:
@@ -391,7 +406,7 @@ def check_patch_options(
     """
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options: expected a dict of options, got {type(options).__name__}")
-    opts = dict(options or {})
+    opts = with_safe_options(method, options or {})
     settings = _patch_settings(method, opts)
     from sparseflash.calibration import pop_calibration
 
