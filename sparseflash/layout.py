@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparseflash._validate import check_tensor
+
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = (128, 128)
 
@@ -216,8 +218,9 @@ class BlockLayout:
     ) -> BlockLayout:
         """Compress a bool block mask ``(B, H, Qb, Kb)`` (True = keep) into a layout.
 
-        ``seq_len_q``/``seq_len_k`` default to ``Qb * block_q`` / ``Kb * block_k``. ``capacity`` (default
-        ``Kb``) truncates each row's index list; it must hold the largest row (not checked: no host sync).
+        ``seq_len_q``/``seq_len_k`` default to ``Qb * block_q`` / ``Kb * block_k``. ``capacity`` (a positive
+        int, default ``Kb``; larger values act as ``Kb``) truncates each row's index list; it must hold the
+        largest row (not checked: no host sync).
         """
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -231,7 +234,12 @@ class BlockLayout:
                 f"mask: expected {_cdiv(seq_len_k, block_k)} key blocks (ceil({seq_len_k} / {block_k})), "
                 f"got {num_k_blocks}"
             )
-        capacity = num_k_blocks if capacity is None else capacity
+        if capacity is None:
+            capacity = num_k_blocks
+        elif isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity: expected a positive int or None, got {capacity!r}")
+        elif capacity < 1:
+            raise ValueError(f"capacity: expected a positive int or None, got {capacity}")
         # kept blocks first, each group in ascending order (stable sort of 0 = kept, 1 = dropped)
         order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :capacity]
         return cls(
@@ -300,6 +308,11 @@ class BlockLayout:
         """
         from torch.nn.attention.flex_attention import BlockMask
 
+        if num_heads is not None:
+            if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+                raise TypeError(f"num_heads: expected a positive int (query heads) or None, got {num_heads!r}")
+            if num_heads < 1:
+                raise ValueError(f"num_heads: expected a positive int (query heads) or None, got {num_heads}")
         partial_num, partial_idx, full_num, full_idx = self.split_full(causal=causal)
         if num_heads is not None and self.num_heads not in (1, num_heads):
             if num_heads % self.num_heads:
@@ -352,7 +365,12 @@ class BlockLayout:
 
         Shapes, block grid and device are checked from metadata. With ``check_indices`` the index values are
         checked too (range, strict ascending order, counts within capacity): one host sync.
+
+        Raises:
+            TypeError: q or k not a tensor. ValueError: q or k not 4-D, or a layout that does not fit them.
         """
+        for name, t in (("q", q), ("k", k)):
+            check_tensor(name, t, ndim=4)
         batch, num_heads, seq_len_q, _ = q.shape
         num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
         if (self.seq_len_q, self.seq_len_k) != (seq_len_q, seq_len_k):

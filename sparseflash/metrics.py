@@ -37,12 +37,21 @@ def row_recall(
     Returns:
         ``(recall, valid)``: float32 ``(B, Hq, Sq)`` in [0, 1] and bool ``(B, Hq, Sq)``, False on rows that see
         no key at all (``Sq > Sk`` with causal), whose recall is reported as 1.
+
+    Raises:
+        ValueError: a NaN log-sum-exp (NaN/inf in q or k), checked with one host sync, and the attention
+            entry points' errors (a ``scale`` that is not finite and positive, say).
     """
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     _, lse_dense = flash_attention(q, k, k, causal=causal, scale=scale, return_lse=True, backend=backend)
     _, lse_sparse = block_sparse_attention(q, k, k, layout, causal=causal, scale=scale, return_lse=True,
                                            backend=backend)
+    if bool(torch.isnan(lse_dense).any() | torch.isnan(lse_sparse).any()):  # one host sync
+        raise ValueError(
+            "q, k: expected finite attention logits q.k * scale, got NaN in the log-sum-exp (check q and k for "
+            "NaN/inf); a NaN row would otherwise count as seeing no key (recall 1)"
+        )
     valid = torch.isfinite(lse_dense)
     diff = lse_sparse.float() - torch.where(valid, lse_dense.float(), 0.0)
     recall = torch.where(valid, torch.exp(diff).clamp(0.0, 1.0), 1.0)
@@ -69,6 +78,9 @@ def attention_recall(
 
     Returns:
         The mean recall (a Python float: one host sync) or the per-head tensor on q's device.
+
+    Raises:
+        ValueError: see :func:`row_recall` (never a recall made up from NaN rows).
     """
     recall, valid = row_recall(q, k, layout, causal=causal, scale=scale, backend=backend)
     num = torch.where(valid, recall.double(), 0.0)

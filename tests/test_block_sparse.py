@@ -252,6 +252,7 @@ def test_prefetching_sparse_loop_matches_reference(gen, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- NaN, the torch path
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN keys in the interpreter
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
 def test_dropped_blocks_and_padding_are_never_read(gen, backend):
     """NaN/inf in K/V of blocks the layout drops and of padded tokens never reach the output."""
@@ -268,9 +269,21 @@ def test_dropped_blocks_and_padding_are_never_read(gen, backend):
         t[:, :, 32:48] = float("nan")
         t[1, 0, 64:80] = float("inf")
         t[1, :, 75:] = float("nan")  # padding of sequence 1
-    out, lse = sf.block_sparse_attention(q, kp, vp, layout, seq_lens=seq_lens, return_lse=True, backend=backend)
-    assert torch.isfinite(out).all()
-    assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+    for return_lse in (True, False):
+        res = sf.block_sparse_attention(q, kp, vp, layout, seq_lens=seq_lens, return_lse=return_lse,
+                                        backend=backend)
+        out, lse = res if return_lse else (res, None)
+        assert torch.isfinite(out).all()
+        assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+    # a NaN value inside a kept block, past some rows' causal horizon: only the rows seeing it turn NaN
+    vp = v.clone()
+    vp[:, :, 90] = float("nan")
+    for return_lse in (True, False):
+        res = sf.block_sparse_attention(q, k, vp, layout, return_lse=return_lse, backend=backend)
+        out = res[0] if return_lse else res
+        ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
+        assert_attention_close(out[:, :, :90], None, ref_out[:, :, :90], ref_lse[:, :, :90], torch.float16)
+        assert torch.isnan(out[:, :, 90:]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -298,16 +311,21 @@ def test_torch_path_computes_kept_blocks_only(gen, monkeypatch):
     import sparseflash.ops.reference as reference
 
     widths = []
-    real = reference.masked_attention
-    monkeypatch.setattr(reference, "masked_attention", lambda q, k, *a, **kw: widths.append(k.shape[2]) or
-                        real(q, k, *a, **kw))
+    for owner, name in ((reference, "masked_attention"), (torch.nn.functional, "scaled_dot_product_attention")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda q, k, *a, _real=real, **kw: widths.append(k.shape[2]) or
+                            _real(q, k, *a, **kw))
     q, k, v = randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32)
     keep = torch.eye(16, dtype=torch.bool)[None, None].clone()
     keep[..., 0] = True  # a sink and the diagonal: 2 blocks of 32 per row
     layout = sf.BlockLayout.from_dense(keep, seq_len_q=512, seq_len_k=512, block_size=32)
-    out = sf.block_sparse_attention(q, k, v, layout, backend="torch")
-    assert widths and max(widths) <= 2 * 32
-    assert_attention_close(out, None, *sf.attention_reference(q, k, v, layout=layout), torch.float16)
+    ref = sf.attention_reference(q, k, v, layout=layout)
+    for return_lse in (False, True):  # SDPA, then the float32 path that gives the lse
+        widths.clear()
+        res = sf.block_sparse_attention(q, k, v, layout, return_lse=return_lse, backend="torch")
+        assert widths and max(widths) <= 2 * 32
+        out, lse = res if return_lse else (res, None)
+        assert_attention_close(out, lse, *ref, torch.float16)
 
 
 def test_torch_path_is_differentiable(gen):

@@ -159,6 +159,7 @@ def _poison(t, where):
     return t
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN keys in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_nan_in_padding_does_not_leak(gen, backend, padding_side):
@@ -178,6 +179,7 @@ def test_nan_in_padding_does_not_leak(gen, backend, padding_side):
         assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN keys in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sq,sk", [(70, 70), (40, 90), (90, 40)])
 def test_nan_in_future_keys_does_not_leak(gen, backend, sq, sk):
@@ -194,7 +196,7 @@ def test_nan_in_future_keys_does_not_leak(gen, backend, sq, sk):
         assert torch.isfinite(out[:, :, clean]).all(), "NaN reached rows that do not see the poisoned key"
         assert_attention_close(out[:, :, clean], lse[:, :, clean], ref_out[:, :, clean], ref_lse[:, :, clean],
                                torch.float16)
-        assert torch.isnan(out[:, :, sees_j]).all(), "rows attending a NaN value must not hide it"
+        assert not torch.isfinite(out[:, :, sees_j]).any(), "rows attending a NaN value must not hide it"
 
 
 # --------------------------------------------------------------------------------------- the torch path
@@ -207,7 +209,7 @@ def test_torch_path_without_lse_matches_reference(gen, shape, causal, seq_lens):
     if seq_lens is not None and shape[3] != shape[4]:
         pytest.skip("seq_lens needs Sq == Sk")
     lens = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         q, k, v = _qkv(gen, shape, dtype)
         for side in ("right", "left"):
             out = sf.flash_attention(q, k, v, causal=causal, seq_lens=lens, padding_side=side, backend="torch")

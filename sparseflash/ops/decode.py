@@ -19,6 +19,7 @@ from sparseflash._validate import (
     GPU_DTYPES,
     SUPPORTED_DTYPES,
     check_backend,
+    check_grad,
     check_head_dim,
     check_scale,
     check_tensor,
@@ -59,11 +60,57 @@ def _int32(name: str, t: object, shape: tuple[int, ...], device: torch.device, w
         raise ValueError(f"{name}: expected device {device} (from q), got {t.device}")
 
 
+def _check_lengths(cache_seqlens: object, batch: int, device: torch.device) -> None:
+    """``cache_seqlens``: an int32/int64 tensor (batch,) on q's device, or a list/tuple of ``batch`` Python ints."""
+    if isinstance(cache_seqlens, (list, tuple)):
+        odd = next((x for x in cache_seqlens if isinstance(x, bool) or not isinstance(x, int)), None)
+        if odd is not None:
+            raise TypeError(
+                f"cache_seqlens: expected a list of Python ints (or an int32/int64 tensor), got a "
+                f"{type(cache_seqlens).__name__} holding {type(odd).__name__} {odd!r}"
+            )
+        if len(cache_seqlens) != batch:
+            raise ValueError(
+                f"cache_seqlens: expected shape ({batch},) (batch from q), got a {type(cache_seqlens).__name__} "
+                f"of {len(cache_seqlens)}"
+            )
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(
+            f"cache_seqlens: expected an int32/int64 tensor or a list of ints, got {type(cache_seqlens).__name__}"
+        )
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"cache_seqlens: expected dtype torch.int32 or torch.int64 (or a list of ints), got {cache_seqlens.dtype}"
+        )
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape ({batch},) (batch from q), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: expected device {device} (from q), got {cache_seqlens.device}")
+
+
+def as_int32_lengths(cache_seqlens: torch.Tensor | list[int] | tuple[int, ...], dims: DecodeDims,
+                     device: torch.device) -> torch.Tensor:
+    """``cache_seqlens`` (checked by :func:`check_decode_inputs`) as an int32 tensor on ``device``.
+
+    A list's values are on the host already, so they are always checked against ``[0, capacity]``; a tensor's
+    are checked by :func:`check_decode_values` (before this conversion, so an int64 past int32 cannot wrap).
+    """
+    if isinstance(cache_seqlens, torch.Tensor):
+        return cache_seqlens.to(torch.int32)
+    if cache_seqlens and not 0 <= min(cache_seqlens) <= max(cache_seqlens) <= dims.capacity:
+        raise ValueError(
+            f"cache_seqlens: expected values in [0, {dims.capacity}] (the cache capacity), got min "
+            f"{min(cache_seqlens)}, max {max(cache_seqlens)}"
+        )
+    return torch.tensor(cache_seqlens, dtype=torch.int32, device=device)
+
+
 def check_decode_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    cache_seqlens: torch.Tensor | list[int] | tuple[int, ...],
     page_table: torch.Tensor | None,
     kv_block_indices: torch.Tensor | None,
     kv_block_counts: torch.Tensor | None,
@@ -74,7 +121,8 @@ def check_decode_inputs(
 
     Raises:
         TypeError: a non-tensor, a wrong dtype (q/caches not float16/bfloat16/float32 or not alike; int32 for
-            cache_seqlens, page_table and the block lists), a non-int block_size/num_splits.
+            page_table and the block lists; int32/int64 or a list of ints for cache_seqlens), a non-int
+            block_size/num_splits.
         ValueError: wrong rank or shape, mismatched devices, Hq not a multiple of Hkv, an unsupported head dim,
             block lists given by halves, a block_size that is not a power of two >= 16.
     """
@@ -127,7 +175,7 @@ def check_decode_inputs(
         raise ValueError(
             f"q: expected num_heads a multiple of k_cache's num_kv_heads={num_kv_heads} (GQA/MQA), got {num_heads}"
         )
-    _int32("cache_seqlens", cache_seqlens, (batch,), device, "batch from q")
+    _check_lengths(cache_seqlens, batch, device)
 
     sparse = kv_block_indices is not None or kv_block_counts is not None
     if sparse and (kv_block_indices is None or kv_block_counts is None):
@@ -382,7 +430,7 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    cache_seqlens: torch.Tensor | list[int] | tuple[int, ...],
     *,
     scale: float | None = None,
     page_table: torch.Tensor | None = None,
@@ -408,8 +456,10 @@ def decode_attention(
         k_cache, v_cache: (batch, num_kv_heads, max_seq_len, head_dim) in q's dtype, or with ``page_table``
             pages (num_pages, num_kv_heads, page_size, head_dim) (page sizes 16-256 are the usual ones; any
             size works). Any strides.
-        cache_seqlens: (batch,) int32, valid tokens per sequence, the new ones included. A sequence shorter
-            than seq_len_q leaves its first tokens nothing to attend (0, lse -inf); 0 marks an idle slot.
+        cache_seqlens: (batch,) int32 or int64 tensor on q's device, or a list/tuple of Python ints (as
+            transformers holds them): valid tokens per sequence, the new ones included; converted to int32 on
+            the device (a list's values are always checked). A sequence shorter than seq_len_q leaves its first
+            tokens nothing to attend (0, lse -inf); 0 marks an idle slot.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         page_table: (batch, max_pages) int32; token ``j`` of sequence ``b`` is slot ``j % page_size`` of page
             ``page_table[b, j // page_size]``. Only pages holding valid tokens are read (others may be -1).
@@ -427,23 +477,36 @@ def decode_attention(
         backend: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch' (the float32 reference path,
             which syncs).
 
+    Autograd: only the 'torch' backend is differentiable. The Triton kernels have no backward, so a call that
+    would build a graph on them (grad mode on and an input with ``requires_grad``) raises ``ValueError``: wrap
+    decoding in ``torch.no_grad()`` or pass ``backend='torch'``.
+
+    Non-finite inputs: positions at or past ``cache_seqlens`` and blocks not read are never loaded, and a NaN/inf
+    at a later new token's key never reaches an earlier token; a token attending one comes out non-finite.
+
     Returns:
         out (batch, num_heads, seq_len_q, head_dim) in q's dtype, and with ``return_lse`` lse (batch, num_heads,
         seq_len_q) float32.
 
     Raises:
-        TypeError: wrong tensor types or dtypes (int32 index tensors; Triton needs float16/bfloat16).
-        ValueError: shapes, devices, Hq not a multiple of Hkv, head dims, block sizes, and (``check_values``)
+        TypeError: wrong tensor types or dtypes (int32 index tensors, int32/int64 or ints for cache_seqlens;
+            Triton needs float16/bfloat16).
+        ValueError: shapes, devices, Hq not a multiple of Hkv, head dims, block sizes, inputs requiring grad on
+            the Triton backend, a listed cache_seqlens outside the cache, and (``check_values``) tensor
             cache_seqlens beyond the cache, page ids out of range, bad block lists.
     """
     dims = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, page_table, kv_block_indices, kv_block_counts,
                                block_size, num_splits)
     scale = check_scale(scale, dims.head_dim)
     backend = check_backend(backend, q.device)
+    check_grad(backend, q=q, k_cache=k_cache, v_cache=v_cache)
     if backend == "triton" and q.dtype not in GPU_DTYPES:
         raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
-    if check_values:
-        check_decode_values(dims, cache_seqlens, page_table, kv_block_indices, kv_block_counts)
+    lengths = as_int32_lengths(cache_seqlens, dims, q.device)  # a list's values are checked here
+    if check_values:  # an int64 tensor is checked before its int32 copy is used
+        check_decode_values(dims, cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else lengths, page_table,
+                            kv_block_indices, kv_block_counts)
+    cache_seqlens = lengths
     if backend == "torch":
         out, lse = decode_reference(q, k_cache, v_cache, cache_seqlens, scale=scale, page_table=page_table,
                                     kv_block_indices=kv_block_indices, kv_block_counts=kv_block_counts,

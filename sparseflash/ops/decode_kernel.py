@@ -23,6 +23,10 @@ plus its log2-sum-exp, fp32, to ``O_PART (B, HKV, NS, ROWS, D)`` / ``LSE_PART (B
 
 ``decode_combine_kernel``: one program per (batch, KV head, row); merges the NS partials by log-sum-exp.
 
+Non-finite K/V: keys at or past L, unlisted blocks and listed blocks inside the tail are never loaded; in the
+tiles holding the new tokens a non-finite value is zeroed before the P @ V product and only the rows attending
+it turn NaN.
+
 Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; base offsets
 of batch, page and key row in int64 (a cache may exceed 2**31 elements); a row with nothing to attend writes
 0 and lse -inf (natural log in the final output).
@@ -103,7 +107,18 @@ def _attend(
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     else:
         v = tl.load(v_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    if MASK == 2:
+        # a key past some row's position may hold NaN/inf: zero it so 0 * NaN never enters the product, and
+        # mark NaN the rows that do attend a non-finite value
+        v32 = v.to(tl.float32)
+        v_bad = (v32 != v32) | (tl.abs(v32) == float("inf"))
+        key_bad = tl.max(v_bad.to(tl.int32), 1) > 0  # [BLOCK_N]
+        hit = tl.max(((p > 0.0) & key_bad[None, :]).to(tl.int32), 1) > 0  # [BLOCK_M]
+        v = tl.where(v_bad, 0.0, v32).to(v.dtype)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.where(hit[:, None], float("nan"), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -212,9 +227,10 @@ def decode_split_kernel(
                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
                 2, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse2 = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     if SPLIT:
         part_row = (bh.to(tl.int64) * NUM_SPLITS + split) * ROWS + rows  # [BLOCK_M] int64
         tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], out,
@@ -255,7 +271,8 @@ def decode_combine_kernel(
     m = tl.max(lse_all, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.math.exp2(lse_all - m_use), 0)
-    lse_tot = tl.where(total > 0.0, m_use + tl.math.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+    empty = total == 0.0  # every split empty; a NaN partial keeps total (so out and lse) NaN
+    lse_tot = tl.where(empty, 0.0, m_use + tl.math.log2(tl.where(empty, 1.0, total)))
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -269,9 +286,9 @@ def decode_combine_kernel(
         o_c = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                       other=0.0)  # [SPLIT_CHUNK, BLOCK_D]
         acc += tl.sum(w[:, None] * o_c, 0)
-    acc = tl.where(total > 0.0, acc, 0.0)
+    acc = tl.where(empty, 0.0, acc)
     tl.store(O + b64 * stride_ob + head * stride_oh + t * stride_os + offs_d * stride_od,
              acc.to(O.dtype.element_ty), mask=d_ok)
     if RETURN_LSE:
-        lse = tl.where(total > 0.0, lse_tot * LN2, float("-inf"))
+        lse = tl.where(empty, float("-inf"), lse_tot * LN2)
         tl.store(LSE + (b64 * NUM_KV_HEADS * G + head) * S_Q + t, lse)

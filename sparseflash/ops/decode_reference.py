@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from sparseflash.ops.reference import masked_attention
+
 
 def gather_pages(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
     """A paged cache as a contiguous one.
@@ -114,8 +116,7 @@ def decode_reference(
     scale = head_dim**-0.5 if scale is None else scale
     if page_table is not None:
         k_cache, v_cache = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
-    num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    capacity = k_cache.shape[2]
     mask = decode_key_mask(cache_seqlens, seq_len_q, capacity, kv_block_indices=kv_block_indices,
                            kv_block_counts=kv_block_counts, block_size=block_size)
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
@@ -123,14 +124,9 @@ def decode_reference(
     for b, length in enumerate(cache_seqlens.tolist()):
         if length <= 0:
             continue
-        k = k_cache[b, :, :length].to(dtype)  # (Hkv, L, D): only the valid cache
-        v = v_cache[b, :, :length].to(dtype)
-        qg = q[b].to(dtype).reshape(num_kv_heads, group, seq_len_q, head_dim)
-        scores = torch.einsum("hgqd,hkd->hgqk", qg, k) * scale  # (Hkv, G, Sq, L)
-        keep = mask[b, :, :, :length].expand(num_kv_heads, seq_len_q, length)[:, None]
-        scores = scores.masked_fill(~keep, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
-        probs = torch.exp(scores - row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None])
-        out[b] = torch.einsum("hgqk,hkd->hgqd", probs, v).reshape(num_heads, seq_len_q, head_dim)
-        lse[b] = row_lse.reshape(num_heads, seq_len_q)
+        k = k_cache[b : b + 1, :, :length].to(dtype)  # (1, Hkv, L, D): only the valid cache is read
+        v = v_cache[b : b + 1, :, :length].to(dtype)
+        # masked_attention keeps NaN/inf of keys a token skips (unlisted blocks, later new tokens) out of it
+        row_out, row_lse = masked_attention(q[b : b + 1].to(dtype), k, v, mask[b : b + 1, ..., :length], scale)
+        out[b], lse[b] = row_out[0], row_lse[0]
     return out, lse

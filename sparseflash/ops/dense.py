@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash._validate import (
-    GPU_DTYPES,
-    check_backend,
-    check_grad,
-    check_qkv,
-    check_scale,
-    check_seq_lens,
-)
+from sparseflash._validate import GPU_DTYPES, check_backend, check_grad, check_qkv, check_scale, check_seq_lens
 from sparseflash.ops.reference import attention_torch, valid_range
 
 
@@ -49,7 +42,7 @@ def flash_attention(
     inference in ``torch.no_grad()`` or pass ``backend='torch'``.
 
     Non-finite inputs: NaN/inf in keys or values a row does not attend (padding, keys past its causal horizon)
-    never reach that row; a row attending one comes out NaN.
+    never reach that row; a row attending one comes out non-finite.
 
     Returns:
         out (batch, num_heads, seq_len_q, head_dim) in q's dtype (from Triton, a view of

@@ -10,6 +10,10 @@ the tile may see, with no mask, then the tiles that need the causal / sequence-e
 block layout the loop walks the tile's ordered block list; blocks needing no mask form a prefix of it.
 Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; a row with
 nothing to attend writes 0 and lse -inf.
+
+Non-finite K/V: keys outside ``[0, S_K)`` and outside the valid range of a padded sequence are never loaded,
+nor are blocks a layout drops; in the masked tiles a non-finite value is zeroed before the P @ V product and
+only the rows attending it turn NaN (a non-finite key is masked to -inf for the rows that skip it).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 def _attend_tile(
     acc, l_i, m_i, q,
     K_head, V_head, start_n,
-    q_pos, row_ok, seq_lo, seq_hi,
+    q_pos, row_ok, seq_lo, seq_hi, guard_from,
     stride_ks, stride_kd, stride_vs, stride_vd,
     S_K, causal_offset, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
@@ -41,6 +45,8 @@ def _attend_tile(
     d_ok = offs_d < HEAD_DIM
     if MASKED:
         kv_ok = k_pos < S_K
+        if HAS_SEQ_LENS:  # padding is never loaded: whatever it holds cannot reach a row
+            kv_ok = kv_ok & (k_pos >= seq_lo) & (k_pos < seq_hi)
     else:
         kv_ok = offs_n < BLOCK_N
     # [BLOCK_D, BLOCK_N]
@@ -51,8 +57,6 @@ def _attend_tile(
         ok = kv_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
-        if HAS_SEQ_LENS:
-            ok = ok & (k_pos[None, :] >= seq_lo) & (k_pos[None, :] < seq_hi)
         qk = tl.where(ok, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
@@ -67,7 +71,22 @@ def _attend_tile(
     # [BLOCK_N, BLOCK_D]
     v = tl.load(V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    if MASKED:
+        if start_n + BLOCK_N > guard_from:
+            # a key some stored row of the tile does not attend (past its causal horizon, or any key for a
+            # padded row) may hold NaN/inf: zero it so 0 * NaN never enters the product, and mark NaN the rows
+            # that do attend a non-finite value
+            v32 = v.to(tl.float32)
+            v_bad = (v32 != v32) | (tl.abs(v32) == float("inf"))
+            key_bad = tl.max(v_bad.to(tl.int32), 1) > 0  # [BLOCK_N]
+            hit = tl.max(((p > 0.0) & key_bad[None, :]).to(tl.int32), 1) > 0  # [BLOCK_M]
+            v = tl.where(v_bad, 0.0, v32).to(v.dtype)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc = tl.where(hit[:, None], float("nan"), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -148,6 +167,11 @@ def prefill_fwd_kernel(
     else:
         all_see = S_K
         any_see = S_K
+    # a tile reaching key guard_from holds keys some stored row skips: only such tiles need the NaN guard of
+    # _attend_tile (every stored row attends every loaded key of the others)
+    guard_from = all_see
+    if HAS_SEQ_LENS:
+        guard_from = tl.where((q_first < seq_lo) | (q_last >= seq_hi), 0, all_see)
 
     if SPARSE:
         layout_b = b64 * stride_nb
@@ -170,13 +194,13 @@ def prefill_fwd_kernel(
             else:
                 start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
                 False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
         for it in range(n_iter, n_blocks * SUBS):
             start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
                 True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
     else:
@@ -189,24 +213,25 @@ def prefill_fwd_kernel(
             full_hi = lo
         for start_n in range(lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
                 False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi,
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
                 stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
                 True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
 
     # every real (query, head) row is written, padded ones too (0 and -inf)
     store_ok = (offs_m < QPT * PACK) & (q_pos < S_Q)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + b64 * stride_ob + head_row[:, None] * stride_oh + q_row[:, None] * stride_os \
         + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         lse_ptrs = LSE + (b64 * HQ + head_row) * S_Q + q_row
         tl.store(lse_ptrs, lse, mask=store_ok)
 

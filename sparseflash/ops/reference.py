@@ -91,10 +91,12 @@ def _group_mask(mask: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tens
     raise ValueError(f"mask: expected 1, {num_kv_heads} or {num_kv_heads * group} heads, got {heads}")
 
 
-def _split_non_finite(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(bad, clean)``: bool (B, H, S) marking key rows holding NaN/inf, and ``t`` with those rows zeroed."""
+def _non_finite_keys(t: torch.Tensor) -> torch.Tensor | None:
+    """Bool (B, H, S) marking the key rows of ``t`` holding NaN/inf, or None when there is none (one sync)."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):  # one cheap pass: a NaN/inf anywhere makes it non-finite
+        return None
     bad = ~torch.isfinite(t).all(-1)
-    return bad, t.masked_fill(bad.unsqueeze(-1), 0.0)
+    return bad if bool(bad.any()) else None  # the sum may only have overflowed
 
 
 def masked_attention(
@@ -103,7 +105,8 @@ def masked_attention(
     """Softmax attention under an explicit mask, in the dtype of the inputs.
 
     Non-finite keys/values are zeroed before the products (so ``0 * NaN`` never happens and gradients stay
-    finite); the rows that do attend one are set to NaN afterwards (module docstring).
+    finite); the rows that do attend one are set to NaN afterwards (module docstring). Checking K/V for them
+    syncs with the host once.
 
     Args:
         q: (B, Hq, M, D). k, v: (B, Hkv, Sk, D), Hq a multiple of Hkv (no K/V copy: heads are grouped).
@@ -118,17 +121,23 @@ def masked_attention(
     group = num_heads // num_kv_heads
     qg = q.reshape(batch, num_kv_heads, group, rows, head_dim)
     mask = _group_mask(mask, num_kv_heads, group)  # (B|1, Hkv|1, G|1, M|1, Sk)
-    k_bad, k = _split_non_finite(k)
-    v_bad, v = _split_non_finite(v)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, M, Sk)
+    k_bad, v_bad = _non_finite_keys(k), _non_finite_keys(v)
+    if k_bad is not None:
+        k = k.masked_fill(k_bad.unsqueeze(-1), 0.0)
+    if v_bad is not None:
+        v = v.masked_fill(v_bad.unsqueeze(-1), 0.0)
+    scores = torch.matmul(qg * scale, k.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, M, Sk)
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
     out = torch.matmul(probs, v.unsqueeze(2))
-    k_hit = (mask & k_bad[:, :, None, None, :]).any(-1)  # rows attending a non-finite key / value
-    v_hit = (mask & v_bad[:, :, None, None, :]).any(-1)
-    lse = lse.masked_fill(k_hit, float("nan"))
-    out = out.masked_fill((k_hit | v_hit).unsqueeze(-1), float("nan"))
+    # rows attending a non-finite key (NaN out and lse) or value (NaN out)
+    if k_bad is not None:
+        k_hit = (mask & k_bad[:, :, None, None, :]).any(-1)
+        lse = lse.masked_fill(k_hit, float("nan"))
+        out = out.masked_fill(k_hit.unsqueeze(-1), float("nan"))
+    if v_bad is not None:
+        out = out.masked_fill((mask & v_bad[:, :, None, None, :]).any(-1).unsqueeze(-1), float("nan"))
     return out.reshape(batch, num_heads, rows, head_dim), lse.reshape(batch, num_heads, rows)
 
 
