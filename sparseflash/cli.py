@@ -193,22 +193,27 @@ def _check_option_values(method: str, options: dict[str, Any], num_layers: int |
         raise UsageError(f"--method-option: {msg}{after}") from None
 
 
-def _check_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
+def _check_methods(text: str | None, options: dict[str, dict[str, Any]], first: str | None = None) -> list[str]:
+    """``--methods`` and ``-O`` checked before any load; ``first`` (the baseline) leads the returned list.
+
+    ``bench`` leads with ``dense`` (its rows time our exact kernels against SDPA); ``eval`` with ``sdpa``.
+    """
     from sparseflash.eval.methods import DENSE, available_methods, check_method
 
+    first = DENSE if first is None else first
     names = _method_names(text)
     for m in names:
         if m not in available_methods():
             raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
     for m, opts in options.items():
-        if m not in names and m != DENSE:
+        if m not in names and m != first:
             raise UsageError(f"--method-option: method {m!r} is not in --methods {names}")
         try:
             check_method(m, opts)
         except ValueError as err:
             raise UsageError(f"--method-option: {err}") from None
         _check_option_values(m, opts)
-    return [DENSE] + [m for m in names if m != DENSE]
+    return [first] + [m for m in names if m != first]
 
 
 def _check_model(spec: str) -> None:
@@ -234,21 +239,9 @@ def _sanitize(name: str) -> str:
 # ---------------------------------------------------------------------------- subcommands
 def _check_eval_methods(text: str | None, options: dict[str, dict[str, Any]]) -> list[str]:
     """The eval's methods: the baseline ``sdpa`` first, then ``--methods`` (``dense`` = our exact kernels)."""
-    from sparseflash.eval.methods import BASELINE, available_methods, check_method
+    from sparseflash.eval.methods import BASELINE
 
-    names = _method_names(text)
-    for m in names:
-        if m not in available_methods():
-            raise UsageError(f"--methods: unknown method {m!r}; expected some of {available_methods()}")
-    for m, opts in options.items():
-        if m not in names and m != BASELINE:
-            raise UsageError(f"--method-option: method {m!r} is not in --methods {names}")
-        try:
-            check_method(m, opts)
-        except ValueError as err:
-            raise UsageError(f"--method-option: {err}") from None
-        _check_option_values(m, opts)
-    return [BASELINE] + [m for m in names if m != BASELINE]
+    return _check_methods(text, options, BASELINE)
 
 
 def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float], samples: int, seed: int,

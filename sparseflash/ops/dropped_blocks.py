@@ -53,6 +53,11 @@ def eligible_dropped(layout: BlockLayout) -> torch.Tensor:
     return whole & ~layout.to_dense()
 
 
+def _per_query_head(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A (B, H', Qb, Kb) mask with H' in (1, Hkv, Hq) repeated onto the Hq query heads (group of ``h // G``)."""
+    return mask if mask.shape[1] == num_heads else mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
+
+
 def dropped_block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,10 +88,7 @@ def dropped_block_attention(
     k_mean, counts = block_means(k, bk)  # (B, Hkv, Kb, D)
     v_mean, _ = block_means(v, bk)
     bias = torch.log(counts)  # (Kb,)
-    dropped = eligible_dropped(layout)  # (B or 1, H', Qb, Kb)
-    if dropped.shape[1] != num_heads:
-        dropped = dropped.repeat_interleave(num_heads // dropped.shape[1], dim=1)
-    dropped = dropped.expand(batch, num_heads, *dropped.shape[2:])
+    dropped = _per_query_head(eligible_dropped(layout), num_heads).expand(batch, num_heads, -1, -1)
     out = torch.zeros(batch, num_heads, seq_q, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, num_heads, seq_q), -math.inf, dtype=torch.float32, device=q.device)
     km = k_mean.repeat_interleave(group, dim=1)  # (B, Hq, Kb, D): Kb << Sk, cheap
@@ -118,9 +120,7 @@ def dropped_block_attention_reference(
     group = num_heads // k.shape[1]
     scale = dim**-0.5 if scale is None else scale
     bq, bk = layout.block_size
-    dropped = eligible_dropped(layout)
-    if dropped.shape[1] != num_heads:
-        dropped = dropped.repeat_interleave(num_heads // dropped.shape[1], dim=1)
+    dropped = _per_query_head(eligible_dropped(layout), num_heads)
     out = torch.zeros(batch, num_heads, seq_q, dim, dtype=torch.float64)
     lse = torch.full((batch, num_heads, seq_q), -math.inf, dtype=torch.float64)
     for b in range(batch):

@@ -11,23 +11,15 @@ signal to "the method changes nothing" that a handful of prompts can give.
 
 from __future__ import annotations
 
-from typing import Any
-
-from sparseflash.eval.tasks.base import PromptFormat, Sample, Task, Tokenizer, plain_format, register_task
-from sparseflash.eval.tasks.perplexity import corpus_window
+from sparseflash.eval.tasks.base import register_task
+from sparseflash.eval.tasks.perplexity import Perplexity
 
 
 @register_task
-class Agreement(Task):
+class Agreement(Perplexity):
+    """The perplexity task's window, scored by agreement with the baseline instead of by perplexity."""
+
     name = "agreement"
     kind = "agreement"
-    uses_depth = False
+    metric = "agreement"
     description = "next-token KL and top-1 agreement with the sdpa baseline over the last quarter (max 1024)"
-    options = {"text_source": "auto", "last_tokens": 0}
-
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
-        opts = self.check_options(options)
-        text, meta = corpus_window(tokenizer, length, seed, opts["text_source"], int(opts["last_tokens"]))
-        return Sample(task=self.name, length=length, depth=None, seed=seed, prompt=text, references=[],
-                      metric="agreement", max_new_tokens=0, num_tokens=length, meta=meta)

@@ -56,10 +56,11 @@ class Perplexity(Task):
     uses_depth = False
     description = "perplexity of a long window of real prose, all tokens and the last quarter (max 1024)"
     options = {"text_source": "auto", "last_tokens": 0}
+    metric = "ppl"
 
     def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
               fmt: PromptFormat = plain_format, **options: Any) -> Sample:
         opts = self.check_options(options)
         text, meta = corpus_window(tokenizer, length, seed, opts["text_source"], int(opts["last_tokens"]))
         return Sample(task=self.name, length=length, depth=None, seed=seed, prompt=text, references=[],
-                      metric="ppl", max_new_tokens=0, num_tokens=length, meta=meta)
+                      metric=self.metric, max_new_tokens=0, num_tokens=length, meta=meta)
