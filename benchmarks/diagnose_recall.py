@@ -1,7 +1,7 @@
 """Why do sparse methods lose accuracy on a real model? Attention recall per layer, head and query position.
 
 One forward of a real model over ``--length`` tokens of real text (KJV), every layer's post-RoPE q/k captured
-(:func:`sparseflash.eval.model.capture_attention`). Per layer the exact block masses ``E[h, I, J]`` of the dense
+(:func:`sparseflash.eval.engine.capture_attention`). Per layer the exact block masses ``E[h, I, J]`` of the dense
 causal softmax are computed once (:func:`sparseflash.patterns.block_scores.block_scores`, ``mode="mass"``); each
 query row has mass 1, so for any block set the mean row recall is ``sum(E * kept) / sum(E)`` and the recall of
 query block ``I`` is ``sum_J (E * kept)[I, J] / sum_J E[I, J]``. Per layer and head this gives, for every method
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 import sparseflash as sf
-from sparseflash.eval.model import capture_attention, load_model
+from sparseflash.eval.engine import capture_attention
+from sparseflash.eval.model import load_model
 from sparseflash.eval.text import load_corpus
 from sparseflash.layout import causal_block_mask
 from sparseflash.patterns.block_scores import block_scores
@@ -131,7 +132,7 @@ def run(model_spec: str, lengths: list[int], variants: dict[str, tuple[str, dict
         ids = text_ids(loaded.tokenizer, length, seed).to(loaded.device)
         per_layer: dict[int, dict[str, Any]] = {}
 
-        def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor, per_layer: dict = per_layer) -> None:
             per_layer[layer] = layer_stats(q, k, variants)
 
         with torch.inference_mode(), capture_attention(loaded.model, on_layer):

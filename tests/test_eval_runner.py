@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_eval_results import TEST_METHOD  # registers the test pattern
 
+from sparseflash.eval.engine import Engine
 from sparseflash.eval.methods import check_method, use_method
-from sparseflash.eval.model import Engine
 from sparseflash.eval.results import ResultsStore, read_cases
 from sparseflash.eval.runner import EvalConfig, Runner, batches, progress
 from sparseflash.eval.text import load_corpus

@@ -260,10 +260,12 @@ def test_dense_layers_and_layer_options(gen):
         assert state.calls == {"dense": 1, "sparse": 1}
     assert rel_err(out, ref) < 1e-5
     # per-layer options: layer 1 gets a wider window (same method: starts from the global options)
-    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={1: {"local_tokens": 64}}, **SPARSE):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={1: {"local_tokens": 64}},
+                 **SPARSE):
         plans = patch_state(model).plans
         assert plans[0].options == SPARSE and plans[1].options == {**SPARSE, "local_tokens": 64}
-    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={0: "dense", 1: {"method": "dense"}}):
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0,
+                 layer_options={0: "dense", 1: {"method": "dense"}}):
         assert [p.method for p in patch_state(model).plans.values()] == ["dense", "dense"]
         assert rel_err(logits(model, ids), plain) < 1e-5
 
@@ -388,7 +390,7 @@ def test_patched_context_unpatches_on_error(gen):
 @torch.no_grad()
 def prefill_and_step(model, ids):
     """Logits of the prompt's last token and of one decode step after it (KV cache), stacked (2, vocab)."""
-    from sparseflash.eval.model import cache_argument, returned_cache
+    from sparseflash.eval.engine import cache_argument, returned_cache
 
     out = model(ids[:, :-1], use_cache=True)
     # the cache under the name this transformers takes: `cache` (>= 5.2x), `past_key_values` (5.17)

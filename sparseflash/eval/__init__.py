@@ -7,7 +7,8 @@ Entry point for people: the ``sparseflash eval`` command (:mod:`sparseflash.cli`
     Runner(loaded, ResultsStore("results/x"), EvalConfig(tasks=["passkey"], methods=[], lengths=[512])).run()
 """
 
-from sparseflash.eval.model import Engine, LoadedModel, load_model
+from sparseflash.eval.engine import Engine
+from sparseflash.eval.model import LoadedModel, load_model
 from sparseflash.eval.results import ResultsStore, read_cases
 from sparseflash.eval.runner import EvalConfig, Runner
 from sparseflash.eval.summary import summarize, write_summary

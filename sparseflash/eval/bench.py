@@ -98,7 +98,7 @@ def e2e_rows(loaded: Any, methods: list[str], lengths: list[int], *, method_opti
              repeats: int = 3) -> list[dict[str, Any]]:
     """End-to-end prefill rows: the model's prompt forward per method and length (KJV prompt, batch 1)."""
     check_bench_args(repeats=repeats)
-    from sparseflash.eval.model import Engine
+    from sparseflash.eval.engine import Engine
     from sparseflash.eval.text import load_corpus
 
     engine = Engine(loaded)

@@ -32,8 +32,9 @@ from typing import Any, TextIO
 
 import torch
 
+from sparseflash.eval.engine import Engine, Generation
 from sparseflash.eval.methods import BASELINE, DENSE, SDPA, use_method
-from sparseflash.eval.model import Engine, Generation, LoadedModel
+from sparseflash.eval.model import LoadedModel
 from sparseflash.eval.results import ResultsStore
 from sparseflash.eval.tasks import Sample, get_task, plain_format
 from sparseflash.eval.tasks.base import PromptFormat, Task
