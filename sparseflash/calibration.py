@@ -347,7 +347,7 @@ def calibrate(model: Any, tokenizer_or_ids: Any, method: str = "xattention", *, 
         on_layer: called with each layer's result as it is done (progress).
     """
     from sparseflash.eval.engine import capture_attention
-    from sparseflash.integrations.hf import _attention_modules, _check_model
+    from sparseflash.integrations.hf_model import _attention_modules, _check_model
 
     _check_model(model)
     if method not in CALIBRATED:

@@ -26,7 +26,6 @@ DEFAULT_METHOD = "xattention"
 # otherwise lose their local context when the previous block is not selected).
 SAFE_OPTIONS: dict[str, dict[str, Any]] = {"xattention": {"threshold": 0.95, "local_blocks": 1}}
 DEFAULT_APPROXIMATE_DROPPED = False  # dropped blocks enter the softmax as pooled tokens (ops/dropped_blocks.py)
-SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 DECODE_CHOICES = ("dense", "sparse")
 BACKENDS = ("auto", "triton", "torch")
 DENSE = "dense"
