@@ -120,8 +120,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sparseflash.eval.model import load_model
     from sparseflash.eval.plots import plot_all
+    from sparseflash.eval.progress import progress
     from sparseflash.eval.results import CASES, ResultsStore, read_cases
-    from sparseflash.eval.runner import EvalConfig, Runner, progress
+    from sparseflash.eval.runner import EvalConfig, Runner
     from sparseflash.eval.summary import render_table, write_summary
 
     command = _command(args)

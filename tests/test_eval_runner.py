@@ -14,8 +14,9 @@ from test_eval_results import TEST_METHOD  # registers the test pattern
 
 from sparseflash.eval.engine import Engine
 from sparseflash.eval.methods import check_method, use_method
+from sparseflash.eval.progress import progress
 from sparseflash.eval.results import ResultsStore, read_cases
-from sparseflash.eval.runner import EvalConfig, Runner, batches, progress
+from sparseflash.eval.runner import EvalConfig, Runner, batches
 from sparseflash.eval.text import load_corpus
 
 
