@@ -74,3 +74,16 @@ def test_merged_equals_attention_over_kept_tokens_plus_pooled_tokens(gen):
     ref = p @ torch.cat([v, pooled_v], 2)
     assert torch.allclose(merged.double(), ref, atol=1e-5)
     assert not torch.allclose(merged, sparse, atol=1e-3)  # the correction is real
+
+
+def test_bad_input_is_named(gen):
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    layout = _layout(gen, 2, 64, 64, 16)
+    with pytest.raises(TypeError, match="layout"):
+        dropped_block_attention(q, k, v, "blocks")
+    with pytest.raises(ValueError, match="q"):
+        dropped_block_attention(q[0], k, v, layout)
+    with pytest.raises(ValueError, match="scale"):
+        dropped_block_attention(q, k, v, layout, scale=float("nan"))
+    with pytest.raises(ValueError):
+        dropped_block_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], layout)  # layout for 64 tokens

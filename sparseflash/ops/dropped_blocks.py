@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from sparseflash._validate import check_qkv, check_scale
 from sparseflash.layout import BlockLayout
 
 _CHUNK_ROWS = 4096  # query rows per matmul chunk (bounds the (Hq, rows, Kb) float32 logits)
@@ -73,17 +74,23 @@ def dropped_block_attention(
         layout: the :class:`~sparseflash.BlockLayout` the sparse attention used (heads 1, Hkv or Hq; batch 1 or B).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
+    Raises:
+        TypeError, ValueError: bad q/k/v (as :func:`sparseflash.flash_attention`), a layout that does not fit
+            them or is a permuted one (its blocks index permuted keys), a bad ``scale``.
+
     Returns:
         ``(out, lse)``: out ``(B, Hq, Sq, D)`` in q's dtype (0 on rows with no eligible dropped block), lse
         ``(B, Hq, Sq)`` float32 natural log (``-inf`` on those rows). Merge with the sparse result by
         :func:`~sparseflash.ops.merge.merge_attention_states`.
     """
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
+    if type(layout) is not BlockLayout:  # a PermutedLayout (a subclass) indexes permuted keys
+        raise TypeError(f"layout: expected a BlockLayout over the original keys, got {type(layout).__name__}")
+    check_qkv(q, k, v)
+    layout.validate(q, k, check_indices=False)
     batch, num_heads, seq_q, dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    scale = dim**-0.5 if scale is None else scale
+    scale = check_scale(scale, dim)
     bq, bk = layout.block_size
     k_mean, counts = block_means(k, bk)  # (B, Hkv, Kb, D)
     v_mean, _ = block_means(v, bk)
