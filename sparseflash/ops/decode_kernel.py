@@ -37,6 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sparseflash.ops.prefill_kernel import guarded_pv
+
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -110,13 +112,7 @@ def _attend(
     if MASK == 2:
         # a key past some row's position may hold NaN/inf: zero it so 0 * NaN never enters the product, and
         # mark NaN the rows that do attend a non-finite value
-        v32 = v.to(tl.float32)
-        v_bad = (v32 != v32) | (tl.abs(v32) == float("inf"))
-        key_bad = tl.max(v_bad.to(tl.int32), 1) > 0  # [BLOCK_N]
-        hit = tl.max(((p > 0.0) & key_bad[None, :]).to(tl.int32), 1) > 0  # [BLOCK_M]
-        v = tl.where(v_bad, 0.0, v32).to(v.dtype)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        acc = tl.where(hit[:, None], float("nan"), acc)
+        acc = guarded_pv(acc, p, v)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
