@@ -66,15 +66,19 @@ case "$stage" in
     pack "sweep_$key" ;;
   final)
     # final q15|q05 LENGTHS SAMPLES [CHOSEN.json]: the chosen variant (default: sweep_q15's) against sdpa, + dense KL
+    # (BATCH=8: retrieval prompts in padded batches; their prefill times then include padding, see the README)
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/final_$key"; mkdir -p "$dir"
+    # no chosen variant (the sweep did not finish, or none was sparse enough): patch()'s defaults
     chosen="${4:-$SF/results/sweep_q15/chosen.json}"
-    mapfile -t opts < <(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['method'])
+    mapfile -t opts < <(python3 -c "import json,sys,os; p=sys.argv[1]
+c=(json.load(open(p)) if os.path.isfile(p) else None) or {'method': 'xattention', 'options': {}}; print(c['method'])
 for k, v in c['options'].items(): print('-O'); print(c['method'] + '.' + k + '=' + json.dumps(v, separators=(',', ':')))" "$chosen")
     method="${opts[0]}"; opts=("${opts[@]:1}")
-    timeout 240 "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 --lengths "$2" \
-      --samples "$3" --depths 10,30,50,70,90 --methods "dense,$method" "${opts[@]}" --tasks agreement,perplexity \
+    timeout "${KL_TIMEOUT:-150}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 \
+      --lengths "$2" --samples "${KL_SAMPLES:-3}" --depths 10,30,50,70,90 --methods "dense,$method" "${opts[@]}" --tasks agreement,perplexity \
       2>&1 | tail -3 | tee -a "$dir/log.txt"
-    timeout "${STAGE_TIMEOUT:-540}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --batch-size 1 \
+    timeout "${STAGE_TIMEOUT:-540}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress \
+      --batch-size "${BATCH:-1}" \
       --lengths "$2" --samples "$3" \
       --depths 10,30,50,70,90 --methods "$method" "${opts[@]}" \
       --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking \
