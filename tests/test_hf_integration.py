@@ -804,10 +804,10 @@ def test_patch_defaults_are_the_safe_options(gen):
     with patched(model) as m:
         state = patch_state(m)
         assert state.method == hf.DEFAULT_METHOD == "xattention"
-        assert state.options == hf.SAFE_OPTIONS["xattention"] == {"threshold": 0.95, "local_blocks": 1}
+        assert state.options == hf.SAFE_OPTIONS["xattention"] == {"threshold": 0.95, "local_blocks": 1, "stride": 8}
         assert state.dense_last_queries == hf.DEFAULT_DENSE_LAST_QUERIES
     with patched(model, threshold=0.8) as m:
-        assert patch_state(m).options == {"threshold": 0.8, "local_blocks": 1}
+        assert patch_state(m).options == {"threshold": 0.8, "local_blocks": 1, "stride": 8}
     with patched(model, "flexprefill") as m:
         assert patch_state(m).options == {}
     assert hf.with_safe_options("xattention", {"calibration": "x.json"}) == {"calibration": "x.json"}
