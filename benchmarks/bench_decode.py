@@ -17,7 +17,7 @@ Writes ``decode_<gpu>.json`` (results.md shape) and ``decode_<gpu>.png``; prints
     PYTHONUNBUFFERED=1 python benchmarks/bench_decode.py [--quick] [--sweep] [--page-size 16] [--out DIR]
 
 ``--sweep`` also times split counts and kernel configs (BLOCK_N, warps, stages) at B=1 128K and B=8 32K
-(rows with impl ``sparseflash_sweep``), to tune ``sparseflash/ops/decode.py``'s defaults.
+(rows with impl ``sparseflash_sweep``), to tune ``sparseflash/ops/decode/launcher.py``'s defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, bench_ms, gpu_tag, measure_ceilings, out_dir, print_table, rel_err, write_result
 
-from sparseflash.ops.decode import choose_num_splits, decode_attention  # noqa: E402
+from sparseflash.ops.decode.launcher import choose_num_splits, decode_attention  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 BATCHES = (1, 8, 64)

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_attention_close, randn
 
 import sparseflash as sf
-from sparseflash.layout import causal_block_mask, full_block_mask
+from sparseflash.layouts import causal_block_mask, full_block_mask
 
 
 def _layout(gen, batch, heads, seq_q, seq_k, block, density, *, causal=True, empty_row=None):
@@ -206,7 +206,7 @@ def test_padded_batch_with_per_sequence_layouts(gen, padding_side):
 
 
 def test_longest_first_order(gen):
-    from sparseflash.ops.prefill import _longest_first
+    from sparseflash.ops.prefill.launcher import _longest_first
 
     num = torch.tensor([[[1, 5, 3], [2, 2, 9]]], dtype=torch.int32)  # (1, 2, 3)
     order = _longest_first(num, batch=1, num_packs=2, pack=1, layout_div=1, num_tiles=3, queries_per_tile=64,
@@ -308,7 +308,7 @@ def test_torch_path_matches_reference(gen, case, dtype):
 
 def test_torch_path_computes_kept_blocks_only(gen, monkeypatch):
     """The CPU path gathers each query block's kept key blocks: no Sq x Sk score tensor is formed."""
-    import sparseflash.ops.reference as reference
+    import sparseflash.ops.prefill.reference as reference
 
     widths = []
     for owner, name in ((reference, "masked_attention"), (torch.nn.functional, "scaled_dot_product_attention")):

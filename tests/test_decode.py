@@ -7,8 +7,8 @@ import torch
 from conftest import assert_attention_close, randn
 
 import sparseflash as sf
-from sparseflash.ops.decode import choose_num_splits, decode_attention
-from sparseflash.ops.decode_reference import decode_key_mask, decode_reference, gather_pages
+from sparseflash.ops.decode.launcher import choose_num_splits, decode_attention
+from sparseflash.ops.decode.reference import decode_key_mask, decode_reference, gather_pages
 
 
 def _cache(gen, batch, hq, hkv, sq, d, s_max, dtype):

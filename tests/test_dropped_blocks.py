@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sparseflash import BlockLayout, block_sparse_attention, causal_block_mask
-from sparseflash.ops.dropped_blocks import (
+from sparseflash.ops.merge import merge_attention_states
+from sparseflash.ops.prefill.dropped_blocks import (
     dropped_block_attention,
     dropped_block_attention_reference,
     eligible_dropped,
 )
-from sparseflash.ops.merge import merge_attention_states
-from sparseflash.ops.reference import token_mask
+from sparseflash.ops.prefill.reference import token_mask
 
 
 def _layout(gen, heads, sq, sk, block, keep=0.4):

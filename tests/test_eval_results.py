@@ -9,7 +9,7 @@ import torch
 
 from sparseflash.eval.results import ResultsStore, case_key, read_cases
 from sparseflash.eval.summary import summarize, t_interval, t_quantile95, wilson_interval, write_summary
-from sparseflash.layout import BlockLayout, causal_block_mask
+from sparseflash.layouts import BlockLayout, causal_block_mask
 from sparseflash.patterns.registry import available, register
 
 TEST_METHOD = "eval_test_local"

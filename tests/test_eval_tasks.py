@@ -196,7 +196,7 @@ def _brute_recall(q, k, keep, bq, bk):
 @pytest.mark.parametrize("seq,heads", [(37, (4, 2)), (70, (6, 3))])
 def test_attention_recall_torch_matches_brute_force(gen, seq, heads):
     from sparseflash.eval.recall import attention_recall_torch
-    from sparseflash.layout import BlockLayout, causal_block_mask
+    from sparseflash.layouts import BlockLayout, causal_block_mask
 
     hq, hkv = heads
     q = torch.randn(1, hq, seq, 16, generator=gen)

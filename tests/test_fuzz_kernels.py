@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseflash as sf
-from sparseflash.layout import causal_block_mask
-from sparseflash.ops.decode_reference import decode_key_mask, decode_reference
-from sparseflash.ops.reference import token_mask
+from sparseflash.layouts import causal_block_mask
+from sparseflash.ops.decode.reference import decode_key_mask, decode_reference
+from sparseflash.ops.prefill.reference import token_mask
 
 FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 TORCH_EXAMPLES = 150

@@ -10,8 +10,8 @@ import torch
 from conftest import HAS_GPU, REL_TOL, rel_err
 
 import sparseflash as sf
-from sparseflash.layout import causal_block_mask
-from sparseflash.ops.reference import masked_attention, token_mask
+from sparseflash.layouts import causal_block_mask
+from sparseflash.ops.prefill.reference import masked_attention, token_mask
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
 
@@ -92,7 +92,7 @@ def test_int32_overflowing_row_offsets(poison_empty):
     q = torch.randn(1, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     k = torch.randn(1, seq, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     v = torch.randn(1, seq, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    from sparseflash.ops.prefill import _needs_int64
+    from sparseflash.ops.prefill.launcher import _needs_int64
 
     assert _needs_int64(q)
     out = sf.flash_attention(q, k, v)

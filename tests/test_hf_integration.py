@@ -24,10 +24,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 from sparseflash import patterns  # noqa: E402
 from sparseflash.integrations import hf, models  # noqa: E402
+from sparseflash.integrations.hf import forward as hf_forward  # noqa: E402
 from sparseflash.integrations.hf import patch, patch_state, patched, unpatch  # noqa: E402
-from sparseflash.layout import causal_block_mask  # noqa: E402
-from sparseflash.ops.reference import masked_attention, token_mask  # noqa: E402
-from sparseflash.patterns.pbs import PermutedLayout  # noqa: E402
+from sparseflash.integrations.hf import patching as hf_patch  # noqa: E402
+from sparseflash.integrations.hf import plan as hf_plan  # noqa: E402
+from sparseflash.layouts import PermutedLayout, causal_block_mask  # noqa: E402
+from sparseflash.ops.prefill.reference import masked_attention, token_mask  # noqa: E402
 
 VOCAB = 96
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
@@ -210,7 +212,7 @@ def test_dense_last_queries_are_exact(arch, gen):
 
 def test_approximate_dropped_adds_the_pooled_blocks(gen, monkeypatch):
     """approximate_dropped=True merges the coarse attention over dropped blocks into every sparse layer."""
-    from sparseflash.ops import dropped_blocks
+    from sparseflash.ops.prefill import dropped_blocks
 
     model = tiny_model("llama")
     ids = ids_for(gen, 1, 160)
@@ -374,7 +376,7 @@ def test_unpatch_restores(gen):
     assert unpatch(model) is model
     assert not hf.is_patched(model) and patch_state(model) is None
     assert model.config._attn_implementation == "eager"
-    assert not any(hasattr(m, hf._LAYER_ATTR) for m in model.modules())
+    assert not any(hasattr(m, hf_plan._LAYER_ATTR) for m in model.modules())
     assert torch.equal(logits(model, ids), ref)
     patch(model, "dense")  # patching again after unpatch works
     unpatch(model)
@@ -455,18 +457,18 @@ def test_registry_wrappers_see_every_call_but_not_the_dry_run(gen, monkeypatch):
 
 def test_decode_block_lists():
     """Per-query-head layouts give each KV head the union of its group's blocks; shared ones broadcast."""
-    from sparseflash.layout import BlockLayout
+    from sparseflash.layouts import BlockLayout
 
     keep = torch.tensor(
         [[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool
     )
     layout = BlockLayout.from_dense(keep[None, :, None], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
-    indices, counts, block = hf._decode_block_lists(layout, batch=2, num_heads=4, num_kv_heads=2)
+    indices, counts, block = hf_forward._decode_block_lists(layout, batch=2, num_heads=4, num_kv_heads=2)
     assert block == 16 and indices.dtype == counts.dtype == torch.int32
     assert counts.tolist() == [[4, 2]] * 2
     assert indices[0, 0, :4].tolist() == [0, 1, 3, 4] and indices[1, 1, :2].tolist() == [0, 4]
     shared = BlockLayout.from_dense(keep[None, None, None, 2], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
-    indices, counts, _ = hf._decode_block_lists(shared, batch=1, num_heads=4, num_kv_heads=2)
+    indices, counts, _ = hf_forward._decode_block_lists(shared, batch=1, num_heads=4, num_kv_heads=2)
     assert counts.tolist() == [[1, 1]] and indices[0, :, 0].tolist() == [4, 4]
 
 
@@ -552,7 +554,7 @@ def test_errors_model_and_state():
 
 def test_unpatched_module_under_our_name_errors(gen):
     model = tiny_model("llama")
-    hf._register()
+    hf_patch._register()
     model.set_attn_implementation(hf.ATTN_NAME)
     with pytest.raises(RuntimeError, match=r"belongs to no model patched by sparseflash.patch"):
         logits(model, ids_for(gen, 1, 8))

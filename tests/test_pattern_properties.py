@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparseflash import patterns
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask
 from sparseflash.metrics import attention_recall
-from sparseflash.patterns import _common as C
+from sparseflash.patterns._common import diagonal_mask
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -43,7 +43,7 @@ KNOBS = {
 }
 # option that makes key block 0 part of every row
 SINK = {"streaming": {"sink_tokens": 1}, "power": {"sink_blocks": 1}, "strided": {"sink_blocks": 1},
-        "xattention": {}, "vertical_slash": {"sink_tokens": 30}}
+        "xattention": {}, "vertical_slash": {"sink_tokens": 30}, "permuted": {"force_sink": True}}
 
 
 @st.composite
@@ -65,22 +65,38 @@ def _inputs(seq_len_q, seq_len_k, hq, hkv, seed):
 
 def _select(name, q, k, block, **extra):
     opts = {**SMALL.get(name, {}), **extra}
-    opts = {key: v for key, v in opts.items() if key in patterns.options_of(name)}
+    known = sorted(patterns.options_of(name))
+    unknown = sorted(set(opts) - set(known))
+    if unknown:  # a test option the method does not take is a mistake in this file, not something to drop
+        raise ValueError(f"{name}: unknown test option(s) {unknown}; expected some of {known}")
     return patterns.select(name, q, k, block_size=(block, block), **opts)
 
 
 def _check_invariants(name, layout, seq_len_q, seq_len_k, block, sink=False):
-    assert isinstance(layout, BlockLayout)
-    layout.check_indices()
-    if type(layout) is not BlockLayout:
-        return  # permuted key space (PBS): causality is restored by a token mask, not by the block grid
+    assert isinstance(layout, BlockLayout | PermutedLayout)
+    # a PermutedLayout's blocks index permuted keys off its own segment, but they keep the same block-grid
+    # invariants: earlier segments lie below the diagonal, and the own segment is computed causally
+    blocks = layout.blocks if isinstance(layout, PermutedLayout) else layout
+    blocks.check_indices()
     bs = (block, block)
-    dense = layout.to_dense()
-    allowed = C.causal_allowed(seq_len_q, seq_len_k, bs)
+    dense = blocks.to_dense()
+    allowed = causal_block_mask(seq_len_q, seq_len_k, bs)
     assert not bool((dense & ~allowed).any()), f"{name}: block above the causal diagonal"
-    diag = C.diagonal_mask(seq_len_q, seq_len_k, bs) & allowed
+    diag = diagonal_mask(seq_len_q, seq_len_k, bs) & allowed
     assert bool(dense[..., diag].all()), f"{name}: diagonal block dropped"
-    if sink:
+    if isinstance(layout, PermutedLayout):
+        segment = layout.segment_size
+        perm = layout.perm
+        start = torch.arange(seq_len_k) // segment * segment
+        assert bool((perm // segment * segment == start).all()), f"{name}: a key moved out of its segment"
+        assert torch.equal(perm.sort(-1).values, torch.arange(seq_len_k).expand_as(perm)), f"{name}: not a permutation"
+        mask = layout.token_mask()  # (B, H, Sq, Sk) in original key order
+        i, j = torch.arange(seq_len_q)[:, None], torch.arange(seq_len_k)[None, :]
+        assert not bool((mask & (j > i + seq_len_k - seq_len_q)).any()), f"{name}: a key above the causal diagonal"
+        assert bool(mask[..., torch.arange(seq_len_q), torch.arange(seq_len_q)].all()), f"{name}: a row misses itself"
+        if sink:
+            assert bool(mask[..., 0].all()), f"{name}: sink token dropped"
+    elif sink:
         col0 = allowed[:, 0]
         assert bool(dense[..., col0, 0].all()), f"{name}: sink block dropped"
 

@@ -12,13 +12,13 @@ from conftest import randn
 from sparseflash import patterns
 from sparseflash.metrics import attention_recall
 from sparseflash.ops._triton_env import triton_runs_on
-from sparseflash.patterns import _common as C
-from sparseflash.patterns.block_max import BlockMaxCalibration, calibrate_block_max, row_thresholds
-from sparseflash.patterns.block_scores import (
+from sparseflash.ops.scores.block_scores import (
     block_scores_reference,
     block_scores_triton,
     dense_lse_reference,
 )
+from sparseflash.patterns import _common as C
+from sparseflash.patterns.block_max import BlockMaxCalibration, calibrate_block_max, row_thresholds
 from sparseflash.patterns.xattention import xattention_scores_reference, xattention_scores_triton
 
 needs_triton = pytest.mark.skipif(not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),

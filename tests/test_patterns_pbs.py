@@ -9,9 +9,10 @@ import torch
 from conftest import assert_attention_close, randn
 
 import sparseflash as sf
-from sparseflash.layout import BlockLayout, causal_block_mask
+from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask
+from sparseflash.layouts.permuted import inverse_perm
 from sparseflash.ops.merge import merge_attention_states
-from sparseflash.ops.reference import masked_attention
+from sparseflash.ops.prefill.reference import masked_attention
 from sparseflash.patterns import pbs, registry
 from sparseflash.patterns._common import diagonal_mask
 
@@ -76,7 +77,7 @@ def test_matches_release_loop(gen, n, block, segment, threshold):
                           backend="torch")
     perm, mask = _pbs_loop(q, k, block, segment, threshold)
     assert torch.equal(layout.perm, perm)
-    assert torch.equal(layout.to_dense(), mask)
+    assert torch.equal(layout.blocks.to_dense(), mask)
     assert 0 < layout.density() < 1
 
 
@@ -90,7 +91,7 @@ def test_segment_permutation():
         assert torch.all((part >= s * 128) & (part < (s + 1) * 128))
         u = importance.gather(-1, part)
         assert torch.all(u[..., :-1] >= u[..., 1:])
-    assert torch.equal(pbs.inverse_perm(perm).gather(-1, perm), torch.arange(300).expand(2, 3, 300))
+    assert torch.equal(inverse_perm(perm).gather(-1, perm), torch.arange(300).expand(2, 3, 300))
 
 
 def test_permuted_block_means_match_gather():
@@ -113,24 +114,25 @@ def test_properties(gen, heads, permute_heads):
     seg = torch.arange(allowed.shape[0]) // (segment // bs[0])
     own = (seg[:, None] == seg[None, :]) & allowed
     for layout in layouts:
-        dense = layout.to_dense()
-        assert isinstance(layout, pbs.PermutedLayout) and isinstance(layout, BlockLayout)
+        dense = layout.blocks.to_dense()
+        assert isinstance(layout, PermutedLayout) and not isinstance(layout, BlockLayout)
         assert layout.num_heads == (4 if heads == "q" else 2)
         assert layout.perm.shape == (2, 4 if (permute_heads or heads) == "q" else 2, 333)
         assert not (dense & ~allowed).any(), "a block above the causal diagonal"
         assert (dense | ~diag).all() and (dense | ~own).all(), "the diagonal segment is missing"
         # the block of K' holding token 0 is kept in every row of a later segment
-        sink = pbs.inverse_perm(layout.perm)[..., 0] // bs[1]  # (B, perm heads)
+        sink = inverse_perm(layout.perm)[..., 0] // bs[1]  # (B, perm heads)
         rep = layout.num_heads // sink.shape[1] if layout.num_heads >= sink.shape[1] else 1
         sink = sink.repeat_interleave(rep, dim=1)
         rows = dense[..., seg > 0, :].gather(-1, sink[:, :, None, None].expand(-1, -1, int((seg > 0).sum()), 1))
         assert rows.all(), "the sink block is missing"
     for low, high in zip(layouts, layouts[1:], strict=False):
-        assert not (low.to_dense() & ~high.to_dense()).any()
+        assert not (low.blocks.to_dense() & ~high.blocks.to_dense()).any()
     assert layouts[0].density() < layouts[2].density() <= layouts[3].density() == 1.0
     same = registry.select("permuted", q, k, block_size=bs, segment_size=segment, target_recall=0.6, heads=heads,
                            permute_heads=permute_heads, backend="torch")
-    assert torch.equal(same.to_dense(), layouts[1].to_dense()) and torch.equal(same.perm, layouts[1].perm)
+    assert torch.equal(same.blocks.to_dense(), layouts[1].blocks.to_dense())
+    assert torch.equal(same.perm, layouts[1].perm)
 
 
 def _permuted_space_reference(q, k, v, layout):
@@ -145,7 +147,7 @@ def _permuted_space_reference(q, k, v, layout):
     block, segment = layout.block_size[0], layout.segment_size
     i = torch.arange(n)[:, None]
     slot = torch.arange(n)[None, :]
-    dense = layout.to_dense().repeat_interleave(heads // layout.num_heads, 1)
+    dense = layout.blocks.to_dense().repeat_interleave(heads // layout.num_heads, 1)
     kept = dense[:, :, i[:, 0] // block, :][..., slot[0] // block]  # (B, H, n, n) block kept for (i, slot)
     earlier = (slot // segment) < (i // segment)
     own = ((slot // segment) == (i // segment)) & (perm[:, :, None, :] <= i)
@@ -170,7 +172,7 @@ def test_permuted_attention_matches_token_mask(gen, shape, block, segment, heads
     layout = registry.select("permuted", q, k, block_size=(block, block), segment_size=segment, threshold=0.6,
                              heads=heads, permute_heads=permute_heads, backend="torch")
     assert layout.density() < 1
-    out, lse = pbs.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    out, lse = sf.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     mask = layout.token_mask()
     assert mask.shape == (batch, layout.num_heads, n, n)
     mask = mask.repeat_interleave(hq // layout.num_heads, dim=1)
@@ -193,7 +195,7 @@ def test_all_blocks_is_dense(gen, n, segment, backend):
     layout = registry.select("permuted", q, k, block_size=(64, 64), segment_size=segment, threshold=1.0,
                              backend="torch")
     assert layout.density() == 1.0
-    out, lse = pbs.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    out, lse = sf.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     ref_out, ref_lse = sf.attention_reference(q, k, v, causal=True)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
 
@@ -247,19 +249,20 @@ def test_bad_inputs_rejected(gen):
     with pytest.raises(NotImplementedError, match="seq_len_q == seq_len_k"):
         registry.select("permuted", q[:, :, :100], k)
     layout = registry.select("permuted", q, k, block_size=(32, 32), segment_size=64, backend="torch")
-    plain = BlockLayout(layout.kv_num_blocks, layout.kv_indices, 200, 200, (32, 32))
+    plain = layout.blocks
     with pytest.raises(TypeError, match="layout: expected a PermutedLayout"):
-        pbs.permuted_block_sparse_attention(q, k, v, plain)
+        sf.permuted_block_sparse_attention(q, k, v, plain)
     with pytest.raises(TypeError, match="perm: expected dtype torch.int64"):
-        pbs.PermutedLayout(layout.kv_num_blocks, layout.kv_indices, 200, 200, (32, 32), perm=layout.perm.int())
+        PermutedLayout(plain, layout.perm.int())
     with pytest.raises(ValueError, match=r"perm: expected shape \(1, perm_heads, 200\)"):
-        pbs.PermutedLayout(layout.kv_num_blocks, layout.kv_indices, 200, 200, (32, 32), perm=layout.perm[..., :9])
+        PermutedLayout(plain, layout.perm[..., :9])
     with pytest.raises(ValueError, match="segment_size: expected a positive multiple of block size 32"):
-        pbs.PermutedLayout(layout.kv_num_blocks, layout.kv_indices, 200, 200, (32, 32), perm=layout.perm,
-                           segment_size=48)
+        PermutedLayout(plain, layout.perm, segment_size=48)
+    with pytest.raises(TypeError, match="blocks: expected a BlockLayout"):
+        PermutedLayout(layout.blocks.to_dense(), layout.perm)
     four = torch.randn(1, 4, 200, 16)
     with pytest.raises(ValueError, match="layout: expected heads 1, 4"):
-        pbs.permuted_block_sparse_attention(four, four, four, layout)
+        sf.permuted_block_sparse_attention(four, four, four, layout)
     moved = layout.to("cpu")
-    assert isinstance(moved, pbs.PermutedLayout) and torch.equal(moved.perm, layout.perm)
-    assert "PermutedBlockLayout" in repr(layout) and "segment_size=64" in repr(layout)
+    assert isinstance(moved, PermutedLayout) and torch.equal(moved.perm, layout.perm)
+    assert repr(layout).startswith("PermutedLayout(BlockLayout(") and "segment_size=64" in repr(layout)

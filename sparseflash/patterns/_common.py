@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from sparseflash._validate import check_tensor
-from sparseflash.layout import SUPPORTED_BLOCK_SIZES, BlockLayout, _cdiv, _check_block_size, causal_block_mask
+from sparseflash.layouts.block import SUPPORTED_BLOCK_SIZES, BlockLayout, _cdiv, _check_block_size, causal_block_mask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEADS_CHOICES = ("q", "kv")

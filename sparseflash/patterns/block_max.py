@@ -4,7 +4,7 @@ BSFA decides inside its kernel: for each off-diagonal (query block ``I``, key bl
 ``S = Q K^T``, takes the tile's maximum scaled logit and skips ``P V`` when it is below ``thr[layer, h, I]``,
 a threshold calibrated offline for a target ``k`` (off-diagonal key tiles kept per row, on average).
 sparseflash's kernels consume layouts, so here the block maxima are computed first (exact ``Q K^T`` of every
-causal tile: :func:`~sparseflash.patterns.block_scores.block_scores`, Triton + PyTorch reference) and turned
+causal tile: :func:`~sparseflash.ops.scores.block_scores.block_scores`, Triton + PyTorch reference) and turned
 into a layout: block ``(I, J)`` is kept iff its max logit ``>= thr[h, min(I, len - 1)]``; the diagonal
 block(s) are always kept (BSFA always computes its masking tiles). The cost is the ``Q K^T`` half of dense
 attention, so this method is judged by total time, not by selection overhead. Layout per query head.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.scores.block_scores import block_scores
 from sparseflash.patterns import _common as C
-from sparseflash.patterns.block_scores import block_scores
 from sparseflash.patterns.registry import register
 
 DEFAULT_BLOCK_SIZE = (128, 64)  # BSFA's tiles: 128 queries x 64 keys
@@ -97,7 +97,7 @@ def calibrate_block_max(
         top_k: off-diagonal key blocks to keep per row on average (``>= 1``).
         block_size: ``(block_q, block_k)`` of the layouts the thresholds will build.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: block-max backend, see :func:`~sparseflash.patterns.block_scores.block_scores`.
+        backend: block-max backend, see :func:`~sparseflash.ops.scores.block_scores.block_scores`.
 
     Returns:
         A :class:`BlockMaxCalibration` on the samples' device.

@@ -42,9 +42,9 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import _common
-from sparseflash.patterns.last_queries import last_query_scores
 from sparseflash.patterns.registry import register
 
 DEFAULT_GAMMA = 0.9  # README; the RULER scripts use 0.95 for Llama-3.1-8B and GLM-4-9B

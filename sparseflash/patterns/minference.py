@@ -9,7 +9,7 @@ to at least 50, both capped at the key length, as MInference does.
 
 Pipeline (score -> select -> layout):
 
-1. :func:`sparseflash.patterns.last_queries.last_query_scores` (Triton on CUDA, PyTorch reference beside it);
+1. :func:`sparseflash.ops.scores.last_queries.last_query_scores` (Triton on CUDA, PyTorch reference beside it);
 2. :func:`vertical_slash_indices`: top-k columns and diagonals, the token-level index MInference's kernel uses;
 3. :func:`vertical_slash_block_mask`: block ``(I, J)`` is kept iff some kept column or diagonal has an
    allowed (query, key) pair inside it. This is exactly the block union of the token pattern (a superset).
@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import _common
-from sparseflash.patterns.last_queries import last_query_scores
 from sparseflash.patterns.registry import register
 
 MIN_VERTICAL = 30  # MInference raises vertical_size to at least this

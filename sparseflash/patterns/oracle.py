@@ -1,7 +1,7 @@
 """Oracle: exact block importance from dense attention, the ceiling every selection method is measured against.
 
 The block mass ``E[I, J] = sum_{i in I, j in J} P[i, j]`` of the dense causal softmax ``P`` is computed
-blockwise (:func:`~sparseflash.patterns.block_scores.block_scores` with ``mode="mass"``: the dense row lse,
+blockwise (:func:`~sparseflash.ops.scores.block_scores.block_scores` with ``mode="mass"``: the dense row lse,
 then one ``Q K^T`` pass summing ``exp(s - lse)`` per block; never an ``Sq x Sk`` tensor). Because every query
 row has mass 1, the mean row recall of query block ``I`` is exactly ``sum_{kept J} E[I, J] / sum_J E[I, J]``,
 so keeping blocks by decreasing ``E`` is the best any block selector with the same per-row budget can do.
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.scores.block_scores import block_scores
 from sparseflash.patterns import _common as C
-from sparseflash.patterns.block_scores import block_scores
 from sparseflash.patterns.registry import register
 
 DEFAULT_DENSITY = 0.1

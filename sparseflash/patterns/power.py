@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
 from sparseflash.patterns import _common as C
 from sparseflash.patterns.registry import register
 from sparseflash.patterns.static import _last_diagonal_block, _shared_layout

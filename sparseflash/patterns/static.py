@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
 from sparseflash.patterns import _common as C
 from sparseflash.patterns.registry import register
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from sparseflash._validate import check_backend
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
 from sparseflash.patterns import _common as C
 from sparseflash.patterns.registry import register
 

@@ -4,8 +4,8 @@ The model keeps its own projections, rotary embeddings, q/k norms and KV cache: 
 attention function with transformers' ``AttentionInterface`` (and the SDPA mask builder with
 ``AttentionMaskInterface``) under :data:`ATTN_NAME` and points the model at it with
 ``model.set_attn_implementation``; :func:`patched` is the context-manager form. Every attention call then goes
-through :func:`~.hf_forward.attention_forward`, which picks one route per call
-(:mod:`.hf_forward` lists the routes). The options and per-layer plans live in :mod:`.hf_plan`.
+through :func:`~.forward.attention_forward`, which picks one route per call
+(:mod:`.forward` lists the routes). The options and per-layer plans live in :mod:`.plan`.
 
 Supported model types: :data:`SUPPORTED_MODEL_TYPES` (Llama family incl. SmolLM2, Mistral, Qwen2/2.5, Qwen3,
 Gemma 3 text). Gemma 3's sliding-window layers (and Mistral/Qwen2 layers with a sliding window) keep their
@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from sparseflash.integrations.hf_forward import (  # noqa: F401  (re-exported: tests and tools reach them here)
+from sparseflash.integrations.hf.forward import (  # noqa: F401  (re-exported: tests and tools reach them here)
     _decode_block_lists,
     _mask_with_padding,
     _select,
     attention_forward,
 )
-from sparseflash.integrations.hf_model import SUPPORTED_MODEL_TYPES, _attention_modules, _check_model  # noqa: F401
-from sparseflash.integrations.hf_plan import (  # noqa: F401  (the public names of a patch live on hf too)
+from sparseflash.integrations.hf.model import SUPPORTED_MODEL_TYPES, _attention_modules, _check_model  # noqa: F401
+from sparseflash.integrations.hf.plan import (  # noqa: F401  (the public names of a patch live on hf too)
     _CONFIG_ATTR,
     _LAYER_ATTR,
     _STATE_ATTR,
@@ -76,7 +76,7 @@ def patch(model: Any, method: str = DEFAULT_METHOD, **options: Any) -> Any:
               :data:`DEFAULT_DENSE_LAST_QUERIES`; 0 turns it off.
             * ``approximate_dropped``: each block a row's layout drops enters its softmax as one pooled token
               (mean key, mean value, log of its size added to the logit), so the row's normaliser and output
-              account for the dropped mass (:mod:`sparseflash.ops.dropped_blocks`; cost ~1/(block/2) of dense
+              account for the dropped mass (:mod:`sparseflash.ops.prefill.dropped_blocks`; cost ~1/(block/2) of dense
               attention). Not for ``permuted`` (its blocks index permuted keys). Default
               :data:`DEFAULT_APPROXIMATE_DROPPED`.
             * ``layer_options``: per-layer overrides ``{layer: "dense" | method | {"method": m, **opts}}``;

@@ -1,4 +1,4 @@
-"""Launcher for :mod:`sparseflash.ops.prefill_kernel`: tile choice, GQA packing, scheduling, int64 offsets.
+"""Launcher for :mod:`sparseflash.ops.prefill.kernel`: tile choice, GQA packing, scheduling, int64 offsets.
 
 Tuning switches read at each launch (for ``benchmarks/``): ``SPARSEFLASH_PREFILL_CONFIG=BM,BN,WARPS,STAGES``
 overrides the tile config; ``SPARSEFLASH_SPARSE_PREFETCH=1`` makes the block-sparse loop load the next block
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from sparseflash.layout import BlockLayout
-from sparseflash.ops.prefill_kernel import LOG2E, prefill_fwd_kernel
-from sparseflash.ops.reference import valid_range
+from sparseflash._validate import GPU_DTYPES
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.prefill.kernel import LOG2E, prefill_fwd_kernel
+from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
 
 INT32_MAX = 2**31 - 1
 
@@ -61,6 +62,34 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    scale: float,
+    backend: str,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = False,
+    pack_gqa: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention on checked inputs with a resolved ``backend`` ('torch' or 'triton').
+
+    'torch' runs :func:`~sparseflash.ops.prefill.reference.block_sparse_torch`; 'triton' :func:`prefill_forward`
+    (fp16/bf16 only). Returns ``(out, lse)``, lse None without ``return_lse``.
+    """
+    if backend == "torch":
+        return block_sparse_torch(q, k, v, layout, causal=causal, scale=scale, seq_lens=seq_lens,
+                                  padding_side=padding_side, return_lse=return_lse)
+    if q.dtype not in GPU_DTYPES:
+        raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
+    return prefill_forward(q, k, v, causal=causal, scale=scale, layout=layout, seq_lens=seq_lens,
+                           padding_side=padding_side, return_lse=return_lse, pack_gqa=pack_gqa)
 
 
 def prefill_forward(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparseflash._validate import GPU_DTYPES, check_backend, check_grad, check_qkv, check_scale, check_seq_lens
-from sparseflash.ops.reference import attention_torch, valid_range
+from sparseflash.ops.prefill.reference import attention_torch, valid_range
 
 
 def flash_attention(
@@ -69,7 +69,7 @@ def flash_attention(
     else:
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
-        from sparseflash.ops.prefill import prefill_forward
+        from sparseflash.ops.prefill.launcher import prefill_forward
 
         out, lse = prefill_forward(q, k, v, causal=causal, scale=scale, seq_lens=seq_lens,
                                    padding_side=padding_side, return_lse=return_lse)

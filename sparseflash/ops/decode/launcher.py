@@ -1,6 +1,6 @@
 """``decode_attention``: attention of a few new tokens over a KV cache (split-KV flash decoding), dense or sparse.
 
-The Triton path (:mod:`sparseflash.ops.decode_kernel`) is two launches with static shapes for a given batch:
+The Triton path (:mod:`sparseflash.ops.decode.kernel`) is two launches with static shapes for a given batch:
 a split kernel (grid ``num_splits * row_tiles * B * Hkv``) and, when ``num_splits > 1``, a combine kernel. It
 reads no tensor value on the host, so it can be captured in a CUDA graph (pass ``check_values=False`` there).
 """
@@ -20,13 +20,13 @@ from sparseflash._validate import (
     check_grad,
     check_scale,
 )
-from sparseflash.ops.decode_checks import (
+from sparseflash.ops.decode.checks import (
     DecodeDims,
     as_int32_lengths,
     check_decode_inputs,
     check_decode_values,
 )
-from sparseflash.ops.decode_reference import decode_reference
+from sparseflash.ops.decode.reference import decode_reference
 
 MAX_SPLITS = 128
 MAX_ROWS_PER_TILE = 64
@@ -116,7 +116,7 @@ def decode_forward(
     Returns out (B, Hq, Sq_new, D) in q's dtype (contiguous) and lse (B, Hq, Sq_new) float32 or None.
     """
     from sparseflash.ops._triton_env import num_sms
-    from sparseflash.ops.decode_kernel import LOG2E, decode_combine_kernel, decode_split_kernel
+    from sparseflash.ops.decode.kernel import LOG2E, decode_combine_kernel, decode_split_kernel
 
     config = config or default_config(dims.head_dim)
     sparse = kv_block_indices is not None
@@ -203,7 +203,7 @@ def decode_attention(
 
     The KV length is cut into ``num_splits`` chunks read in parallel and merged by log-sum-exp; the query heads
     of a GQA group share one program, so each K/V byte is read once. With block lists only those blocks (plus
-    the blocks holding the new tokens) are read. Semantics in :mod:`sparseflash.ops.decode_reference`::
+    the blocks holding the new tokens) are read. Semantics in :mod:`sparseflash.ops.decode.reference`::
 
         cache_seqlens = [6], Sq_new = 2: token 0 (position 4) sees keys 0..4, token 1 (position 5) keys 0..5
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from sparseflash._validate import check_qkv, check_scale
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
 
 _CHUNK_ROWS = 4096  # query rows per matmul chunk (bounds the (Hq, rows, Kb) float32 logits)
 
@@ -83,7 +83,7 @@ def dropped_block_attention(
         ``(B, Hq, Sq)`` float32 natural log (``-inf`` on those rows). Merge with the sparse result by
         :func:`~sparseflash.ops.merge.merge_attention_states`.
     """
-    if type(layout) is not BlockLayout:  # a PermutedLayout (a subclass) indexes permuted keys
+    if not isinstance(layout, BlockLayout):  # a PermutedLayout indexes permuted keys
         raise TypeError(f"layout: expected a BlockLayout over the original keys, got {type(layout).__name__}")
     check_qkv(q, k, v)
     layout.validate(q, k, check_indices=False)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.ops.reference import masked_attention
+from sparseflash.ops.prefill.reference import masked_attention
 
 
 def gather_pages(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:

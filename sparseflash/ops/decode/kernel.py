@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparseflash.ops.prefill_kernel import guarded_pv
+from sparseflash.ops.prefill.kernel import guarded_pv
 
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)

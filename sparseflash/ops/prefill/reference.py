@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from sparseflash.layout import BlockLayout
+    from sparseflash.layouts import BlockLayout
 
 
 def valid_range(seq_lens: torch.Tensor, seq_len: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,3 +194,146 @@ def attention_torch(
         outs.append(o.to(q.dtype))
         lses.append(l)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+# ------------------------------------------------------------------- the block-sparse PyTorch path
+def block_sparse_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    scale: float,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = True,
+    max_scores: int = 2**23,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch path: per run of query blocks, gather their kept key blocks and attend over those only.
+
+    Query blocks go in runs whose score tensor ``(B, Hq, rows, kept keys)`` stays under ``max_scores``
+    elements and wastes at most a quarter on rows keeping fewer blocks than the widest. Slots past a row's
+    count, keys past Sk and masked keys are masked. Without ``return_lse`` a run goes through SDPA when what
+    it gathered is finite; otherwise (and for the lse) through float32
+    :func:`sparseflash.ops.prefill.masked_attention`, which keeps non-finite values out of rows that do not
+    attend them. Differentiable.
+
+    Returns out (B, Hq, Sq, D) in q's dtype and lse (B, Hq, Sq) float32 (None without ``return_lse``).
+    """
+    widths = layout.kv_num_blocks.amax(dim=(0, 1)).clamp(1, layout.capacity).tolist()  # per query block
+    block_q, block_k = layout.block_size
+    per_block = q.shape[0] * q.shape[1] * block_q * block_k  # scores of one (query block, key block) pair
+    # K/V as rows of whole key blocks (B * Hkv * Kb, block_k * D), the last block zero-padded: a gather copies
+    # whole blocks (index_select of contiguous rows)
+    pad = layout.num_k_blocks * block_k - k.shape[2]
+    k_blocks, v_blocks = (torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(-1, block_k * t.shape[3])
+                          for t in (k, v))
+    outs, lses = [], []
+    first = 0
+    while first < len(widths):
+        last, width = first + 1, widths[first]
+        while last < len(widths):
+            wider = max(width, widths[last])
+            n = last + 1 - first
+            if n * wider * per_block > max_scores or sum(widths[first : last + 1]) < 0.75 * n * wider:
+                break
+            last, width = last + 1, wider
+        out, lse = _query_block_run(q, k_blocks, v_blocks, k.shape, layout, first, last, width, causal=causal,
+                                    scale=scale, seq_lens=seq_lens, padding_side=padding_side,
+                                    return_lse=return_lse)
+        outs.append(out)
+        lses.append(lse)
+        first = last
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2) if return_lse else None
+
+
+def _query_block_run(
+    q: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    k_shape: torch.Size,
+    layout: BlockLayout,
+    first: int,
+    last: int,
+    width: int,
+    *,
+    causal: bool,
+    scale: float,
+    seq_lens: torch.Tensor | None,
+    padding_side: str,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Query blocks ``[first, last)`` over their first ``width`` kept key blocks: out and lse of their rows.
+
+    The ``n = last - first`` query blocks join the batch dimension: q ``(B * n, Hq, block_q, D)`` against the
+    gathered keys ``(B * n, heads, width * block_k, D)``, heads the KV heads when the layout is shared by each
+    GQA group, else the query heads.
+    """
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_k = k_shape[1], k_shape[2]
+    block_q, block_k = layout.block_size
+    n, device = last - first, q.device
+    heads = num_kv_heads if layout.num_heads in (1, num_kv_heads) else num_heads
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # (B or 1, H, n, ...) -> (B * n, H, ...)
+        return t.expand(batch, *t.shape[1:]).transpose(1, 2).flatten(0, 1)
+
+    # kept key blocks (Bl, Hl, n, width); unused slots read block 0 and are masked (zeroed if non-finite)
+    used = torch.arange(width, device=device) < layout.kv_num_blocks[:, :, first:last, None]
+    ids = layout.kv_indices[:, :, first:last, :width].long().masked_fill(~used, 0)
+    pos = (ids[..., None] * block_k + torch.arange(block_k, device=device)).flatten(-2)  # (Bl, Hl, n, L)
+    key_ok = used.repeat_interleave(block_k, dim=-1) & (pos < seq_len_k)
+    q_pos = (first * block_q + torch.arange(n * block_q, device=device)).view(n, block_q)
+    mask = key_ok[..., None, :] & (q_pos < seq_len_q)[:, :, None]  # (Bl, Hl, n, block_q, L)
+    if causal:
+        mask = mask & (pos[..., None, :] <= q_pos[:, :, None] + (seq_len_k - seq_len_q))
+    if seq_lens is not None:
+        lo, hi = (t.long() for t in valid_range(seq_lens, seq_len_k, padding_side))
+        in_range = lambda p, d: (p >= lo.view(-1, *[1] * d)) & (p < hi.view(-1, *[1] * d))  # noqa: E731
+        mask = mask & in_range(pos, 3)[..., None, :] & in_range(q_pos, 2)[:, None, :, :, None]
+
+    # rows of k_blocks to gather, (B * n, heads, width): row (b * Hkv + kv_head) * Kb + block id
+    b_idx = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h_idx = (torch.arange(heads, device=device) * num_kv_heads // heads).view(1, -1, 1, 1)
+    flat = fold((b_idx * num_kv_heads + h_idx) * layout.num_k_blocks + ids)
+    k_sel, v_sel = (t.index_select(0, flat.flatten()).view(batch * n, heads, width * block_k, head_dim)
+                    for t in (k_blocks, v_blocks))
+    rows = q[:, :, first * block_q : last * block_q]
+    rows = fold(torch.nn.functional.pad(rows, (0, 0, 0, n * block_q - rows.shape[2])).unflatten(2, (n, block_q)))
+    mask = fold(mask)
+    out = lse = None
+    if not return_lse:
+        out = _sdpa_run(rows, k_sel, v_sel, mask, fold(key_ok), scale)
+    if out is None:
+        out, lse = masked_attention(rows.float(), k_sel.float(), v_sel.float(), mask, scale)
+    real = min(last * block_q, seq_len_q) - first * block_q
+    unfold = lambda t: t.unflatten(0, (batch, n)).transpose(1, 2).flatten(2, 3)[:, :, :real]  # noqa: E731
+    return unfold(out).to(q.dtype), None if lse is None else unfold(lse)
+
+
+def _sdpa_run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, key_ok: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """One run through SDPA: q (N, Hq, M, D), k/v (N, H, L, D), mask (N, 1 or H, M, L), key_ok (N, 1 or H, L).
+
+    Slots no row may read hold junk (block 0, or the zero padding past Sk) and are zeroed when anything read is
+    non-finite; None when a key/value a row may skip is still non-finite (SDPA would spread it through
+    ``0 * NaN``: :func:`masked_attention` handles that). Rows with nothing to attend see every slot,
+    then come out 0, so SDPA meets no empty row.
+    """
+
+    def finite(*ts: torch.Tensor) -> bool:  # one pass each: a NaN/inf anywhere (or an overflow) shows in the sum
+        return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in ts)
+
+    if not finite(k, v):
+        k, v = (t.masked_fill(~key_ok[..., None], 0.0) for t in (k, v))
+        if not finite(k, v):
+            return None
+    if mask.shape[1] not in (1, q.shape[1]):
+        mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
+    empty = ~mask.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out.masked_fill(empty, 0.0)

@@ -182,7 +182,7 @@ def block_scores_triton(
         q, k, block_size, mode, lse)
     scale = head_dim**-0.5 if scale is None else scale
     if mode == "mass" and lse is None:
-        from sparseflash.ops.dense import flash_attention
+        from sparseflash.ops.prefill.dense import flash_attention
 
         _, lse = flash_attention(q, k, k, causal=causal, scale=scale, return_lse=True)
     num_q_blocks, num_k_blocks = -(-seq_len_q // block_q), -(-seq_len_k // block_k)

@@ -3,7 +3,7 @@
 No transformers import and no model needed: :func:`check_patch_options` runs all of :func:`~.hf.patch`'s option
 checks (plus each pattern's own, on a small random CPU input) so the CLI can refuse bad options before it loads a
 model. :class:`PatchState` and :class:`LayerPlan` are what :mod:`.hf` stores on a patched model and what
-:mod:`.hf_forward` reads at every attention call.
+:mod:`.forward` reads at every attention call.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class PatchState:
     """The patch of one model: settings, per-layer plans, the attention implementation to restore, counters.
 
     ``calls`` counts the routes taken (``"sparse"``, ``"dense"``, ``"decode"``, ``"sdpa"``, ...; see
-    :mod:`.hf_forward`), one per attention-layer call; reset it freely.
+    :mod:`.forward`), one per attention-layer call; reset it freely.
 
     ``on_prefill``: an optional hook ``(layer_idx, density)`` called after every prefill of a layer through the
     ``sparse`` or ``dense`` routes: 1.0 for a dense prefill, else the layout's causal block density plus the exact

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from sparseflash.integrations.hf_plan import _LAYER_ATTR, _LENS_ATTR, _PAD_ATTR, ATTN_NAME, DENSE, LayerPlan, PatchState
+from sparseflash.integrations.hf.plan import _LAYER_ATTR, _LENS_ATTR, _PAD_ATTR, ATTN_NAME, DENSE, LayerPlan, PatchState
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -98,7 +98,7 @@ def _window_mask(seq_len_q: int, seq_len_k: int, window: int, device: torch.devi
 @functools.lru_cache(maxsize=1)
 def _decode_kernel() -> Any | None:
     try:
-        from sparseflash.ops.decode import decode_attention
+        from sparseflash.ops.decode.launcher import decode_attention
     except ImportError:
         return None
     return decode_attention
@@ -216,8 +216,8 @@ def _prefill(
     scaling: float | None,
     window: int | None,
 ) -> torch.Tensor:
-    from sparseflash.ops.block_sparse import block_sparse_attention
-    from sparseflash.ops.dense import flash_attention
+    from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+    from sparseflash.ops.prefill.dense import flash_attention
 
     if plan.method == DENSE or window is not None or q.shape[2] < state.min_sparse_len:
         state.calls["dense"] += 1
@@ -227,8 +227,8 @@ def _prefill(
     state.calls["sparse"] += 1
     layout = _select(plan, q, k, scaling, state.backend)
     if state.approximate_dropped:
-        from sparseflash.ops.dropped_blocks import dropped_block_attention
         from sparseflash.ops.merge import merge_attention_states
+        from sparseflash.ops.prefill.dropped_blocks import dropped_block_attention
 
         out, lse = block_sparse_attention(
             q, k, v, layout, causal=True, scale=scaling, check_indices=False, return_lse=True,
@@ -253,7 +253,7 @@ def _prefill(
 
 def _work_density(layout: Any, tail: int) -> float:
     """The layout's causal block density plus ``tail`` exact rows over all keys, in causal-block units (<= 1)."""
-    from sparseflash.layout import causal_block_mask
+    from sparseflash.layouts import causal_block_mask
 
     bq, bk = layout.block_size
     allowed = int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum())
@@ -271,7 +271,7 @@ def _decode(
     window: int | None,
 ) -> torch.Tensor:
     """One new token per sequence over the whole cache (batch rows all of length seq_len_k)."""
-    from sparseflash.ops.dense import flash_attention
+    from sparseflash.ops.prefill.dense import flash_attention
 
     kernel = _decode_kernel()
     sparse = (
@@ -281,7 +281,7 @@ def _decode(
         and k.shape[2] >= state.min_sparse_len
     )
     if kernel is None:  # no decode kernel in this build: the prefill kernels (bottom-right causal is exact)
-        from sparseflash.ops.block_sparse import block_sparse_attention
+        from sparseflash.ops.prefill.block_sparse import block_sparse_attention
 
         if sparse:
             state.calls["decode_sparse"] += 1
@@ -340,7 +340,7 @@ def _prefill_padded(
     padding: tuple[list[int], torch.Tensor, str],
 ) -> torch.Tensor:
     """Prefill of a left/right-padded batch: dense with ``seq_lens``, sparse one sequence at a time."""
-    from sparseflash.ops.dense import flash_attention
+    from sparseflash.ops.prefill.dense import flash_attention
 
     lengths, lens, side = padding
     seq_len = q.shape[2]
