@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparseflash import patterns
-from sparseflash.patterns import _common as C
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.block_max import calibrate_block_max
 
 Q = torch.zeros(1, 2, 64, 16)
@@ -110,9 +110,9 @@ def test_bad_tensors():
 
 def test_common_helpers_reject_bad_values():
     with pytest.raises(ValueError, match=r"num_kv_heads: expected a divisor of 4 \(query heads\), got 3"):
-        C.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 3)
+        sel.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 3)
     with pytest.raises(ValueError, match=r"reduce: expected one of \('union', 'vote'\), got 'max'"):
-        C.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 2, reduce="max")
+        sel.group_heads(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 2, reduce="max")
 
 
 SCALED = [n for n in patterns.available() if "scale" in patterns.options_of(n)]

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from sparseflash import patterns
 from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask
+from sparseflash.layouts.geometry import diagonal_mask
 from sparseflash.metrics import attention_recall
-from sparseflash.patterns._common import diagonal_mask
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -10,6 +10,7 @@ import torch
 from conftest import randn
 
 from sparseflash import patterns
+from sparseflash.layouts import geometry as geo
 from sparseflash.metrics import attention_recall
 from sparseflash.ops._triton_env import triton_runs_on
 from sparseflash.ops.scores.block_scores import (
@@ -17,7 +18,7 @@ from sparseflash.ops.scores.block_scores import (
     block_scores_triton,
     dense_lse_reference,
 )
-from sparseflash.patterns import _common as C
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.block_max import BlockMaxCalibration, calibrate_block_max, row_thresholds
 from sparseflash.patterns.xattention import xattention_scores_reference, xattention_scores_triton
 
@@ -106,8 +107,8 @@ def test_xattention_stride_one_is_the_exact_block_mass(gen):
 
 def _xattn_select_naive(est, tau, sq, sk, bs):
     """XAttention's find_blocks rule, one row at a time (methods.md §2.1)."""
-    allowed = C.causal_allowed(sq, sk, bs)
-    diag = C.diagonal_mask(sq, sk, bs)
+    allowed = geo.causal_block_mask(sq, sk, bs)
+    diag = geo.diagonal_mask(sq, sk, bs)
     keep = torch.zeros(est.shape, dtype=torch.bool)
     for idx in torch.cartesian_prod(*[torch.arange(n) for n in est.shape[:3]]).tolist():
         bb, h, i = idx
@@ -142,7 +143,7 @@ def test_xattention_per_head_thresholds_and_kv_union(gen):
     per = patterns.select("xattention", q, k, block_size=(32, 32), stride=4, threshold=taus).to_dense()
     for h, tau in enumerate(taus):
         if tau == 0.0:
-            forced = C.forced_mask(256, 256, (32, 32), sink_blocks=1)
+            forced = sel.forced_mask(256, 256, (32, 32), sink_blocks=1)
             assert torch.equal(per[0, h], forced)  # 0: sink + diagonal only
         else:
             one = patterns.select("xattention", q[:, h:h + 1], k[:, h // 2:h // 2 + 1], block_size=(32, 32),
@@ -191,8 +192,8 @@ def test_block_max_rule_and_thresholds(gen):
     q, k = randn(gen, 1, 2, 256, 16, dtype=torch.float32), randn(gen, 1, 1, 256, 16, dtype=torch.float32)
     bs = (32, 16)
     maxima = block_scores_reference(q, k, block_size=bs, mode="max")
-    valid = C.causal_allowed(256, 256, bs) & ~C.diagonal_mask(256, 256, bs)
-    forced = C.forced_mask(256, 256, bs)
+    valid = geo.causal_block_mask(256, 256, bs) & ~geo.diagonal_mask(256, 256, bs)
+    forced = sel.forced_mask(256, 256, bs)
     thr = 0.3
     layout = patterns.select("block_max", q, k, block_size=bs, threshold=thr)
     assert torch.equal(layout.to_dense(), ((maxima >= thr) & valid) | forced)
@@ -200,7 +201,7 @@ def test_block_max_rule_and_thresholds(gen):
     only_diag = patterns.select("block_max", q, k, block_size=bs, threshold=1e9).to_dense()
     assert torch.equal(only_diag, forced.expand_as(only_diag))
     everything = patterns.select("block_max", q, k, block_size=bs, threshold=float("-inf")).to_dense()
-    assert torch.equal(everything, C.causal_allowed(256, 256, bs).expand_as(everything))
+    assert torch.equal(everything, geo.causal_block_mask(256, 256, bs).expand_as(everything))
     # top_k on the input itself keeps exactly min(k, valid) off-diagonal blocks per row (no ties in random data)
     top = patterns.select("block_max", q, k, block_size=bs, top_k=3).to_dense()
     assert torch.equal((top & valid).sum(-1), valid.sum(-1).clamp(max=3).expand(1, 2, -1))
@@ -215,7 +216,7 @@ def test_calibrate_block_max_fits_mean_midpoints(gen):
     per = []
     for q, k in samples:
         m = block_scores_reference(q, k, block_size=bs, mode="max")
-        valid = C.causal_allowed(q.shape[2], k.shape[2], bs) & ~C.diagonal_mask(q.shape[2], k.shape[2], bs)
+        valid = geo.causal_block_mask(q.shape[2], k.shape[2], bs) & ~geo.diagonal_mask(q.shape[2], k.shape[2], bs)
         for b in range(q.shape[0]):
             rows = []
             for h in range(2):
@@ -230,8 +231,8 @@ def test_calibrate_block_max_fits_mean_midpoints(gen):
     layout = patterns.select("block_max", q, k, block_size=bs, calibration=cal)
     m = block_scores_reference(q, k, block_size=bs, mode="max")
     thr = cal.thresholds[:, torch.arange(10).clamp(max=5)]
-    valid = C.causal_allowed(320, 320, bs) & ~C.diagonal_mask(320, 320, bs)
-    assert torch.equal(layout.to_dense(), ((m >= thr[..., None]) & valid) | C.forced_mask(320, 320, bs))
+    valid = geo.causal_block_mask(320, 320, bs) & ~geo.diagonal_mask(320, 320, bs)
+    assert torch.equal(layout.to_dense(), ((m >= thr[..., None]) & valid) | sel.forced_mask(320, 320, bs))
     with pytest.raises(ValueError, match=r"block_size: expected \(32, 16\) \(from the calibration\)"):
         patterns.select("block_max", q, k, block_size=(32, 32), calibration=cal)
 
@@ -258,7 +259,8 @@ def test_oracle_keeps_the_heaviest_blocks(gen, sq, sk):
     bs = (32, 32)
     probs, _ = _dense_probs(q, k)
     mass = _block_reduce(probs, bs, "sum")
-    allowed, forced = C.causal_allowed(sq, sk, bs), C.diagonal_mask(sq, sk, bs) & C.causal_allowed(sq, sk, bs)
+    allowed = geo.causal_block_mask(sq, sk, bs)
+    forced = geo.diagonal_mask(sq, sk, bs) & allowed
     keep = patterns.select("oracle", q, k, block_size=bs, density=0.3).to_dense()
     for h in range(2):
         for i in range(allowed.shape[0]):
@@ -298,7 +300,7 @@ def test_select_by_cumulative_mass_is_the_smallest_prefix(gen, tau):
     scores = torch.rand(3, 5, 12, generator=gen) ** 4
     scores[0, 0] = 0.0  # a row without mass keeps nothing
     allowed = torch.rand(5, 12, generator=gen) < 0.7
-    keep = C.select_by_cumulative_mass(scores, tau, allowed)
+    keep = sel.select_by_cumulative_mass(scores, tau, allowed)
     for idx in range(15):
         b, i = divmod(idx, 5)
         row = torch.where(allowed[i], scores[b, i].double(), 0.0)
@@ -309,7 +311,7 @@ def test_select_by_cumulative_mass_is_the_smallest_prefix(gen, tau):
             want[j], acc = True, acc + float(row[j])
         assert torch.equal(keep[b, i], want)
     # per-row thresholds broadcast like the rows
-    per_row = C.select_by_cumulative_mass(scores, torch.full((3, 5), tau), allowed)
+    per_row = sel.select_by_cumulative_mass(scores, torch.full((3, 5), tau), allowed)
     assert torch.equal(per_row, keep)
 
 
@@ -319,15 +321,15 @@ def test_select_topk_with_per_row_budgets_and_forced(gen):
     forced = torch.zeros(4, 9, dtype=torch.bool)
     forced[:, 0] = True
     budget = torch.tensor([0, 1, 3, 20])
-    keep = C.select_topk(scores, budget, allowed, forced=forced)
+    keep = sel.select_topk(scores, budget, allowed, forced=forced)
     for b in range(2):
         for i in range(4):
             cand = [j for j in range(9) if allowed[i, j] and not forced[i, j]]
             best = sorted(cand, key=lambda j: -float(scores[b, i, j]))[: int(budget[i])]
             want = {j for j in best} | {j for j in range(9) if forced[i, j] and allowed[i, j]}
             assert set(torch.nonzero(keep[b, i]).flatten().tolist()) == want
-    same = C.select_topk(scores, 3, allowed)
-    assert torch.equal(same, C.select_topk(scores, torch.full((4,), 3), allowed))
+    same = sel.select_topk(scores, 3, allowed)
+    assert torch.equal(same, sel.select_topk(scores, torch.full((4,), 3), allowed))
 
 
 def test_xattention_local_blocks_forces_the_previous_blocks():

@@ -9,8 +9,8 @@ import torch
 from conftest import randn
 
 from sparseflash.layouts import causal_block_mask
+from sparseflash.layouts.geometry import diagonal_mask
 from sparseflash.patterns import registry
-from sparseflash.patterns._common import diagonal_mask
 from sparseflash.patterns.flexprefill import block_means, cover_count, flexprefill, sqrt_js_divergence
 
 

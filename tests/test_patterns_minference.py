@@ -7,13 +7,13 @@ import torch
 from conftest import randn
 
 from sparseflash.layouts import causal_block_mask
+from sparseflash.layouts.geometry import diagonal_mask
 from sparseflash.ops.scores.last_queries import (
     last_query_scores,
     last_query_scores_reference,
     last_query_scores_triton,
 )
 from sparseflash.patterns import minference, registry
-from sparseflash.patterns._common import diagonal_mask
 
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, last_q, num_keys, causal)
 SCORE_CASES = [

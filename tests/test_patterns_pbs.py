@@ -10,11 +10,11 @@ from conftest import assert_attention_close, randn
 
 import sparseflash as sf
 from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask
+from sparseflash.layouts.geometry import diagonal_mask
 from sparseflash.layouts.permuted import inverse_perm
 from sparseflash.ops.merge import merge_attention_states
 from sparseflash.ops.prefill.reference import masked_attention
 from sparseflash.patterns import pbs, registry
-from sparseflash.patterns._common import diagonal_mask
 
 
 def _qkv(gen, batch, hq, hkv, n, d, dtype=torch.float32, sharp=2.0):

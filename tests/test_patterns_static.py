@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparseflash import patterns
-from sparseflash.patterns import _common as C
+from sparseflash.patterns import selection as sel
 
 # (seq_len_q, seq_len_k, block_size): aligned, ragged, chunked prefill (Sq < Sk), unequal blocks
 SHAPES = [
@@ -138,4 +138,4 @@ def test_static_layouts_run_on_q_device_and_bound_capacity():
     layout = patterns.select("power", q, k, block_size=(64, 64))
     assert layout.capacity < 64 and layout.device == q.device
     # the row capacity holds the largest row: nothing truncated
-    assert torch.equal(layout.kv_num_blocks, C.to_layout(layout.to_dense(), 4096, 4096, (64, 64)).kv_num_blocks)
+    assert torch.equal(layout.kv_num_blocks, sel.to_layout(layout.to_dense(), 4096, 4096, (64, 64)).kv_num_blocks)

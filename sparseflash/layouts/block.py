@@ -42,79 +42,15 @@ from dataclasses import dataclass, field
 import torch
 
 from sparseflash._validate import check_tensor
-
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULT_BLOCK_SIZE = (128, 128)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _check_block_size(block_size: object) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    if (
-        not isinstance(block_size, (tuple, list))
-        or len(block_size) != 2
-        or any(not isinstance(b, int) or b not in SUPPORTED_BLOCK_SIZES for b in block_size)
-    ):
-        raise ValueError(
-            f"block_size: expected (block_q, block_k) with each in {SUPPORTED_BLOCK_SIZES}, got {block_size!r}"
-        )
-    return int(block_size[0]), int(block_size[1])
-
-
-def block_bounds(
-    seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, the keys every row sees and the keys some row sees (causal, bottom-right).
-
-    Returns ``(all_see, any_see)``, each int64 ``(Qb,)``: keys ``[0, all_see)`` are visible to every query of
-    the block, keys ``[0, any_see)`` to at least one (both clipped to ``[0, Sk]``).
-    """
-    block_q = block_size[0]
-    offset = seq_len_k - seq_len_q
-    first = torch.arange(_cdiv(seq_len_q, block_q), device=device) * block_q
-    last = torch.clamp(first + block_q, max=seq_len_q) - 1
-    return (first + offset + 1).clamp(0, seq_len_k), (last + offset + 1).clamp(0, seq_len_k)
-
-
-def causal_block_mask(
-    seq_len_q: int,
-    seq_len_k: int,
-    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE,
-    *,
-    causal: bool = True,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Bool ``(Qb, Kb)``: blocks holding at least one allowed (query, key) pair."""
-    block_k = block_size[1]
-    num_k_blocks = _cdiv(seq_len_k, block_k)
-    if not causal:
-        return torch.ones(_cdiv(seq_len_q, block_size[0]), num_k_blocks, dtype=torch.bool, device=device)
-    _, any_see = block_bounds(seq_len_q, seq_len_k, block_size, device)
-    k_first = torch.arange(num_k_blocks, device=device) * block_k
-    return k_first[None, :] < any_see[:, None]
-
-
-def full_block_mask(
-    seq_len_q: int,
-    seq_len_k: int,
-    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE,
-    *,
-    causal: bool = True,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Bool ``(Qb, Kb)``: blocks whose every (query, key) pair is allowed, so no element mask is needed."""
-    block_q, block_k = block_size
-    num_q_blocks, num_k_blocks = _cdiv(seq_len_q, block_q), _cdiv(seq_len_k, block_k)
-    k_end = (torch.arange(num_k_blocks, device=device) + 1) * block_k
-    if causal:
-        all_see, _ = block_bounds(seq_len_q, seq_len_k, block_size, device)
-    else:
-        all_see = torch.full((num_q_blocks,), seq_len_k, device=device)
-    return k_end[None, :] <= all_see[:, None]
+from sparseflash.layouts.geometry import (  # noqa: F401  (block sizes and geometry: re-exported for layouts/)
+    DEFAULT_BLOCK_SIZE,
+    SUPPORTED_BLOCK_SIZES,
+    _cdiv,
+    _check_block_size,
+    block_bounds,
+    causal_block_mask,
+    full_block_mask,
+)
 
 
 @dataclass(frozen=True, eq=False)

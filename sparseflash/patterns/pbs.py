@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import torch
 
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
 from sparseflash.layouts import causal_block_mask
 from sparseflash.layouts.permuted import DEFAULT_SEGMENT, PermutedLayout, inverse_perm
 from sparseflash.ops.scores.last_queries import last_query_scores
-from sparseflash.patterns import _common
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.flexprefill import block_means
 from sparseflash.patterns.registry import register
 
@@ -141,22 +143,22 @@ def permuted(
         NotImplementedError: ``causal=False`` or ``seq_len_q != seq_len_k``.
     """
     name = "permuted"
-    batch, num_heads, num_kv_heads, seq_len, seq_len_k, head_dim = _common.check_qk(name, q, k)
-    _common.check_causal(name, causal, causal_only=True)
-    block_size = _common.check_block_size(name, block_size, square=True)
-    scale = _common.check_scale(name, scale)
-    _common.check_backend_option(name, backend)
+    batch, num_heads, num_kv_heads, seq_len, seq_len_k, head_dim = check_qk(name, q, k)
+    opt.check_causal(name, causal, causal_only=True)
+    block_size = opt.check_block_size(name, block_size, square=True)
+    scale = opt.check_scale(name, scale)
+    opt.check_backend_option(name, backend)
     block = block_size[0]
     if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < block \
             or segment_size % block:
         raise ValueError(
             f"{name}: segment_size: expected a positive multiple of the block size {block}, got {segment_size!r}"
         )
-    threshold = _common.resolve_threshold(name, threshold, target_recall, DEFAULT_THRESHOLD)
-    _common.check_choice(f"{name}: force_sink", force_sink, (True, False))
-    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
+    threshold = opt.resolve_threshold(name, threshold, target_recall, DEFAULT_THRESHOLD)
+    opt.check_choice(f"{name}: force_sink", force_sink, (True, False))
+    layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
     permute_heads = heads if permute_heads is None else permute_heads
-    _common.check_choice(f"{name}: permute_heads", permute_heads, _common.HEADS_CHOICES)
+    opt.check_choice(f"{name}: permute_heads", permute_heads, opt.HEADS_CHOICES)
     if heads == "kv" and permute_heads == "q":
         raise ValueError(f"{name}: permute_heads: expected 'kv' with heads='kv' (one layout per KV head needs one "
                          f"permutation per KV head), got {permute_heads!r}")
@@ -191,7 +193,7 @@ def permuted(
         scores = torch.matmul(q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
                               k_mean.unsqueeze(2).transpose(-1, -2)).view(batch, num_heads, num_blocks, num_blocks)
         probs = torch.softmax(scores.masked_fill(~earlier, float("-inf")), dim=-1).nan_to_num(0.0)
-        mask = _common.select_by_cumulative_mass(probs, threshold, earlier)
+        mask = sel.select_by_cumulative_mass(probs, threshold, earlier)
         if force_sink:
             sink_slot = (perm[..., :segment_size] == 0).int().argmax(-1)  # (B, Hp): slot of token 0
             sink_block = (sink_slot // block).repeat_interleave(num_heads // perm_heads, dim=1)  # (B, Hq)
@@ -201,6 +203,6 @@ def permuted(
     else:  # a single segment: dense causal
         mask = own.expand(batch, num_heads, -1, -1).contiguous()
     if layout_heads != num_heads:
-        mask = _common.group_heads(mask, num_kv_heads)
-    return PermutedLayout(_common.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
+        mask = sel.group_heads(mask, num_kv_heads)
+    return PermutedLayout(sel.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
 

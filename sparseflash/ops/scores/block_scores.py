@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseflash._validate import check_backend
-from sparseflash.patterns import _common as C
+from sparseflash import _options as opt
+from sparseflash._validate import check_backend, check_qk
 
 LOG2E = 1.4426950408889634
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # kernels may read only constexpr globals
@@ -77,9 +77,9 @@ def _block_scores_kernel(
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, block_size: object, mode: str, lse: torch.Tensor | None):
-    dims = C.check_qk("block_scores", q, k)
-    bs = C.check_block_size("block_scores", block_size)
-    C.check_choice("mode", mode, ("max", "mass"))
+    dims = check_qk("block_scores", q, k)
+    bs = opt.check_block_size("block_scores", block_size)
+    opt.check_choice("mode", mode, ("max", "mass"))
     if mode == "mass" and lse is not None and (lse.shape != q.shape[:3] or lse.device != q.device):
         raise ValueError(f"lse: expected shape {tuple(q.shape[:3])} on {q.device} (from q), "
                          f"got {tuple(lse.shape)} on {lse.device}")
@@ -89,7 +89,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, block_size: object, mode: str, lse:
 def dense_lse_reference(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
                         scale: float | None = None) -> torch.Tensor:
     """Float32 ``(B, Hq, Sq)`` natural-log row log-sum-exp of the dense attention, in query chunks."""
-    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = C.check_qk("dense_lse", q, k)
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = check_qk("dense_lse", q, k)
     scale = head_dim**-0.5 if scale is None else scale
     group = num_heads // num_kv_heads
     kf = k.float().unsqueeze(2)
@@ -211,6 +211,6 @@ def block_scores(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Block maxima or masses; ``backend`` 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'."""
-    C.check_qk("block_scores", q, k)
+    check_qk("block_scores", q, k)
     fn = block_scores_triton if check_backend(backend, q.device) == "triton" else block_scores_reference
     return fn(q, k, block_size=block_size, mode=mode, causal=causal, scale=scale, lse=lse)
