@@ -92,7 +92,7 @@ for lh in (1, 2, 8):
 
 @case("decode dense + paged + sparse")
 def _():
-    from sparseflash.ops.decode.launcher import decode_attention
+    from sparseflash.ops.decode.api import decode_attention
     from sparseflash.ops.decode.reference import decode_reference
 
     b, hq, hkv, s, d = 4, 32, 8, 5000, 128

@@ -18,7 +18,7 @@ from sparseflash.calibration import calibrate, load_calibration
 from sparseflash.integrations.hf import is_patched, patch, patched, unpatch
 from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask, dense_layout
 from sparseflash.metrics import attention_recall, density
-from sparseflash.ops.decode.launcher import decode_attention
+from sparseflash.ops.decode.api import decode_attention
 from sparseflash.ops.decode.reference import decode_reference
 from sparseflash.ops.merge import merge_attention_states
 from sparseflash.ops.prefill.block_sparse import block_sparse_attention

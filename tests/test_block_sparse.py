@@ -8,6 +8,7 @@ from conftest import assert_attention_close, randn
 
 import sparseflash as sf
 from sparseflash.layouts import causal_block_mask, full_block_mask
+from sparseflash.ops.tuning import get_tuning, tuned
 
 
 def _layout(gen, batch, heads, seq_q, seq_k, block, density, *, causal=True, empty_row=None):
@@ -241,12 +242,13 @@ def test_layout_errors(gen):
 
 
 @pytest.mark.interpret
-def test_prefetching_sparse_loop_matches_reference(gen, monkeypatch):
-    """The variant that loads the next block id one step ahead (SPARSEFLASH_SPARSE_PREFETCH=1)."""
-    monkeypatch.setenv("SPARSEFLASH_SPARSE_PREFETCH", "1")
+def test_prefetching_sparse_loop_matches_reference(gen):
+    """The variant that loads the next block id one step ahead (``Tuning.sparse_prefetch``)."""
     q, k, v = randn(gen, 1, 4, 230, 64), randn(gen, 1, 2, 230, 64), randn(gen, 1, 2, 230, 64)
     layout = _layout(gen, 1, 2, 230, 230, 32, 0.5, empty_row=2)
-    out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
+    with tuned(sparse_prefetch=True):
+        out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
+    assert not get_tuning().sparse_prefetch  # restored after the block
     ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
 

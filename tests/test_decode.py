@@ -7,8 +7,11 @@ import torch
 from conftest import assert_attention_close, randn
 
 import sparseflash as sf
-from sparseflash.ops.decode.launcher import choose_num_splits, decode_attention
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.decode.api import decode_attention
+from sparseflash.ops.decode.launcher import choose_num_splits
 from sparseflash.ops.decode.reference import decode_key_mask, decode_reference, gather_pages
+from sparseflash.ops.tuning import DecodeConfig, tuned
 
 
 def _cache(gen, batch, hq, hkv, sq, d, s_max, dtype):
@@ -112,9 +115,13 @@ def test_dense_triton(gen, poison_empty, case, num_splits):
 
 
 @pytest.mark.interpret
-def test_dense_small_tiles_strided_inputs(gen, monkeypatch):
+def test_dense_small_tiles_strided_inputs(gen):
     """16-key tiles (many steps per split) and (B, S, H, D) memory handed over as transposed views."""
-    monkeypatch.setenv("SPARSEFLASH_DECODE_CONFIG", "16,4,1")
+    with tuned(decode=DecodeConfig(16, 4, 1)):
+        _small_tiles_strided_inputs(gen)
+
+
+def _small_tiles_strided_inputs(gen):
     batch, hq, hkv, sq, d, s_max = 2, 8, 2, 4, 32, 120
     q = randn(gen, batch, sq, hq, d).transpose(1, 2)
     k = randn(gen, batch, s_max, hkv, d).transpose(1, 2)
@@ -191,6 +198,46 @@ def test_sparse_paged_triton(gen, poison_empty, num_splits):
     out, lse = decode_attention(q, k_pages, v_pages, lengths, page_table=table, return_lse=True,
                                 num_splits=num_splits, backend="triton", **kwargs)
     _check(out, lse, decode_reference(q, k, v, lengths, **kwargs), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ layouts for decode
+def test_layout_to_block_lists():
+    """Per-query-head layouts give each KV head the union of its group's blocks; shared ones broadcast."""
+    keep = torch.tensor(
+        [[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool
+    )
+    layout = BlockLayout.from_dense(keep[None, :, None], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
+    indices, counts, block = layout.to_block_lists(batch=2, num_heads=4, num_kv_heads=2)
+    assert block == 16 and indices.dtype == counts.dtype == torch.int32
+    assert counts.tolist() == [[4, 2]] * 2
+    assert indices[0, 0, :4].tolist() == [0, 1, 3, 4] and indices[1, 1, :2].tolist() == [0, 4]
+    shared = BlockLayout.from_dense(keep[None, None, None, 2], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
+    indices, counts, _ = shared.to_block_lists(batch=1, num_heads=4, num_kv_heads=2)
+    assert counts.tolist() == [[1, 1]] and indices[0, :, 0].tolist() == [4, 4]
+    with pytest.raises(ValueError, match="layout: expected one query block"):
+        BlockLayout.from_dense(keep[None, :, None].expand(-1, -1, 2, -1), seq_len_q=20, seq_len_k=70,
+                               block_size=(16, 16)).to_block_lists(batch=1, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="layout: expected batch 1 or 1 and heads 1, 3 or 6"):
+        layout.to_block_lists(batch=1, num_heads=6, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_sparse_decode_takes_a_layout(gen, backend):
+    """``layout=`` is the same call as the block lists it stands for."""
+    q, k, v = _cache(gen, 2, 4, 2, 1, 32, 70, torch.float16)
+    lengths = torch.tensor([70, 70], dtype=torch.int32)
+    keep = torch.rand(1, 4, 1, 5, generator=gen) < 0.5
+    layout = BlockLayout.from_dense(keep, seq_len_q=1, seq_len_k=70, block_size=(16, 16))
+    indices, counts, block = layout.to_block_lists(batch=2, num_heads=4, num_kv_heads=2)
+    lists = dict(kv_block_indices=indices, kv_block_counts=counts, block_size=block)
+    out, lse = decode_attention(q, k, v, lengths, layout=layout, return_lse=True, backend=backend)
+    ref_out, ref_lse = decode_attention(q, k, v, lengths, return_lse=True, backend=backend, **lists)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    _check(out, lse, decode_reference(q, k, v, lengths, **lists), torch.float16)
+    with pytest.raises(ValueError, match="layout: expected either layout or kv_block_indices"):
+        decode_attention(q, k, v, lengths, layout=layout, **lists)
+    with pytest.raises(TypeError, match="layout: expected a sparseflash.BlockLayout"):
+        decode_attention(q, k, v, lengths, layout=keep)
 
 
 # ------------------------------------------------------------------------------- PyTorch path, helpers

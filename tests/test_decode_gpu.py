@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import HAS_GPU, assert_attention_close
 
-from sparseflash.ops.decode.launcher import decode_attention
+from sparseflash.ops.decode.api import decode_attention
 from sparseflash.ops.decode.reference import decode_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]

@@ -24,7 +24,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 from sparseflash import patterns  # noqa: E402
 from sparseflash.integrations import hf, models  # noqa: E402
-from sparseflash.integrations.hf import forward as hf_forward  # noqa: E402
 from sparseflash.integrations.hf import patch, patch_state, patched, unpatch  # noqa: E402
 from sparseflash.integrations.hf import patching as hf_patch  # noqa: E402
 from sparseflash.integrations.hf import plan as hf_plan  # noqa: E402
@@ -453,23 +452,6 @@ def test_registry_wrappers_see_every_call_but_not_the_dry_run(gen, monkeypatch):
         assert seen == []
         logits(model, ids_for(gen, 1, 40))
     assert seen == [(1, 4, 40, 16)] * 2
-
-
-def test_decode_block_lists():
-    """Per-query-head layouts give each KV head the union of its group's blocks; shared ones broadcast."""
-    from sparseflash.layouts import BlockLayout
-
-    keep = torch.tensor(
-        [[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool
-    )
-    layout = BlockLayout.from_dense(keep[None, :, None], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
-    indices, counts, block = hf_forward._decode_block_lists(layout, batch=2, num_heads=4, num_kv_heads=2)
-    assert block == 16 and indices.dtype == counts.dtype == torch.int32
-    assert counts.tolist() == [[4, 2]] * 2
-    assert indices[0, 0, :4].tolist() == [0, 1, 3, 4] and indices[1, 1, :2].tolist() == [0, 4]
-    shared = BlockLayout.from_dense(keep[None, None, None, 2], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
-    indices, counts, _ = hf_forward._decode_block_lists(shared, batch=1, num_heads=4, num_kv_heads=2)
-    assert counts.tolist() == [[1, 1]] and indices[0, :, 0].tolist() == [4, 4]
 
 
 def test_gradients_and_dropout_fall_back_to_sdpa(gen):

@@ -36,7 +36,6 @@ Example (dense round trip)::
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -217,18 +216,13 @@ class BlockLayout:
         The ``mask_mod`` is not carried over: sparseflash masks by position only (causal and sequence ends),
         so a BlockMask whose partial blocks hide other token-level structure loses it.
         """
-        from torch.nn.attention.flex_attention import BlockMask
+        from sparseflash.layouts.flex import read_flex_block_mask
 
-        if not isinstance(block_mask, BlockMask):
-            raise TypeError(f"block_mask: expected a flex_attention.BlockMask, got {type(block_mask).__name__}")
-        seq_len_q, seq_len_k = block_mask.seq_lengths
-        block_size = tuple(block_mask.BLOCK_SIZE)
-        num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
-        if block_mask.full_kv_num_blocks is None:
+        num, idx, seq_len_q, seq_len_k, block_size, full = read_flex_block_mask(block_mask)
+        if full is None:
             return cls(num, idx, seq_len_q, seq_len_k, block_size)
         partial = cls(num, idx, seq_len_q, seq_len_k, block_size).to_dense()
-        full = cls(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, seq_len_q, seq_len_k,
-                   block_size).to_dense()
+        full = cls(*full, seq_len_q, seq_len_k, block_size).to_dense()
         return cls.from_dense(partial | full, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
 
     def to_flex(self, *, causal: bool = True, num_heads: int | None = None, block_lookup: bool = True) -> object:
@@ -242,47 +236,49 @@ class BlockLayout:
         out of ``mask_mod`` (causal only): compiled Flex then computes the same function a little faster, but
         its eager path would attend outside the layout.
         """
-        from torch.nn.attention.flex_attention import BlockMask
+        from sparseflash.layouts.flex import to_flex_block_mask
 
-        if num_heads is not None:
-            if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-                raise TypeError(f"num_heads: expected a positive int (query heads) or None, got {num_heads!r}")
-            if num_heads < 1:
-                raise ValueError(f"num_heads: expected a positive int (query heads) or None, got {num_heads}")
-        partial_num, partial_idx, full_num, full_idx = self.split_full(causal=causal)
-        if num_heads is not None and self.num_heads not in (1, num_heads):
-            if num_heads % self.num_heads:
-                raise ValueError(
-                    f"num_heads: expected a multiple of the layout's {self.num_heads} heads, got {num_heads}"
-                )
-            rep = num_heads // self.num_heads
-            partial_num, partial_idx, full_num, full_idx = (
-                t.repeat_interleave(rep, dim=1) for t in (partial_num, partial_idx, full_num, full_idx)
+        return to_flex_block_mask(self, causal=causal, num_heads=num_heads, block_lookup=block_lookup)
+
+    def to_block_lists(
+        self, *, batch: int, num_heads: int, num_kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The decode kernel's per-KV-head block lists of a one-query-block layout (the new tokens' row).
+
+        Use: ``decode_attention(q, k_cache, v_cache, lens, layout=layout)`` does this conversion; by hand,
+        ``indices, counts, block = layout.to_block_lists(...)`` then ``kv_block_indices=indices,
+        kv_block_counts=counts, block_size=block``.
+
+        Args:
+            batch, num_heads, num_kv_heads: of the decode call (q's batch and heads, the cache's KV heads); the
+                layout's batch is 1 or ``batch`` and its heads 1, ``num_kv_heads`` or ``num_heads``.
+
+        Returns:
+            ``(indices, counts, block_k)``: int32 ``(batch, num_kv_heads, Kb)`` with the kept key-block ids first,
+            ascending; int32 ``(batch, num_kv_heads)`` counts; the key block size. A per-query-head layout gives
+            each KV head the union of its query heads' blocks. No host sync.
+
+        Raises:
+            ValueError: a layout with more than one query block, or batch/heads it cannot serve.
+        """
+        if self.num_q_blocks != 1:
+            raise ValueError(
+                f"layout: expected one query block (a decode layout, seq_len_q <= block_q), got {self.num_q_blocks}"
             )
-        # Flex defines the function by mask_mod (block lists only skip work), so it carries the layout too
-        block_q, block_k = self.block_size
-        offset = self.seq_len_k - self.seq_len_q
-        if block_lookup:
-            keep = self.to_dense()
-            if num_heads is not None and self.num_heads not in (1, num_heads):
-                keep = keep.repeat_interleave(num_heads // self.num_heads, dim=1)
-            per_batch, per_head = keep.shape[0] > 1, keep.shape[1] > 1
-
-        def layout_mask(b, h, q_idx, kv_idx):
-            kept = keep[b if per_batch else 0, h if per_head else 0, q_idx // block_q, kv_idx // block_k]
-            return kept & (kv_idx <= q_idx + offset) if causal else kept
-
-        def causal_only(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset if causal else q_idx >= 0
-
-        kwargs = {}
-        if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
-            kwargs["compute_q_blocks"] = False  # forward only: skip the transposed copy
-        return BlockMask.from_kv_blocks(
-            partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=self.block_size,
-            mask_mod=layout_mask if block_lookup else causal_only, seq_lengths=(self.seq_len_q, self.seq_len_k),
-            **kwargs,
-        )
+        if self.batch not in (1, batch) or self.num_heads not in (1, num_kv_heads, num_heads) or (
+            num_kv_heads < 1 or num_heads % num_kv_heads
+        ):
+            raise ValueError(
+                f"layout: expected batch 1 or {batch} and heads 1, {num_kv_heads} or {num_heads}, got batch "
+                f"{self.batch} and heads {self.num_heads}"
+            )
+        keep = self.to_dense()[:, :, 0]  # (B or 1, H, Kb) with H in (1, Hkv, Hq)
+        if keep.shape[1] == num_heads and num_heads != num_kv_heads:
+            keep = keep.reshape(keep.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).any(2)
+        keep = keep.expand(batch, num_kv_heads, keep.shape[-1])
+        counts = keep.sum(-1, dtype=torch.int32)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept block ids first, ascending
+        return order.to(torch.int32).contiguous(), counts.contiguous(), self.block_size[1]
 
     # ---------------------------------------------------------------- metrics
     def density(self, *, causal: bool = True) -> float:

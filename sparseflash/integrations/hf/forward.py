@@ -98,7 +98,7 @@ def _window_mask(seq_len_q: int, seq_len_k: int, window: int, device: torch.devi
 @functools.lru_cache(maxsize=1)
 def _decode_kernel() -> Any | None:
     try:
-        from sparseflash.ops.decode.launcher import decode_attention
+        from sparseflash.ops.decode.api import decode_attention
     except ImportError:
         return None
     return decode_attention
@@ -321,13 +321,7 @@ def _decode_block_lists(
     Returns ``(indices (B, Hkv, Kb) int32, counts (B, Hkv) int32, block_k)``; a per-query-head layout gives
     each KV head the union of its query heads' blocks. No host sync.
     """
-    keep = layout.to_dense()[:, :, 0]  # (B or 1, H, Kb) with H in (1, Hkv, Hq)
-    if keep.shape[1] == num_heads and num_heads != num_kv_heads:
-        keep = keep.reshape(keep.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).any(2)
-    keep = keep.expand(batch, num_kv_heads, keep.shape[-1])
-    counts = keep.sum(-1, dtype=torch.int32)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept block ids first, ascending
-    return order.to(torch.int32).contiguous(), counts.contiguous(), layout.block_size[1]
+    return layout.to_block_lists(batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
 
 def _prefill_padded(

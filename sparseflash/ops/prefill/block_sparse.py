@@ -2,12 +2,68 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from sparseflash._validate import check_backend, check_grad, check_qkv, check_scale, check_seq_lens
 from sparseflash.layouts import BlockLayout, PermutedLayout
 from sparseflash.ops.prefill.launcher import sparse_forward
 from sparseflash.ops.prefill.permuted import permuted_block_sparse_attention
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | PermutedLayout,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[False] = ...,
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    check_indices: bool = ...,
+    pack_gqa: bool | None = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | PermutedLayout,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[True],
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    check_indices: bool = ...,
+    pack_gqa: bool | None = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | PermutedLayout,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: bool = ...,
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    check_indices: bool = ...,
+    pack_gqa: bool | None = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def block_sparse_attention(

@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from sparseflash._validate import GPU_DTYPES, check_backend, check_grad, check_qkv, check_scale, check_seq_lens
 from sparseflash.ops.prefill.reference import attention_torch, valid_range
+
+
+@overload
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[False] = ...,
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[True],
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: bool = ...,
+    seq_lens: torch.Tensor | None = ...,
+    padding_side: str = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def flash_attention(

@@ -1,14 +1,10 @@
 """Launcher for :mod:`sparseflash.ops.prefill.kernel`: tile choice, GQA packing, scheduling, int64 offsets.
 
-Tuning switches read at each launch (for ``benchmarks/``): ``SPARSEFLASH_PREFILL_CONFIG=BM,BN,WARPS,STAGES``
-overrides the tile config; ``SPARSEFLASH_SPARSE_PREFETCH=1`` makes the block-sparse loop load the next block
-id one step ahead (FlexAttention's scheme), an experiment not yet timed on a GPU.
+Tuning (tile config, the experimental sparse prefetch) comes from :mod:`sparseflash.ops.tuning`, read at each
+launch, or from the ``config`` argument.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -17,18 +13,9 @@ from sparseflash._validate import GPU_DTYPES
 from sparseflash.layouts import BlockLayout
 from sparseflash.ops.prefill.kernel import LOG2E, prefill_fwd_kernel
 from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
+from sparseflash.ops.tuning import TileConfig, get_tuning
 
 INT32_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and pipelining of one launch."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
 
 
 # head_dim ceiling -> config on Hopper. Tuned by benchmarks/bench_dense_vs_peers.py --sweep.
@@ -40,11 +27,7 @@ _DEFAULT_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
 
 
 def default_config(head_dim: int) -> TileConfig:
-    """The tile config used for ``head_dim`` unless ``SPARSEFLASH_PREFILL_CONFIG=BM,BN,WARPS,STAGES`` is set."""
-    override = os.environ.get("SPARSEFLASH_PREFILL_CONFIG")
-    if override:
-        block_m, block_n, warps, stages = (int(x) for x in override.split(","))
-        return TileConfig(block_m, block_n, warps, stages)
+    """The library's tile config for ``head_dim`` (:attr:`~sparseflash.ops.tuning.Tuning.prefill` overrides it)."""
     for ceiling, config in _DEFAULT_CONFIGS:
         if head_dim <= ceiling:
             return config
@@ -115,7 +98,8 @@ def prefill_forward(
     batch, num_heads, seq_len_q, head_dim = q.shape
     num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    config = config or default_config(head_dim)
+    tuning = get_tuning()
+    config = config or tuning.prefill or default_config(head_dim)
     sparse = layout is not None
 
     if pack_gqa is None:
@@ -176,7 +160,7 @@ def prefill_forward(
         BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack,
         CAUSAL=causal, SPARSE=sparse, LAYOUT_BLOCK_Q=layout_block[0], LAYOUT_BLOCK_K=layout_block[1],
         CAPACITY_POW2=capacity_pow2, HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse,
-        OFFS_64=_needs_int64(q, k, v, out), PREFETCH=os.environ.get("SPARSEFLASH_SPARSE_PREFETCH", "0") == "1",
+        OFFS_64=_needs_int64(q, k, v, out), PREFETCH=tuning.sparse_prefetch,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

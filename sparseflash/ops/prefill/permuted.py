@@ -7,12 +7,53 @@ own segment over the original ``K``/``V``, merged exactly by log-sum-exp.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from sparseflash._validate import check_backend, check_grad, check_qkv, check_scale
 from sparseflash.layouts import PermutedLayout
 from sparseflash.ops.merge import merge_attention_states
 from sparseflash.ops.prefill.launcher import sparse_forward
+
+
+@overload
+def permuted_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PermutedLayout,
+    *,
+    scale: float | None = ...,
+    return_lse: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def permuted_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PermutedLayout,
+    *,
+    scale: float | None = ...,
+    return_lse: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def permuted_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PermutedLayout,
+    *,
+    scale: float | None = ...,
+    return_lse: bool = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def permuted_block_sparse_attention(
