@@ -210,24 +210,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from sparseflash.eval.model import EMBEDDED_DEFAULT, TINY, _catalogue
+    from sparseflash.eval.model import EMBEDDED_DEFAULT, TINY
+    from sparseflash.integrations import models as catalogue
 
     table = Table(title="models that load offline (sparseflash eval --model NAME)")
     for col in ("name", "installed", "details"):
         table.add_column(col)
-    cat = _catalogue()
-    entries: list[tuple[str, str, str]] = []
-    if cat is not None:
-        lister = next((getattr(cat, a) for a in ("available", "list_models", "names") if hasattr(cat, a)), None)
-        for m in (lister() if lister else []):
-            name = m if isinstance(m, str) else getattr(m, "name", str(m))
-            inst = getattr(cat, "is_installed", None)
-            installed = ("yes" if inst(name) else "no") if callable(inst) else (
-                "yes" if getattr(m, "installed", False) else "?")
-            detail = "" if isinstance(m, str) else str(getattr(m, "description", getattr(m, "packages", "")))
-            entries.append((name, installed, detail))
-    else:
-        entries.append(("(catalogue module sparseflash.integrations.models not present)", "-", ""))
+    entries = [(m.name, "yes" if m.installed else "no", m.description) for m in catalogue.available()]
     entries.append((TINY, "yes", "2-layer random-weight Llama, byte tokenizer, built in memory (plumbing checks)"))
     for name, inst, detail in entries:
         star = " (default)" if name == EMBEDDED_DEFAULT else ""

@@ -194,9 +194,10 @@ def _brute_recall(q, k, keep, bq, bk):
 
 
 @pytest.mark.parametrize("seq,heads", [(37, (4, 2)), (70, (6, 3))])
-def test_attention_recall_torch_matches_brute_force(gen, seq, heads):
-    from sparseflash.eval.recall import attention_recall_torch
+def test_attention_recall_matches_brute_force(gen, seq, heads):
+    """The recall the eval reports per layer (sparseflash.metrics) against the definition."""
     from sparseflash.layouts import BlockLayout, causal_block_mask
+    from sparseflash.metrics import attention_recall
 
     hq, hkv = heads
     q = torch.randn(1, hq, seq, 16, generator=gen)
@@ -205,9 +206,9 @@ def test_attention_recall_torch_matches_brute_force(gen, seq, heads):
     keep = (torch.rand(1, hkv, *allowed.shape[-2:], generator=gen) < 0.5) & allowed
     keep[..., 0] = True
     layout = BlockLayout.from_dense(keep, seq_len_q=seq, seq_len_k=seq, block_size=(16, 16))
-    got = attention_recall_torch(q, k, layout, chunk=16)
+    got = attention_recall(q, k, layout)
     ref = _brute_recall(q, k, keep.repeat_interleave(hq // hkv, dim=1), 16, 16)
     assert abs(got - ref) < 1e-5
     full = BlockLayout.from_dense(allowed.expand(1, 1, *allowed.shape[-2:]).clone(), seq_len_q=seq, seq_len_k=seq,
                                   block_size=(16, 16))
-    assert abs(attention_recall_torch(q, k, full) - 1.0) < 1e-5
+    assert abs(attention_recall(q, k, full) - 1.0) < 1e-5
