@@ -1,6 +1,6 @@
 """GPU-only prefill checks: large shapes, int32-overflowing offsets, poisoned outputs (skipped without CUDA).
 
-Run on the device:  python -m pytest tests/test_gpu_prefill.py -m gpu -q
+Run on the device:  python -m pytest tests/ops/test_gpu_prefill.py -m gpu -q
 """
 
 from __future__ import annotations

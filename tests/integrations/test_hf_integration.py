@@ -610,15 +610,33 @@ def test_smollm2_gguf_dense_patched_matches_unpatched(tmp_path):
     assert torch.equal(out[0, -1].argmax(), ref[0, -1].argmax())
 
 
+# prompt lengths from which each method's default options keep fewer than all causal blocks inside the tiny model
+# (measured). The other methods' defaults count tokens (4K-token windows, MInference's 1000 vertical / 6096 slash
+# lines, XAttention's threshold over 16-strided antidiagonals, BSFA's calibrated top-k) and keep every block below
+# ~4K tokens, beyond what the float64 reference affords on a CPU: they run at 300 tokens, where they are dense
+# (asserted, so a change of their defaults shows here).
+SPARSE_DEFAULTS_AT = {"oracle": 300, "power": 640, "strided": 640, "flexprefill": 1024, "permuted": 2048}
+DENSE_DEFAULTS_AT_300 = {"block_max", "sliding_window", "streaming", "vertical_slash", "xattention"}
+
+
 @pytest.mark.parametrize("method", [m for m in patterns.available() if m != "dense"])
 def test_every_pattern_at_defaults_matches_masked_reference(method, gen):
-    """Each registered pattern, default options, runs inside the model as its own layout says (S = 300)."""
+    """Each registered pattern, default options, runs inside the model as its own layout says, at a length where
+    its defaults are sparse (``SPARSE_DEFAULTS_AT``)."""
+    seq_len = SPARSE_DEFAULTS_AT.get(method, 300)
     model = tiny_model("llama")
-    ids = ids_for(gen, 1, 300)
+    ids = ids_for(gen, 1, seq_len)
     ref = reference_run(model, method, {}, lambda m: logits(m, ids))
+    densities = []
     with patched(model, method, min_sparse_len=0, dense_last_queries=0):
+        patch_state(model).on_prefill = lambda layer, density: densities.append(density)
         out = logits(model, ids)
         assert patch_state(model).calls == {"sparse": 2}
+    assert len(densities) == 2
+    if method in SPARSE_DEFAULTS_AT:
+        assert max(densities) < 1.0, f"{method}: its defaults kept every block at {seq_len} tokens: {densities}"
+    elif method in DENSE_DEFAULTS_AT_300:  # (patterns registered by other tests are neither)
+        assert min(densities) == 1.0, f"{method}: sparse at {seq_len} tokens {densities}: list it in SPARSE_DEFAULTS_AT"
     assert rel_err(out, ref) < 1e-5
 
 
@@ -628,7 +646,7 @@ def test_e2e_benchmark_plumbing_on_cpu(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench_dir))
     try:
         import bench_e2e_prefill as bench
