@@ -346,7 +346,7 @@ def calibrate(model: Any, tokenizer_or_ids: Any, method: str = "xattention", *, 
         name: the model's name in the file (default: its config's ``name_or_path``).
         on_layer: called with each layer's result as it is done (progress).
     """
-    from sparseflash.eval.engine import capture_attention
+    from sparseflash.eval.capture import capture_attention
     from sparseflash.integrations.hf.model import _attention_modules, _check_model
 
     _check_model(model)

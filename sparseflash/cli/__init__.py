@@ -2,7 +2,7 @@
 
 * :mod:`.args`: parsing and checking of flag values (bad input is a :class:`~.args.UsageError`, exit 2);
 * :mod:`.parser`: the subcommands and their flags;
-* :mod:`.commands`: what each subcommand does (``cmd_eval``, ``cmd_bench``, ...).
+* :mod:`.commands`: what each subcommand does (``cmd_eval``, ``cmd_plot``, ...); :mod:`.bench`: ``cmd_bench``.
 
 ``sparseflash eval`` runs the accuracy grid (tasks x lengths x depths x samples, the ``sdpa`` baseline + methods)
 on a model that loads offline, writes one JSON line per case (as each finishes) and ``summary.json`` to the

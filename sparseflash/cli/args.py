@@ -228,7 +228,7 @@ def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float]
     most tokens any byte-level tokenizer needs (exact for ``tiny-random``); once loaded, with the model's
     tokenizer and prompt format (``--chat``). Lengths of :data:`FITS_ANY_TASK` tokens or more always fit.
     """
-    from sparseflash.eval.runner import case_seed
+    from sparseflash.eval.grid import case_seed
     from sparseflash.eval.tasks import get_task, plain_format
 
     shortest = min(lengths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparseflash.cli.args import ALL_TASKS, PREFERRED_METHODS
+from sparseflash.cli.bench import cmd_bench
 from sparseflash.cli.commands import (
     CPU_BATCH,
     CPU_DEPTHS,
@@ -13,7 +14,6 @@ from sparseflash.cli.commands import (
     GPU_BATCH,
     GPU_DEPTHS,
     GPU_LENGTHS,
-    cmd_bench,
     cmd_calibrate,
     cmd_eval,
     cmd_models,

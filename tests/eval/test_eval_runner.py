@@ -13,10 +13,11 @@ import torch
 from test_eval_results import TEST_METHOD  # registers the test pattern
 
 from sparseflash.eval.engine import Engine
+from sparseflash.eval.grid import batches
 from sparseflash.eval.methods import check_method, use_method
 from sparseflash.eval.progress import progress
 from sparseflash.eval.results import ResultsStore, read_cases
-from sparseflash.eval.runner import EvalConfig, Runner, batches
+from sparseflash.eval.runner import EvalConfig, Runner
 from sparseflash.eval.text import load_corpus
 
 

@@ -92,7 +92,9 @@ def decode_forward(
     Returns out (B, Hq, Sq_new, D) in q's dtype (contiguous) and lse (B, Hq, Sq_new) float32 or None.
     """
     from sparseflash.ops._triton_env import num_sms
-    from sparseflash.ops.decode.kernel import LOG2E, decode_combine_kernel, decode_split_kernel
+    from sparseflash.ops.decode.combine import decode_combine_kernel
+    from sparseflash.ops.decode.kernel import decode_split_kernel
+    from sparseflash.ops.triton_common import LOG2E
 
     config = config or get_tuning().decode or default_config(dims.head_dim)
     sparse = kv_block_indices is not None

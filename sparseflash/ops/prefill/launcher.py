@@ -11,8 +11,9 @@ import triton
 
 from sparseflash._validate import GPU_DTYPES
 from sparseflash.layouts import BlockLayout
-from sparseflash.ops.prefill.kernel import LOG2E, prefill_fwd_kernel
+from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
+from sparseflash.ops.triton_common import LOG2E
 from sparseflash.ops.tuning import TileConfig, get_tuning
 
 INT32_MAX = 2**31 - 1
