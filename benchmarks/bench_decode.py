@@ -17,13 +17,12 @@ Writes ``decode_<gpu>.json`` (results.md shape) and ``decode_<gpu>.png``; prints
     PYTHONUNBUFFERED=1 python benchmarks/bench_decode.py [--quick] [--sweep] [--page-size 16] [--out DIR]
 
 ``--sweep`` also times split counts and kernel configs (BLOCK_N, warps, stages) at B=1 128K and B=8 32K
-(rows with impl ``sparseflash_sweep``), to tune ``sparseflash/ops/decode.py``'s defaults.
+(rows with impl ``sparseflash_sweep``), to tune ``sparseflash/ops/decode/launcher.py``'s defaults.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -35,7 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, bench_ms, gpu_tag, measure_ceilings, out_dir, print_table, rel_err, write_result
 
-from sparseflash.ops.decode import choose_num_splits, decode_attention  # noqa: E402
+from sparseflash.ops.decode.api import decode_attention  # noqa: E402
+from sparseflash.ops.decode.launcher import choose_num_splits  # noqa: E402
+from sparseflash.ops.tuning import DecodeConfig, Tuning, get_tuning, set_tuning  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 BATCHES = (1, 8, 64)
@@ -222,14 +223,14 @@ def run_point(batch: int, kv_len: int, args, flex, copy_tb_s: float) -> list[dic
 def sweep(copy_tb_s: float) -> list[dict]:
     """Split counts x kernel configs at the points where the split heuristic matters most."""
     rows = []
-    old = os.environ.get("SPARSEFLASH_DECODE_CONFIG")
+    old = get_tuning()
     for batch, kv_len in SWEEP_POINTS:
         q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, HKV, kv_len, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         lengths = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
         for config in SWEEP_CONFIGS:
-            os.environ["SPARSEFLASH_DECODE_CONFIG"] = config
+            set_tuning(Tuning(decode=DecodeConfig(*(int(x) for x in config.split(",")))))
             for splits in SWEEP_SPLITS:
                 fn = functools.partial(decode_attention, q, k, v, lengths, num_splits=splits, check_values=False)
                 row = {"batch": batch, "kv_len": kv_len, "impl": "sparseflash_sweep", "paged": False,
@@ -240,10 +241,7 @@ def sweep(copy_tb_s: float) -> list[dict]:
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 rows.append(add_bandwidth(row, copy_tb_s))
                 print({c: row.get(c) for c in ("batch", "kv_len", "config", "num_splits", "ms", "tb_s")}, flush=True)
-    if old is None:
-        os.environ.pop("SPARSEFLASH_DECODE_CONFIG", None)
-    else:
-        os.environ["SPARSEFLASH_DECODE_CONFIG"] = old
+    set_tuning(old)
     return rows
 
 

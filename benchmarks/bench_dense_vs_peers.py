@@ -7,7 +7,7 @@ do_bench medians. Checks each implementation against a float32 reference on a sl
     PYTHONUNBUFFERED=1 python benchmarks/bench_dense_vs_peers.py [--quick] [--sweep] [--out DIR]
 
 ``--sweep`` also times tile configs of the kernel (BLOCK_M, BLOCK_N, warps, stages) at 16K to tune
-``sparseflash/ops/prefill.py``'s defaults (rows with impl ``sparseflash_cfg<...>``).
+``sparseflash/ops/prefill/launcher.py``'s defaults (rows with impl ``sparseflash_cfg<...>``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, bench_ms, gpu_tag, measure_ceilings, out_dir, print_table, rel_err, write_result
 
 import sparseflash as sf  # noqa: E402
-from sparseflash.ops.prefill import TileConfig, prefill_forward  # noqa: E402
-from sparseflash.ops.reference import masked_attention, token_mask  # noqa: E402
+from sparseflash.ops.prefill.launcher import TileConfig, prefill_forward  # noqa: E402
+from sparseflash.ops.prefill.reference import masked_attention, token_mask  # noqa: E402
 
 HQ, HKV = 32, 8
 SWEEP = {

@@ -36,8 +36,8 @@ from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, rel_er
 
 import sparseflash as sf  # noqa: E402
 from sparseflash import patterns  # noqa: E402
+from sparseflash.layouts import geometry as geo  # noqa: E402
 from sparseflash.metrics import attention_recall  # noqa: E402
-from sparseflash.patterns import _common as C  # noqa: E402
 
 ORACLE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 COLUMNS = ["method", "seqlen", "select_ms", "attn_ms", "dense_ms", "select_frac", "total_vs_dense", "density",
@@ -110,8 +110,8 @@ def check_layout(name: str, layout: sf.BlockLayout, seq: int) -> None:
         return
     dense = layout.to_dense()
     bs = layout.block_size
-    allowed = C.causal_allowed(seq, seq, bs, device=dense.device)
-    diag = C.diagonal_mask(seq, seq, bs, device=dense.device) & allowed
+    allowed = geo.causal_block_mask(seq, seq, bs, device=dense.device)
+    diag = geo.diagonal_mask(seq, seq, bs, device=dense.device) & allowed
     if bool((dense & ~allowed).any()) or not bool(dense[..., diag].all()):
         raise AssertionError(f"{name}: layout breaks the causal/diagonal invariants at seqlen {seq}")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, rel_err, write_result
 
 import sparseflash as sf  # noqa: E402
-from sparseflash.layout import causal_block_mask  # noqa: E402
+from sparseflash.layouts import causal_block_mask  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 

@@ -1,8 +1,8 @@
 """Why do sparse methods lose accuracy on a real model? Attention recall per layer, head and query position.
 
 One forward of a real model over ``--length`` tokens of real text (KJV), every layer's post-RoPE q/k captured
-(:func:`sparseflash.eval.engine.capture_attention`). Per layer the exact block masses ``E[h, I, J]`` of the dense
-causal softmax are computed once (:func:`sparseflash.patterns.block_scores.block_scores`, ``mode="mass"``); each
+(:func:`sparseflash.eval.capture.capture_attention`). Per layer the exact block masses ``E[h, I, J]`` of the dense
+causal softmax are computed once (:func:`sparseflash.ops.scores.block_scores.block_scores`, ``mode="mass"``); each
 query row has mass 1, so for any block set the mean row recall is ``sum(E * kept) / sum(E)`` and the recall of
 query block ``I`` is ``sum_J (E * kept)[I, J] / sum_J E[I, J]``. Per layer and head this gives, for every method
 variant: density, recall, and the recall of the **true oracle at equal density** (the per-head global top-mass
@@ -27,12 +27,11 @@ from typing import Any
 import torch
 
 import sparseflash as sf
-from sparseflash.eval.engine import capture_attention
+from sparseflash.eval.capture import capture_attention
 from sparseflash.eval.model import load_model
 from sparseflash.eval.text import load_corpus
-from sparseflash.layout import causal_block_mask
-from sparseflash.patterns.block_scores import block_scores
-from sparseflash.patterns.pbs import PermutedLayout
+from sparseflash.layouts import PermutedLayout, causal_block_mask
+from sparseflash.ops.scores.block_scores import block_scores
 
 BLOCK = 128
 DEFAULT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -92,8 +92,8 @@ for lh in (1, 2, 8):
 
 @case("decode dense + paged + sparse")
 def _():
-    from sparseflash.ops.decode import decode_attention
-    from sparseflash.ops.decode_reference import decode_reference
+    from sparseflash.ops.decode.api import decode_attention
+    from sparseflash.ops.decode.reference import decode_reference
 
     b, hq, hkv, s, d = 4, 32, 8, 5000, 128
     q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)

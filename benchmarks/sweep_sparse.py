@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from _common import base_parser, bench_ms, out_dir
 from bench_sparse_vs_flex import HKV, HQ, random_layout
 
 import sparseflash as sf  # noqa: E402
+from sparseflash.ops.tuning import TileConfig, Tuning, get_tuning, set_tuning  # noqa: E402
 
 CONFIGS = ["128,64,8,3", "128,128,8,3", "128,128,8,2", "128,64,8,4", "64,64,4,3"]
 
@@ -33,10 +33,10 @@ def main() -> None:
     layouts = {rho: random_layout(seq, HQ, rho, gen) for rho in (0.1, 1.0)}
     rows = []
     for config in CONFIGS:
-        os.environ["SPARSEFLASH_PREFILL_CONFIG"] = config
+        set_tuning(Tuning(prefill=TileConfig(*(int(x) for x in config.split(",")))))
         dense = bench_ms(functools.partial(sf.flash_attention, q, k, v))["ms"]
         for prefetch in ("0", "1"):
-            os.environ["SPARSEFLASH_SPARSE_PREFETCH"] = prefetch
+            set_tuning(Tuning(prefill=get_tuning().prefill, sparse_prefetch=prefetch == "1"))
             row = {"config": config, "prefetch": prefetch, "dense_ms": dense}
             for rho, layout in layouts.items():
                 fn = functools.partial(sf.block_sparse_attention, q, k, v, layout, check_indices=False)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh virtual environment and run the test suite (the README's test command; .ci/run runs it).
+# Set up a fresh virtual environment, lint with ruff, then run the test suite (the README's test command; .ci/run
+# runs it).
 # torch 2.13.0 goes in first and alone, so pip takes the CPU build and nothing pulls a CUDA one;
 # triton 3.6.0 is the GPU machine's version, so the interpreter runs the Triton the GPU runs.
 set -euo pipefail
@@ -8,4 +9,6 @@ VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q triton==3.6.0 -e ".[test,eval]"
+"$VENV/bin/ruff" check .   # lint (seconds; ruff comes with the test extra)
+# `ruff format --check .` joins here with the one-time `ruff format` of the tree (CHANGELOG, issue 11)
 "$VENV/bin/python" -m pytest -q "$@"

@@ -16,15 +16,15 @@ Public API:
 from sparseflash import patterns
 from sparseflash.calibration import calibrate, load_calibration
 from sparseflash.integrations.hf import is_patched, patch, patched, unpatch
-from sparseflash.layout import BlockLayout, causal_block_mask, dense_layout
+from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask, dense_layout
 from sparseflash.metrics import attention_recall, density
-from sparseflash.ops.block_sparse import block_sparse_attention
-from sparseflash.ops.decode import decode_attention
-from sparseflash.ops.decode_reference import decode_reference
-from sparseflash.ops.dense import flash_attention
+from sparseflash.ops.decode.api import decode_attention
+from sparseflash.ops.decode.reference import decode_reference
 from sparseflash.ops.merge import merge_attention_states
-from sparseflash.ops.reference import attention_reference
-from sparseflash.patterns.pbs import PermutedLayout, permuted_block_sparse_attention
+from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+from sparseflash.ops.prefill.dense import flash_attention
+from sparseflash.ops.prefill.permuted import permuted_block_sparse_attention
+from sparseflash.ops.prefill.reference import attention_reference
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the patterns read
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 # largest softmax scale accepted: float16 logits (|q.k| < 2**40 at head_dim 256) times it stay far below float32's
@@ -90,6 +91,38 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionDim
         )
     check_head_dim("q", head_dim)
     return AttentionDims(batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim)
+
+
+def check_qk(name: str, q: object, k: object) -> tuple[int, int, int, int, int, int]:
+    """Validate q ``(B, Hq, Sq, D)`` and k ``(B, Hkv, Sk, D)`` for pattern ``name``.
+
+    Returns:
+        ``(batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim)``.
+
+    Raises:
+        TypeError: a non-tensor or a non-floating dtype.
+        ValueError: wrong rank, mismatched batch/head_dim/device, Hq not a multiple of Hkv, empty dims.
+    """
+    for arg, t in (("q", q), ("k", k)):
+        check_tensor(arg, t, ndim=4)
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: {arg}: expected a floating dtype (float16, bfloat16, float32), got {t.dtype}")
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"{name}: k: expected shape ({batch}, num_kv_heads, seq_len_k, {head_dim}) (batch and head_dim "
+            f"from q), got {tuple(k.shape)}"
+        )
+    if k.device != q.device:
+        raise ValueError(f"{name}: k: expected device {q.device} (from q), got {k.device}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"{name}: q: expected num_heads a multiple of k's num_kv_heads={num_kv_heads}, got {num_heads}"
+        )
+    if min(batch, num_heads, seq_len_q, seq_len_k, head_dim) == 0:
+        raise ValueError(f"{name}: q, k: expected non-empty dims, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:

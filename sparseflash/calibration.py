@@ -259,7 +259,7 @@ class _RecallProbe:
     lse computed once (the bisection scores ~9 layouts per layer)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
-        from sparseflash.ops.dense import flash_attention
+        from sparseflash.ops.prefill.dense import flash_attention
 
         self.q, self.k, self.scale = q, k, scale
         _, lse = flash_attention(q, k, k, causal=True, scale=scale, return_lse=True)
@@ -268,7 +268,7 @@ class _RecallProbe:
 
     def __call__(self, layout: Any) -> torch.Tensor:
         """float64 (Hq,) on the CPU: mean row recall per query head."""
-        from sparseflash.ops.block_sparse import block_sparse_attention
+        from sparseflash.ops.prefill.block_sparse import block_sparse_attention
 
         _, lse = block_sparse_attention(self.q, self.k, self.k, layout, causal=True, scale=self.scale,
                                         return_lse=True)
@@ -346,8 +346,8 @@ def calibrate(model: Any, tokenizer_or_ids: Any, method: str = "xattention", *, 
         name: the model's name in the file (default: its config's ``name_or_path``).
         on_layer: called with each layer's result as it is done (progress).
     """
-    from sparseflash.eval.engine import capture_attention
-    from sparseflash.integrations.hf_model import _attention_modules, _check_model
+    from sparseflash.eval.capture import capture_attention
+    from sparseflash.integrations.hf.model import _attention_modules, _check_model
 
     _check_model(model)
     if method not in CALIBRATED:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout, causal_block_mask
-from sparseflash.ops.block_sparse import block_sparse_attention
-from sparseflash.ops.dense import flash_attention
+from sparseflash.layouts import BlockLayout, PermutedLayout, causal_block_mask
+from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+from sparseflash.ops.prefill.dense import flash_attention
 
 
 def row_recall(
     q: torch.Tensor,
     k: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | PermutedLayout,
     *,
     causal: bool = True,
     scale: float | None = None,
@@ -42,7 +42,7 @@ def row_recall(
         ValueError: a NaN log-sum-exp (NaN/inf in q or k), checked with one host sync, and the attention
             entry points' errors (a ``scale`` that is not finite and positive, say).
     """
-    if not isinstance(layout, BlockLayout):
+    if not isinstance(layout, BlockLayout | PermutedLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     _, lse_dense = flash_attention(q, k, k, causal=causal, scale=scale, return_lse=True, backend=backend)
     _, lse_sparse = block_sparse_attention(q, k, k, layout, causal=causal, scale=scale, return_lse=True,
@@ -61,7 +61,7 @@ def row_recall(
 def attention_recall(
     q: torch.Tensor,
     k: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | PermutedLayout,
     *,
     causal: bool = True,
     scale: float | None = None,
@@ -89,12 +89,16 @@ def attention_recall(
     return float(num.sum() / valid.sum().clamp_min(1))
 
 
-def density(layout: BlockLayout, *, causal: bool = True, per_head: bool = False) -> float | torch.Tensor:
+def density(
+    layout: BlockLayout | PermutedLayout, *, causal: bool = True, per_head: bool = False
+) -> float | torch.Tensor:
     """Kept blocks over causal-allowed blocks (methods.md §1.3), averaged over batch and heads.
 
     Blocks kept above the causal diagonal do not count. ``per_head=True`` gives a float64 tensor
-    ``(layout heads,)`` averaged over the batch.
+    ``(layout heads,)`` averaged over the batch. A :class:`PermutedLayout` counts the blocks it computes.
     """
+    if isinstance(layout, PermutedLayout):
+        layout = layout.blocks
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     if not per_head:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import randn
 
-from sparseflash.layout import BlockLayout, causal_block_mask
+from sparseflash.layouts import BlockLayout, causal_block_mask
 from sparseflash.metrics import attention_recall, density, row_recall
 
 

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,6 +126,15 @@ def e2e_rows(loaded: Any, methods: list[str], lengths: list[int], *, method_opti
                          "density": density, "peak_mem_gib": peak,
                          "speedup_vs_sdpa": base_ms / ms if base_ms else None})
     return rows
+
+
+def write_bench(
+    path: Path, benchmark: str, env: dict[str, Any], command: str, rows: list[dict[str, Any]], png: Path, title: str
+) -> list[Path]:
+    """Write ``rows`` as ``{"benchmark", **env, "command", "rows"}`` JSON to ``path`` and their plot to ``png``."""
+    path.write_text(json.dumps({"benchmark": benchmark, **env, "command": command, "rows": rows}, indent=1))
+    plot_bench(rows, png, title)
+    return [path, png]
 
 
 def plot_bench(rows: list[dict[str, Any]], path: Any, title: str) -> None:

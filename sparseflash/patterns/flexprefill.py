@@ -42,9 +42,12 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common
-from sparseflash.patterns.last_queries import last_query_scores
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.ops.scores.last_queries import last_query_scores
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 DEFAULT_GAMMA = 0.9  # README; the RULER scripts use 0.95 for Llama-3.1-8B and GLM-4-9B
@@ -91,8 +94,8 @@ def _grouped_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _dense(batch: int, heads: int, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
            device: torch.device) -> BlockLayout:
-    mask = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)
-    return _common.to_layout(mask.expand(batch, heads, *mask.shape), seq_len_q, seq_len_k, block_size)
+    mask = geo.causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)
+    return sel.to_layout(mask.expand(batch, heads, *mask.shape), seq_len_q, seq_len_k, block_size)
 
 
 @register("flexprefill", kind="dynamic", heads="q")
@@ -140,26 +143,26 @@ def flexprefill(
         NotImplementedError: ``causal=False``.
     """
     name = "flexprefill"
-    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = _common.check_qk(name, q, k)
-    _common.check_causal(name, causal, causal_only=True)
-    block_size = _common.check_block_size(name, block_size, square=True)
-    scale = _common.check_scale(name, scale)
-    _common.check_backend_option(name, backend)
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = check_qk(name, q, k)
+    opt.check_causal(name, causal, causal_only=True)
+    block_size = opt.check_block_size(name, block_size, square=True)
+    scale = opt.check_scale(name, scale)
+    opt.check_backend_option(name, backend)
     if gamma is not None and target_recall is not None:
         raise ValueError(f"{name}: expected gamma or target_recall, not both; got {gamma!r} and {target_recall!r}")
     if target_recall is not None:
-        gamma = _common.check_fraction(f"{name}: target_recall", target_recall)
+        gamma = opt.check_fraction(f"{name}: target_recall", target_recall)
     else:
-        gamma = _common.check_fraction(f"{name}: gamma", DEFAULT_GAMMA if gamma is None else gamma)
+        gamma = opt.check_fraction(f"{name}: gamma", DEFAULT_GAMMA if gamma is None else gamma)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
         raise ValueError(f"{name}: tau: expected a float >= 0, got {tau!r}")
     if min_budget is not None:
-        _common.check_positive_int(f"{name}: min_budget", min_budget)
+        opt.check_positive_int(f"{name}: min_budget", min_budget)
     if max_budget is not None:
-        _common.check_positive_int(f"{name}: max_budget", max_budget)
+        opt.check_positive_int(f"{name}: max_budget", max_budget)
         if min_budget is not None and max_budget < min_budget:
             raise ValueError(f"{name}: max_budget: expected >= min_budget={min_budget}, got {max_budget}")
-    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
+    layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
     block = block_size[0]
     scale = head_dim**-0.5 if scale is None else scale
     num_q_blocks, num_k_blocks = math.ceil(seq_len_q / block), math.ceil(seq_len_k / block)
@@ -193,14 +196,14 @@ def flexprefill(
     vert_blocks[..., 0] = float("inf")
     slash_blocks[..., last_diag] = float("inf")
     # 6. vertical and slash blocks
-    allowed = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
-    mask = _common.select_topk(vert_blocks, n_vert)[:, :, None, :] & allowed
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
+    mask = sel.select_topk(vert_blocks, n_vert)[:, :, None, :] & allowed
     offset = seq_len_k - seq_len_q
     q_last_pos = torch.clamp((torch.arange(num_q_blocks, device=device) + 1) * block, max=seq_len_q) - 1 + offset
     diag_block = torch.div(q_last_pos, block, rounding_mode="floor")  # key block of each row block's last query
     group = torch.arange(num_k_blocks, device=device)[None, :] - diag_block[:, None] + last_diag  # (Qb, Kb)
     in_range = (group >= 0) & (group <= last_diag) & allowed
-    slash_keep = _common.select_topk(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
+    slash_keep = sel.select_topk(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
     picked = slash_keep.gather(-1, group.clamp(0, num_k_blocks - 1).reshape(1, 1, -1).expand(batch, num_heads, -1))
     mask |= picked.view(batch, num_heads, num_q_blocks, num_k_blocks) & in_range
     # 7. query-aware heads: global gamma-coverage of the pooled block attention
@@ -214,7 +217,7 @@ def flexprefill(
     coverage = coverage.view(batch, num_heads, num_q_blocks, num_k_blocks) & allowed
     mask |= coverage & query_aware[:, :, None, None]
     # 8. diagonal blocks
-    mask = _common.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    mask = sel.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
     if layout_heads != num_heads:
-        mask = _common.group_heads(mask, num_kv_heads)
-    return _common.to_layout(mask, seq_len_q, seq_len_k, block_size)
+        mask = sel.group_heads(mask, num_kv_heads)
+    return sel.to_layout(mask, seq_len_q, seq_len_k, block_size)

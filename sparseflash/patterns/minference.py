@@ -9,7 +9,7 @@ to at least 50, both capped at the key length, as MInference does.
 
 Pipeline (score -> select -> layout):
 
-1. :func:`sparseflash.patterns.last_queries.last_query_scores` (Triton on CUDA, PyTorch reference beside it);
+1. :func:`sparseflash.ops.scores.last_queries.last_query_scores` (Triton on CUDA, PyTorch reference beside it);
 2. :func:`vertical_slash_indices`: top-k columns and diagonals, the token-level index MInference's kernel uses;
 3. :func:`vertical_slash_block_mask`: block ``(I, J)`` is kept iff some kept column or diagonal has an
    allowed (query, key) pair inside it. This is exactly the block union of the token pattern (a superset).
@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common
-from sparseflash.patterns.last_queries import last_query_scores
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.ops.scores.last_queries import last_query_scores
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 MIN_VERTICAL = 30  # MInference raises vertical_size to at least this
@@ -109,7 +112,7 @@ def vertical_slash_block_mask(
     lead = columns.shape[:2]
     num_q_blocks = -(-seq_len_q // block_q)
     num_k_blocks = -(-seq_len_k // block_k)
-    allowed = _common.causal_allowed(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
     # verticals: any kept column inside key block J (a column past a block's last query only happens in the
     # diagonal key block, which the local diagonals keep anyway)
     col_hit = torch.zeros(*lead, num_k_blocks * block_k, dtype=torch.bool, device=device)
@@ -177,22 +180,22 @@ def vertical_slash(
         NotImplementedError: ``causal=False``.
     """
     name = "vertical_slash"
-    _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = _common.check_qk(name, q, k)
-    _common.check_causal(name, causal, causal_only=True)
-    block_size = _common.check_block_size(name, block_size)
-    scale = _common.check_scale(name, scale)
-    _common.check_backend_option(name, backend)
+    _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = check_qk(name, q, k)
+    opt.check_causal(name, causal, causal_only=True)
+    block_size = opt.check_block_size(name, block_size)
+    scale = opt.check_scale(name, scale)
+    opt.check_backend_option(name, backend)
     for option, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size),
                           ("local_diagonals", local_diagonals)):
-        _common.check_positive_int(f"{name}: {option}", value)
-    _common.check_nonnegative_int(f"{name}: sink_tokens", sink_tokens)
-    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
+        opt.check_positive_int(f"{name}: {option}", value)
+    opt.check_nonnegative_int(f"{name}: sink_tokens", sink_tokens)
+    layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
     columns, distances = vertical_slash_indices(
         q, k, last_q=last_q, vertical_size=vertical_size, slash_size=slash_size, sink_tokens=sink_tokens,
         local_diagonals=local_diagonals, scale=scale, backend=backend,
     )
     mask = vertical_slash_block_mask(columns, distances, seq_len_q, seq_len_k, block_size)
-    mask = _common.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
+    mask = sel.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
     if layout_heads != num_heads:
-        mask = _common.group_heads(mask, num_kv_heads)
-    return _common.to_layout(mask, seq_len_q, seq_len_k, block_size)
+        mask = sel.group_heads(mask, num_kv_heads)
+    return sel.to_layout(mask, seq_len_q, seq_len_k, block_size)

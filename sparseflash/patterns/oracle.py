@@ -1,7 +1,7 @@
 """Oracle: exact block importance from dense attention, the ceiling every selection method is measured against.
 
 The block mass ``E[I, J] = sum_{i in I, j in J} P[i, j]`` of the dense causal softmax ``P`` is computed
-blockwise (:func:`~sparseflash.patterns.block_scores.block_scores` with ``mode="mass"``: the dense row lse,
+blockwise (:func:`~sparseflash.ops.scores.block_scores.block_scores` with ``mode="mass"``: the dense row lse,
 then one ``Q K^T`` pass summing ``exp(s - lse)`` per block; never an ``Sq x Sk`` tensor). Because every query
 row has mass 1, the mean row recall of query block ``I`` is exactly ``sum_{kept J} E[I, J] / sum_J E[I, J]``,
 so keeping blocks by decreasing ``E`` is the best any block selector with the same per-row budget can do.
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common as C
-from sparseflash.patterns.block_scores import block_scores
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.ops.scores.block_scores import block_scores
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 DEFAULT_DENSITY = 0.1
@@ -52,26 +55,26 @@ def oracle(
     Returns:
         A :class:`BlockLayout` ``(B, Hq or Hkv, Qb, Kb)``.
     """
-    _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("oracle", q, k)
-    bs = C.check_block_size("oracle", block_size)
-    C.check_causal("oracle", causal)
-    scale = C.check_scale("oracle", scale)
-    C.check_backend_option("oracle", backend)
-    C.layout_heads("oracle", heads, num_heads, num_kv_heads)
+    _, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = check_qk("oracle", q, k)
+    bs = opt.check_block_size("oracle", block_size)
+    opt.check_causal("oracle", causal)
+    scale = opt.check_scale("oracle", scale)
+    opt.check_backend_option("oracle", backend)
+    opt.layout_heads("oracle", heads, num_heads, num_kv_heads)
     if density is not None and target_recall is not None:
         raise ValueError(f"oracle: expected density or target_recall, not both; got {density!r} and "
                          f"{target_recall!r}")
     mass = block_scores(q, k, block_size=bs, mode="mass", causal=causal, scale=scale, backend=backend)
-    allowed = C.causal_allowed(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
-    forced = C.forced_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
+    forced = sel.forced_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     if target_recall is not None:
-        recall = C.check_fraction("oracle: target_recall", target_recall)
-        keep = C.select_by_cumulative_mass(mass, recall, allowed, forced=forced)
+        recall = opt.check_fraction("oracle: target_recall", target_recall)
+        keep = sel.select_by_cumulative_mass(mass, recall, allowed, forced=forced)
     else:
-        frac = DEFAULT_DENSITY if density is None else C.check_fraction("oracle: density", density)
+        frac = DEFAULT_DENSITY if density is None else opt.check_fraction("oracle: density", density)
         budget = torch.ceil(allowed.sum(-1) * frac - 1e-9).long()  # (Qb,) blocks per row
         extra = (budget - forced.sum(-1)).clamp_min(0)
-        keep = C.select_topk(mass, extra, allowed, forced=forced)
+        keep = sel.select_topk(mass, extra, allowed, forced=forced)
     if heads == "kv":
-        keep = C.group_heads(keep, num_kv_heads)
-    return C.to_layout(keep, seq_len_q, seq_len_k, bs)
+        keep = sel.group_heads(keep, num_kv_heads)
+    return sel.to_layout(keep, seq_len_q, seq_len_k, bs)

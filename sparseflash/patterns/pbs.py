@@ -1,4 +1,4 @@
-"""``permuted``: PBS-Attn's permuted block-sparse attention (selection and the attention path).
+"""``permuted``: PBS-Attn's permuted block-sparse selection (the layout and attention path live in layouts/ and ops/).
 
 PBS-Attn (arXiv:2510.21270; xinghaow99/pbs-attn @8ce8e02, ``pbs.py``, ``permute_states.py``, ``utils.py``):
 attention is invariant to permuting keys together with their values, so keys are reordered *inside fixed
@@ -14,23 +14,16 @@ same attention mass with fewer blocks. Steps (``B`` = block size, ``S`` = segmen
    (the crossing block included); the block of ``K'`` holding original token 0 (the sink) is forced; the
    query's own segment is always computed (dense, causal by original position).
 
-The returned :class:`PermutedLayout` is a :class:`~sparseflash.BlockLayout` plus ``perm``. Its blocks mean:
+The result is a :class:`~sparseflash.layouts.PermutedLayout`: a ``BlockLayout`` over the permuted keys plus
+``perm`` (:mod:`sparseflash.layouts.permuted` says what its blocks mean). Running it::
 
-* ``seg(J) < seg(I)``: key block ``J`` **of the permuted keys** ``K'`` (full blocks: every key of an earlier
-  segment precedes every query of a later one, so the order inside the segment does not matter);
-* ``seg(J) == seg(I)``, ``J <= I``: the diagonal segment in **original** order with the causal mask — the
-  same keys as the whole permuted segment with the original-position mask, and exactly what is computed.
+    layout = sparseflash.patterns.select("permuted", q, k)        # a PermutedLayout (blocks + perm)
+    out = sparseflash.permuted_block_sparse_attention(q, k, v, layout)   # output in the original query order
 
-So the layout is causal-only, ``density()`` is the fraction of blocks computed, and the diagonal segment is
-what PBS-Attn always computes. Running it::
-
-    layout = sparseflash.patterns.select("permuted", q, k)        # a PermutedLayout (layout + perm)
-    out = permuted_block_sparse_attention(q, k, v, layout)        # output in the original query order
-
-The layout alone cannot be fed to ``block_sparse_attention`` (its off-diagonal blocks index ``K'``): run
-:func:`permuted_block_sparse_attention` (two launches of the block-sparse kernel, off-diagonal segments
-over ``K'``/``V'`` and the diagonal segment over ``K``/``V``, merged exactly by log-sum-exp), or use
-:meth:`PermutedLayout.token_mask` for the equivalent token mask in original key order.
+(:func:`sparseflash.block_sparse_attention` hands a ``PermutedLayout`` to it too;
+:mod:`sparseflash.ops.prefill.permuted` runs two launches of the block-sparse kernel, off-diagonal segments over
+``K'``/``V'`` and the diagonal segment over ``K``/``V``, merged exactly by log-sum-exp), or use
+:meth:`~sparseflash.layouts.PermutedLayout.token_mask` for the equivalent token mask in original key order.
 
 Layout heads: **per query head** (``H = num_heads``) by default; ``heads='kv'`` gives one layout per KV head
 (the union over its group). The permutation is per query head by default (``permute_heads='q'``, the
@@ -46,122 +39,18 @@ merge (the same blocks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from sparseflash._validate import check_qkv, check_scale
-from sparseflash.layout import BlockLayout, causal_block_mask
-from sparseflash.ops.block_sparse import block_sparse_attention
-from sparseflash.ops.merge import merge_attention_states
-from sparseflash.patterns import _common
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import causal_block_mask
+from sparseflash.layouts.permuted import DEFAULT_SEGMENT, PermutedLayout, inverse_perm
+from sparseflash.ops.scores.last_queries import last_query_scores
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.flexprefill import block_means
-from sparseflash.patterns.last_queries import last_query_scores
 from sparseflash.patterns.registry import register
 
 DEFAULT_THRESHOLD = 0.9
-DEFAULT_SEGMENT = 256
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class PermutedLayout(BlockLayout):
-    """A :class:`~sparseflash.BlockLayout` over permuted keys, with the permutation (module docstring).
-
-    Attributes:
-        perm: int64 (batch, perm_heads, seq_len_k): ``perm[b, h, p]`` is the original position of the key
-            at slot ``p`` of ``K'``; a permutation inside each segment. ``perm_heads`` is ``num_heads`` or
-            ``num_kv_heads``.
-        segment_size: tokens per segment, a multiple of the key block size.
-    """
-
-    perm: torch.Tensor | None = None
-    segment_size: int = DEFAULT_SEGMENT
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.perm, torch.Tensor):
-            raise TypeError(f"perm: expected a torch.Tensor, got {type(self.perm).__name__}")
-        if self.perm.dim() != 3 or self.perm.shape[0] != self.batch or self.perm.shape[2] != self.seq_len_k:
-            raise ValueError(
-                f"perm: expected shape ({self.batch}, perm_heads, {self.seq_len_k}), got {tuple(self.perm.shape)}"
-            )
-        if self.perm.dtype != torch.int64:
-            raise TypeError(f"perm: expected dtype torch.int64, got {self.perm.dtype}")
-        if self.seq_len_q != self.seq_len_k or self.block_size[0] != self.block_size[1]:
-            raise ValueError(
-                f"PermutedLayout: expected seq_len_q == seq_len_k and square blocks, got "
-                f"({self.seq_len_q}, {self.seq_len_k}) and {self.block_size}"
-            )
-        if self.segment_size < 1 or self.segment_size % self.block_size[1]:
-            raise ValueError(
-                f"segment_size: expected a positive multiple of block size {self.block_size[1]}, "
-                f"got {self.segment_size}"
-            )
-
-    def __repr__(self) -> str:
-        return (f"Permuted{super().__repr__()[:-1]}, segment_size={self.segment_size}, "
-                f"perm_heads={self.perm.shape[1]})")
-
-    def to(self, device: torch.device | str) -> PermutedLayout:
-        return PermutedLayout(self.kv_num_blocks.to(device), self.kv_indices.to(device), self.seq_len_q,
-                              self.seq_len_k, self.block_size, perm=self.perm.to(device),
-                              segment_size=self.segment_size)
-
-    def segments_of_blocks(self) -> torch.Tensor:
-        """int64 (Kb,): the segment of each (key or query) block."""
-        blocks_per_segment = self.segment_size // self.block_size[1]
-        return torch.arange(self.num_k_blocks, device=self.device) // blocks_per_segment
-
-    def split(self) -> tuple[BlockLayout, BlockLayout]:
-        """The two launches: ``(off, diag)``.
-
-        ``off``: the kept blocks of earlier segments, over ``K'`` (same heads as this layout);
-        ``diag``: the causal blocks of each row's own segment, over the original ``K`` (one shared head).
-        """
-        seg = self.segments_of_blocks()
-        allowed = causal_block_mask(self.seq_len_q, self.seq_len_k, self.block_size, device=self.device)
-        same = (seg[:, None] == seg[None, :]) & allowed
-        dims = dict(seq_len_q=self.seq_len_q, seq_len_k=self.seq_len_k, block_size=self.block_size)
-        off = BlockLayout.from_dense(self.to_dense() & (seg[:, None] > seg[None, :]), **dims)
-        return off, BlockLayout.from_dense(same[None, None], **dims)
-
-    def permute(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys or values in permuted order: x (batch, heads, seq_len_k, dim) -> (batch, perm_heads, seq_len_k, dim).
-
-        ``heads`` must divide ``perm_heads`` (a KV tensor is expanded to the query heads when the
-        permutation is per query head).
-        """
-        perm_heads = self.perm.shape[1]
-        if x.dim() != 4 or x.shape[2] != self.seq_len_k or perm_heads % x.shape[1]:
-            raise ValueError(
-                f"x: expected shape ({self.batch}, heads dividing {perm_heads}, {self.seq_len_k}, dim), "
-                f"got {tuple(x.shape)}"
-            )
-        if x.shape[1] != perm_heads:
-            x = x.repeat_interleave(perm_heads // x.shape[1], dim=1)
-        return x.gather(2, self.perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[3]))
-
-    def token_mask(self, rows: range | None = None) -> torch.Tensor:
-        """Equivalent mask in original key order: bool (batch, num_heads, len(rows), seq_len_k).
-
-        Query ``i`` attends key ``j`` iff ``j <= i`` and (``j`` is in ``i``'s segment, or the block of ``K'``
-        holding ``j`` is kept for ``i``'s block). For tests and exact recall, in row chunks.
-        """
-        rows = range(self.seq_len_q) if rows is None else rows
-        block = self.block_size[0]
-        heads = self.num_heads
-        perm = self.perm
-        if perm.shape[1] != heads:  # per-KV-head permutation shared by the group of each query head
-            perm = perm.repeat_interleave(heads // perm.shape[1], dim=1)
-        slot = inverse_perm(perm)  # slot[j]: where original key j sits in K'
-        i = torch.arange(rows.start, rows.stop, device=self.device)
-        j = torch.arange(self.seq_len_k, device=self.device)
-        seg_i, seg_j = i // self.segment_size, j // self.segment_size
-        dense = self.to_dense().expand(self.batch, heads, -1, -1)  # (B, H, Qb, Kb)
-        kept = dense[:, :, i // block, :].gather(-1, (slot // block)[:, :, None, :].expand(-1, -1, len(i), -1))
-        own = (seg_j[None, :] == seg_i[:, None]) & (j[None, :] <= i[:, None])
-        earlier = seg_j[None, :] < seg_i[:, None]
-        return own | (earlier & kept)
 
 
 def identity_perm(batch: int, heads: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -187,12 +76,6 @@ def segment_permutation(importance: torch.Tensor, segment_size: int) -> torch.Te
         starts = torch.arange(num_segments, device=importance.device)[:, None] * segment_size
         perm[..., : num_segments * segment_size] = (order + starts).reshape(batch, heads, -1)
     return perm
-
-
-def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
-    """``slot`` with ``slot[..., perm[..., p]] = p``: where each original key sits in the permuted order."""
-    positions = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
-    return torch.empty_like(perm).scatter_(-1, perm, positions)
 
 
 def permuted_block_means(k: torch.Tensor, perm: torch.Tensor, block: int) -> torch.Tensor:
@@ -260,22 +143,22 @@ def permuted(
         NotImplementedError: ``causal=False`` or ``seq_len_q != seq_len_k``.
     """
     name = "permuted"
-    batch, num_heads, num_kv_heads, seq_len, seq_len_k, head_dim = _common.check_qk(name, q, k)
-    _common.check_causal(name, causal, causal_only=True)
-    block_size = _common.check_block_size(name, block_size, square=True)
-    scale = _common.check_scale(name, scale)
-    _common.check_backend_option(name, backend)
+    batch, num_heads, num_kv_heads, seq_len, seq_len_k, head_dim = check_qk(name, q, k)
+    opt.check_causal(name, causal, causal_only=True)
+    block_size = opt.check_block_size(name, block_size, square=True)
+    scale = opt.check_scale(name, scale)
+    opt.check_backend_option(name, backend)
     block = block_size[0]
     if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < block \
             or segment_size % block:
         raise ValueError(
             f"{name}: segment_size: expected a positive multiple of the block size {block}, got {segment_size!r}"
         )
-    threshold = _common.resolve_threshold(name, threshold, target_recall, DEFAULT_THRESHOLD)
-    _common.check_choice(f"{name}: force_sink", force_sink, (True, False))
-    layout_heads = _common.layout_heads(name, heads, num_heads, num_kv_heads)
+    threshold = opt.resolve_threshold(name, threshold, target_recall, DEFAULT_THRESHOLD)
+    opt.check_choice(f"{name}: force_sink", force_sink, (True, False))
+    layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
     permute_heads = heads if permute_heads is None else permute_heads
-    _common.check_choice(f"{name}: permute_heads", permute_heads, _common.HEADS_CHOICES)
+    opt.check_choice(f"{name}: permute_heads", permute_heads, opt.HEADS_CHOICES)
     if heads == "kv" and permute_heads == "q":
         raise ValueError(f"{name}: permute_heads: expected 'kv' with heads='kv' (one layout per KV head needs one "
                          f"permutation per KV head), got {permute_heads!r}")
@@ -310,7 +193,7 @@ def permuted(
         scores = torch.matmul(q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
                               k_mean.unsqueeze(2).transpose(-1, -2)).view(batch, num_heads, num_blocks, num_blocks)
         probs = torch.softmax(scores.masked_fill(~earlier, float("-inf")), dim=-1).nan_to_num(0.0)
-        mask = _common.select_by_cumulative_mass(probs, threshold, earlier)
+        mask = sel.select_by_cumulative_mass(probs, threshold, earlier)
         if force_sink:
             sink_slot = (perm[..., :segment_size] == 0).int().argmax(-1)  # (B, Hp): slot of token 0
             sink_block = (sink_slot // block).repeat_interleave(num_heads // perm_heads, dim=1)  # (B, Hq)
@@ -320,62 +203,6 @@ def permuted(
     else:  # a single segment: dense causal
         mask = own.expand(batch, num_heads, -1, -1).contiguous()
     if layout_heads != num_heads:
-        mask = _common.group_heads(mask, num_kv_heads)
-    base = _common.to_layout(mask, seq_len, seq_len, block_size)
-    return PermutedLayout(base.kv_num_blocks, base.kv_indices, seq_len, seq_len, block_size, perm=perm,
-                          segment_size=segment_size)
+        mask = sel.group_heads(mask, num_kv_heads)
+    return PermutedLayout(sel.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
 
-
-def permuted_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: PermutedLayout,
-    *,
-    scale: float | None = None,
-    return_lse: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over a :class:`PermutedLayout`: output in the original query order.
-
-    Two launches of :func:`sparseflash.block_sparse_attention`: (a) the kept blocks of earlier segments
-    over ``K' = K[perm]``, ``V' = V[perm]`` (full blocks, no mask needed); (b) each row's own segment over the
-    original ``K``/``V`` with the causal mask; then an exact log-sum-exp merge
-    (:func:`sparseflash.ops.merge.merge_attention_states`). The gather reads and writes K and V once more.
-
-    Args:
-        q: (batch, num_heads, seq_len, head_dim). k, v: (batch, num_kv_heads, seq_len, head_dim).
-        layout: from ``select('permuted', q, k)`` on the same q and k.
-        scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        return_lse: also return the log-sum-exp (batch, num_heads, seq_len) float32.
-        backend: 'auto', 'triton' or 'torch' (as for block_sparse_attention).
-
-    Returns:
-        out (batch, num_heads, seq_len, head_dim) in q's dtype, and lse with ``return_lse``.
-
-    Raises:
-        TypeError: bad tensors or a layout that is not a PermutedLayout.
-        ValueError: a layout that does not fit q and k.
-    """
-    dims = check_qkv(q, k, v)
-    if not isinstance(layout, PermutedLayout):
-        raise TypeError(
-            f"layout: expected a PermutedLayout (from select('permuted', q, k)), got {type(layout).__name__}"
-        )
-    scale = check_scale(scale, dims.head_dim)
-    layout.validate(q, k, check_indices=False)
-    perm_heads = layout.perm.shape[1]
-    if perm_heads not in (dims.num_heads, dims.num_kv_heads) or layout.perm.shape[0] != dims.batch:
-        raise ValueError(
-            f"layout.perm: expected shape ({dims.batch}, {dims.num_heads} or {dims.num_kv_heads}, {dims.seq_len_k}), "
-            f"got {tuple(layout.perm.shape)}"
-        )
-    if layout.perm.device != q.device:
-        raise ValueError(f"layout.perm: expected device {q.device} (from q), got {layout.perm.device}")
-    off, diag = layout.split()
-    k_perm, v_perm = layout.permute(k), layout.permute(v)
-    common = dict(causal=True, scale=scale, return_lse=True, check_indices=False, backend=backend)
-    out_a, lse_a = block_sparse_attention(q, k_perm, v_perm, off, **common)
-    out_b, lse_b = block_sparse_attention(q, k, v, diag, **common)
-    out, lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
-    return (out, lse) if return_lse else out

@@ -12,8 +12,11 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common as C
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 from sparseflash.patterns.static import _last_diagonal_block, _shared_layout
 
@@ -37,20 +40,20 @@ def power(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (12
         local_blocks: dense blocks before the diagonal (default 0: diagonal only, ``>= 0``).
         max_power: largest exponent ``e`` (``>= 0``); None: no limit.
     """
-    _, _, _, seq_len_q, seq_len_k, _ = C.check_qk("power", q, k)
-    bs = C.check_block_size("power", block_size)
-    C.check_causal("power", causal, causal_only=True)
-    sink = C.check_nonnegative_int("power: sink_blocks", sink_blocks)
-    local = C.check_nonnegative_int("power: local_blocks", local_blocks)
+    _, _, _, seq_len_q, seq_len_k, _ = check_qk("power", q, k)
+    bs = opt.check_block_size("power", block_size)
+    opt.check_causal("power", causal, causal_only=True)
+    sink = opt.check_nonnegative_int("power: sink_blocks", sink_blocks)
+    local = opt.check_nonnegative_int("power: local_blocks", local_blocks)
     num_k_blocks = -(-seq_len_k // bs[1])
     max_e = max(num_k_blocks, 1).bit_length()  # 2**max_e > Kb: every reachable distance
     if max_power is not None:
-        max_e = min(max_e, C.check_nonnegative_int("power: max_power", max_power))
+        max_e = min(max_e, opt.check_nonnegative_int("power: max_power", max_power))
     last_diag = _last_diagonal_block(seq_len_q, seq_len_k, bs, q.device)
     cols = torch.arange(num_k_blocks, device=q.device)
     dist = last_diag[:, None] - cols[None, :]
     is_pow2 = (dist > 0) & ((dist & (dist - 1)) == 0) & (dist <= 2**max_e)
-    forced = C.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=sink, local_blocks=local, device=q.device)
-    mask = (is_pow2 | forced) & C.causal_allowed(seq_len_q, seq_len_k, bs, device=q.device)
+    forced = sel.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=sink, local_blocks=local, device=q.device)
+    mask = (is_pow2 | forced) & geo.causal_block_mask(seq_len_q, seq_len_k, bs, device=q.device)
     cap = sink + local + 2 + max_e + 1 + math.ceil(bs[0] / bs[1])
     return _shared_layout(mask, seq_len_q, seq_len_k, bs, cap)

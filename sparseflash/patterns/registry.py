@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseflash.layout import BlockLayout
+from sparseflash.layouts import BlockLayout
 
 PatternFn = Callable[..., BlockLayout]
 

@@ -14,8 +14,11 @@ import math
 
 import torch
 
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common as C
+from sparseflash import _options as opt
+from sparseflash._validate import check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 
@@ -23,15 +26,15 @@ def _shared_layout(mask: torch.Tensor, seq_len_q: int, seq_len_k: int, block_siz
                    capacity: int | None = None) -> BlockLayout:
     num_k_blocks = mask.shape[-1]
     cap = None if capacity is None else max(1, min(capacity, num_k_blocks))
-    return C.to_layout(mask[None, None], seq_len_q, seq_len_k, block_size, capacity=cap)
+    return sel.to_layout(mask[None, None], seq_len_q, seq_len_k, block_size, capacity=cap)
 
 
 def _token_band_blocks(
     seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], window: int, sink: int, device: torch.device
 ) -> torch.Tensor:
     """Bool ``(Qb, Kb)``: blocks holding a pair with ``0 <= p - j < window`` or ``j < sink, j <= p``."""
-    first_pos, last_pos = C.row_positions(seq_len_q, seq_len_k, block_size, device=device)
-    k_first, k_last = C.key_block_ranges(seq_len_k, block_size, device=device)
+    first_pos, last_pos = geo.row_positions(seq_len_q, seq_len_k, block_size, device=device)
+    k_first, k_last = geo.key_block_ranges(seq_len_k, block_size, device=device)
     a, b = first_pos.clamp_min(0)[:, None], last_pos[:, None]  # queries before key 0 see nothing
     js, je = k_first[None, :], k_last[None, :]
     # p - j over the block's pairs spans [a - je, b - js]; it must meet [0, window - 1]
@@ -54,10 +57,10 @@ def dense(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (12
     Returns:
         A :class:`BlockLayout` with ``B = H = 1``.
     """
-    _, _, _, seq_len_q, seq_len_k, _ = C.check_qk("dense", q, k)
-    bs = C.check_block_size("dense", block_size)
-    C.check_causal("dense", causal)
-    mask = C.causal_allowed(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
+    _, _, _, seq_len_q, seq_len_k, _ = check_qk("dense", q, k)
+    bs = opt.check_block_size("dense", block_size)
+    opt.check_causal("dense", causal)
+    mask = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     return _shared_layout(mask, seq_len_q, seq_len_k, bs)
 
 
@@ -78,11 +81,11 @@ def streaming(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] =
         sink_tokens: leading keys every query sees (``>= 0``).
         local_tokens: window of the most recent keys, the query's own position included (``>= 1``).
     """
-    _, _, _, seq_len_q, seq_len_k, _ = C.check_qk("streaming", q, k)
-    bs = C.check_block_size("streaming", block_size)
-    C.check_causal("streaming", causal, causal_only=True)
-    sink = C.check_nonnegative_int("streaming: sink_tokens", sink_tokens)
-    local = C.check_positive_int("streaming: local_tokens", local_tokens)
+    _, _, _, seq_len_q, seq_len_k, _ = check_qk("streaming", q, k)
+    bs = opt.check_block_size("streaming", block_size)
+    opt.check_causal("streaming", causal, causal_only=True)
+    sink = opt.check_nonnegative_int("streaming: sink_tokens", sink_tokens)
+    local = opt.check_positive_int("streaming: local_tokens", local_tokens)
     mask = _token_band_blocks(seq_len_q, seq_len_k, bs, local, sink, q.device)
     cap = math.ceil(sink / bs[1]) + math.ceil((local + bs[0]) / bs[1]) + 2
     return _shared_layout(mask, seq_len_q, seq_len_k, bs, cap)
@@ -102,10 +105,10 @@ def sliding_window(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, i
         causal: must be True.
         window: keys per query, its own position included (``>= 1``).
     """
-    _, _, _, seq_len_q, seq_len_k, _ = C.check_qk("sliding_window", q, k)
-    bs = C.check_block_size("sliding_window", block_size)
-    C.check_causal("sliding_window", causal, causal_only=True)
-    window = C.check_positive_int("sliding_window: window", window)
+    _, _, _, seq_len_q, seq_len_k, _ = check_qk("sliding_window", q, k)
+    bs = opt.check_block_size("sliding_window", block_size)
+    opt.check_causal("sliding_window", causal, causal_only=True)
+    window = opt.check_positive_int("sliding_window: window", window)
     mask = _token_band_blocks(seq_len_q, seq_len_k, bs, window, 0, q.device)
     cap = math.ceil((window + bs[0]) / bs[1]) + 2
     return _shared_layout(mask, seq_len_q, seq_len_k, bs, cap)
@@ -134,19 +137,19 @@ def strided(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (
         local_blocks: dense blocks before the diagonal (``>= 0``).
         sink_blocks: leading key blocks always kept (``>= 0``).
     """
-    _, _, _, seq_len_q, seq_len_k, _ = C.check_qk("strided", q, k)
-    bs = C.check_block_size("strided", block_size)
-    C.check_causal("strided", causal, causal_only=True)
+    _, _, _, seq_len_q, seq_len_k, _ = check_qk("strided", q, k)
+    bs = opt.check_block_size("strided", block_size)
+    opt.check_causal("strided", causal, causal_only=True)
     num_k_blocks = -(-seq_len_k // bs[1])
-    stride = math.ceil(math.sqrt(num_k_blocks)) if stride is None else C.check_stride("strided: stride", stride)
-    local = stride if local_blocks is None else C.check_nonnegative_int("strided: local_blocks", local_blocks)
-    sink = C.check_nonnegative_int("strided: sink_blocks", sink_blocks)
+    stride = math.ceil(math.sqrt(num_k_blocks)) if stride is None else opt.check_stride("strided: stride", stride)
+    local = stride if local_blocks is None else opt.check_nonnegative_int("strided: local_blocks", local_blocks)
+    sink = opt.check_nonnegative_int("strided: sink_blocks", sink_blocks)
     last_diag = _last_diagonal_block(seq_len_q, seq_len_k, bs, q.device)
     cols = torch.arange(num_k_blocks, device=q.device)
     dist = last_diag[:, None] - cols[None, :]
     dilated = (dist >= 0) & (dist % stride == 0)
-    forced = C.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=sink, local_blocks=local, device=q.device)
-    mask = (dilated | forced) & C.causal_allowed(seq_len_q, seq_len_k, bs, device=q.device)
+    forced = sel.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=sink, local_blocks=local, device=q.device)
+    mask = (dilated | forced) & geo.causal_block_mask(seq_len_q, seq_len_k, bs, device=q.device)
     cap = sink + local + 2 + math.ceil(bs[0] / bs[1]) + num_k_blocks // stride + 1
     return _shared_layout(mask, seq_len_q, seq_len_k, bs, cap)
 
@@ -154,5 +157,5 @@ def strided(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (
 def _last_diagonal_block(seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
                          device: torch.device) -> torch.Tensor:
     """Int64 ``(Qb,)``: key block of each row's last query position (negative for a row before key 0)."""
-    _, last_pos = C.row_positions(seq_len_q, seq_len_k, block_size, device=device)
+    _, last_pos = geo.row_positions(seq_len_q, seq_len_k, block_size, device=device)
     return torch.where(last_pos >= 0, last_pos // block_size[1], -1)

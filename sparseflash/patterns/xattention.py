@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseflash._validate import check_backend
-from sparseflash.layout import BlockLayout
-from sparseflash.patterns import _common as C
+from sparseflash import _options as opt
+from sparseflash._validate import check_backend, check_qk
+from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import geometry as geo
+from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 LOG2E = 1.4426950408889634
@@ -114,9 +116,9 @@ def _antidiag_kernel(
 
 
 def _check_scoring(q: torch.Tensor, k: torch.Tensor, stride: object, block_size: object) -> tuple[int, int]:
-    C.check_qk("xattention", q, k)
-    stride = C.check_stride("xattention: stride", stride, STRIDES)
-    bs = C.check_block_size("xattention", block_size, square=True, multiple_of=stride)
+    check_qk("xattention", q, k)
+    stride = opt.check_stride("xattention: stride", stride, STRIDES)
+    bs = opt.check_block_size("xattention", block_size, square=True, multiple_of=stride)
     return stride, bs[0]
 
 
@@ -199,7 +201,7 @@ def xattention_scores_triton(
     part = torch.empty(chunk, rows, num_k_blocks, dtype=torch.float32, device=q.device)
     m_tile = torch.empty(chunk, rows, num_tiles, dtype=torch.float32, device=q.device)
     lse2 = torch.empty(chunk, rows, dtype=torch.float32, device=q.device)
-    allowed = C.causal_allowed(seq_len_q, seq_len_k, (block, block), causal=causal, device=q.device)
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, (block, block), causal=causal, device=q.device)
     tile_of_block = torch.arange(num_k_blocks, device=q.device) // (block_u // r)
     out = torch.empty(bh_total, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
     for start in range(0, bh_total, chunk):
@@ -233,7 +235,7 @@ def xattention_scores(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Antidiagonal block-mass estimate; ``backend`` 'auto' (Triton on CUDA, PyTorch on CPU), 'triton', 'torch'."""
-    C.check_qk("xattention", q, k)
+    check_qk("xattention", q, k)
     fn = xattention_scores_triton if check_backend(backend, q.device) == "triton" else xattention_scores_reference
     return fn(q, k, stride=stride, block_size=block_size, causal=causal, scale=scale)
 
@@ -275,26 +277,26 @@ def xattention(
     Returns:
         A :class:`BlockLayout` ``(B, Hq or Hkv, Qb, Kb)``.
     """
-    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = C.check_qk("xattention", q, k)
-    stride = C.check_stride("xattention: stride", stride, STRIDES)
-    bs = C.check_block_size("xattention", block_size, square=True, multiple_of=stride)
-    C.check_causal("xattention", causal)
-    scale = C.check_scale("xattention", scale)
-    C.check_backend_option("xattention", backend)
-    C.layout_heads("xattention", heads, num_heads, num_kv_heads)
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = check_qk("xattention", q, k)
+    stride = opt.check_stride("xattention: stride", stride, STRIDES)
+    bs = opt.check_block_size("xattention", block_size, square=True, multiple_of=stride)
+    opt.check_causal("xattention", causal)
+    scale = opt.check_scale("xattention", scale)
+    opt.check_backend_option("xattention", backend)
+    opt.layout_heads("xattention", heads, num_heads, num_kv_heads)
     if isinstance(threshold, (list, tuple, torch.Tensor)):
         if target_recall is not None:
             raise ValueError("xattention: expected threshold or target_recall, not both")
-        tau = C.check_fractions("xattention: threshold", threshold, num_heads, q.device)
+        tau = opt.check_fractions("xattention: threshold", threshold, num_heads, q.device)
         tau = tau.view(num_heads, 1)  # per query head, broadcast over batch and rows
     else:
-        tau = C.resolve_threshold("xattention", threshold, target_recall, DEFAULT_THRESHOLD)
+        tau = opt.resolve_threshold("xattention", threshold, target_recall, DEFAULT_THRESHOLD)
     est = xattention_scores(q, k, stride=stride, block_size=bs, causal=causal, scale=scale, backend=backend)
-    allowed = C.causal_allowed(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
-    local_blocks = C.check_nonnegative_int("xattention: local_blocks", local_blocks)
-    forced = C.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal,
+    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
+    local_blocks = opt.check_nonnegative_int("xattention: local_blocks", local_blocks)
+    forced = sel.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal,
                            device=q.device)
-    keep = C.select_by_cumulative_mass(est, tau, allowed, forced=forced)
+    keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced)
     if heads == "kv":
-        keep = C.group_heads(keep, num_kv_heads)
-    return C.to_layout(keep, seq_len_q, seq_len_k, bs)
+        keep = sel.group_heads(keep, num_kv_heads)
+    return sel.to_layout(keep, seq_len_q, seq_len_k, bs)

@@ -1,0 +1,358 @@
+"""The attention function a patched model calls: one route per call (``PatchState.calls`` counts them).
+
+* ``sparse``: prefill of a full-attention layer whose method is a pattern, prompt >= ``min_sparse_len``:
+  ``patterns.get(method).fn(q, k, **options)`` then :func:`sparseflash.block_sparse_attention`.
+* ``dense``: the other prefills (``method="dense"``, dense layers, short prompts, sliding-window layers whose
+  whole context fits in their window): :func:`sparseflash.flash_attention`.
+* ``decode``: one new token over the KV cache: :func:`sparseflash.ops.decode.decode_attention` (split-KV), or
+  :func:`sparseflash.flash_attention` (exact under bottom-right causality) in builds without it.
+* ``decode_sparse``: the same with ``decode="sparse"`` on a sparse layer: the pattern picks key blocks for the
+  new token and the decode kernel reads only those (per KV head, the union of its query heads' blocks).
+* ``dense_padded`` / ``sparse_padded``: prefill of a left- or right-padded batch (below).
+* ``sdpa``: everything else, computed exactly as transformers' own SDPA does it (PyTorch, with the 4-D mask):
+  decode steps of a padded batch, sliding-window layers longer than their window, chunked prefill over a
+  cache, custom 4-D or packed-sequence masks, training (dropout or gradients: the kernels have no backward).
+
+Padded batches (batch > 1): the per-sequence valid lengths come from the 2-D ``attention_mask`` the model
+received (captured when transformers builds its causal mask; one host sync per forward). A left- or
+right-padded prefill of a full-attention layer goes through :func:`sparseflash.flash_attention` with
+``seq_lens`` (dense layers) or prefills **each sequence on its own valid tokens** (sparse layers: one
+pattern + kernel call per sequence, so each result equals that prompt run alone). Padded positions come out 0
+(transformers leaves them unspecified). Masks the adapter cannot read as plain causal + padding go the
+``sdpa`` route.
+
+On CPU, ``backend="auto"`` runs the PyTorch paths of the same functions, so the patched model runs anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from sparseflash.integrations.hf.plan import _LAYER_ATTR, _LENS_ATTR, _PAD_ATTR, ATTN_NAME, DENSE, LayerPlan, PatchState
+
+
+# ----------------------------------------------------------------------------------------- masks
+def _mask_with_padding(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' SDPA mask builder; a plain causal + padding mask also carries its 2-D padding mask."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    pad = kwargs.get("attention_mask")
+    q_len, kv_len = kwargs.get("q_length"), kwargs.get("kv_length")
+    plain = (
+        kwargs.get("mask_function") is causal_mask_function
+        and kwargs.get("local_size") is None
+        and _is_zero(kwargs.get("q_offset", 0))
+        and _is_zero(kwargs.get("kv_offset", 0))
+    )
+    if (
+        isinstance(mask, torch.Tensor)
+        and plain
+        and isinstance(pad, torch.Tensor)
+        and pad.ndim == 2
+        and q_len == kv_len
+    ):
+        pad = prepare_padding_mask(pad, kv_len, 0)
+        if pad is not None and tuple(pad.shape) == (mask.shape[0], kv_len):
+            setattr(mask, _PAD_ATTR, pad.to(torch.bool))
+    return mask
+
+
+def _is_zero(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value == 0
+
+
+def _padding_of(mask: torch.Tensor, seq_len: int) -> tuple[list[int], torch.Tensor, str] | None:
+    """``(lengths, lengths int32 (B,), "left" | "right")`` of a plain causal + padding mask, else None.
+
+    Parsed once per mask (one host sync) and cached on the mask for the other layers.
+    """
+    cached = getattr(mask, _LENS_ATTR, None)
+    if cached is not None:
+        return cached or None
+    pad = getattr(mask, _PAD_ATTR, None)
+    result: tuple = ()
+    if pad is not None and pad.shape[-1] == seq_len:
+        lens = pad.sum(-1).to(torch.int32)
+        pos = torch.arange(seq_len, device=pad.device)[None, :]
+        left = torch.equal(pad, pos >= seq_len - lens[:, None])
+        right = torch.equal(pad, pos < lens[:, None])
+        if left or right:
+            result = (lens.tolist(), lens, "left" if left else "right")
+    setattr(mask, _LENS_ATTR, result)
+    return result or None
+
+
+def _window_mask(seq_len_q: int, seq_len_k: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool (1, 1, Sq, Sk), causal window: query at p sees key j iff p - window < j <= p."""
+    p = torch.arange(seq_len_q, device=device)[:, None] + (seq_len_k - seq_len_q)
+    j = torch.arange(seq_len_k, device=device)[None, :]
+    return ((j <= p) & (j > p - window))[None, None]
+
+
+# ------------------------------------------------------------------------------------ the attention function
+@functools.lru_cache(maxsize=1)
+def _decode_kernel() -> Any | None:
+    try:
+        from sparseflash.ops.decode.api import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
+
+
+def _select(
+    plan: LayerPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float | None,
+    backend: str,
+    *,
+    unwrap: bool = False,
+) -> Any:
+    """The layer's layout for (q, k). The pattern is looked up per call, so wrappers of the registry (the eval
+    harness records layouts that way) see every call; ``unwrap`` bypasses them (the patch-time dry run)."""
+    from sparseflash.patterns import get
+
+    options = dict(plan.options)
+    if plan.pass_scale and scaling is not None:
+        options["scale"] = scaling
+    if plan.pass_backend:
+        options["backend"] = backend
+    fn = get(plan.method).fn
+    return (inspect.unwrap(fn) if unwrap else fn)(q, k, **options)
+
+
+def _sdpa(
+    module: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as :data:`ATTN_NAME` in transformers' ``AttentionInterface``.
+
+    Args:
+        module: the model's attention module (carries its :class:`LayerPlan` once patched).
+        query: (batch, num_heads, seq_len_q, head_dim), after RoPE.
+        key, value: (batch, num_kv_heads, seq_len_k, head_dim), the whole cache so far (GQA not repeated).
+        attention_mask: None (plain causal) or transformers' bool (batch, 1, seq_len_q, seq_len_k) mask.
+        scaling: softmax scale; dropout: attention dropout (training only; forces the ``sdpa`` route).
+        **kwargs: ``sliding_window`` (the layer's window or None) and whatever else the model passes.
+
+    Returns:
+        ``(out, None)`` with out (batch, seq_len_q, num_heads, head_dim) contiguous, in query's dtype.
+    """
+    layer = getattr(module, _LAYER_ATTR, None)
+    if layer is None:
+        raise RuntimeError(
+            f"attn_implementation {ATTN_NAME!r} is set, but {type(module).__name__} (layer "
+            f"{getattr(module, 'layer_idx', '?')}) belongs to no model patched by sparseflash.patch"
+        )
+    state, plan = layer
+    window = kwargs.get("sliding_window")
+    seq_q, seq_k = query.shape[2], key.shape[2]
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if (
+        (dropout and module.training)
+        or grad
+        or kwargs.get("softcap") is not None
+        or kwargs.get("is_causal", True) is False
+        or not getattr(module, "is_causal", True)
+    ):
+        state.calls["sdpa"] += 1
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if attention_mask is None:
+        if 1 < seq_q < seq_k:
+            # prefill into an empty static cache: transformers' SDPA attends keys [0, seq_q) causally
+            key, value, seq_k = key[:, :, :seq_q], value[:, :, :seq_q], seq_q
+        if window is not None and seq_k > window:
+            state.calls["sdpa"] += 1
+            mask = _window_mask(seq_q, seq_k, window, query.device)
+            return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+        if seq_q == seq_k:
+            out = _prefill(state, plan, query, key, value, scaling, window)
+        elif seq_q == 1:
+            out = _decode(state, plan, query, key, value, scaling, window)
+        else:
+            state.calls["sdpa"] += 1
+            return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        return out.transpose(1, 2).contiguous(), None
+    padding = _padding_of(attention_mask, seq_k) if seq_q == seq_k and window is None else None
+    if padding is None:
+        state.calls["sdpa"] += 1
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    out = _prefill_padded(state, plan, query, key, value, scaling, padding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _prefill(
+    state: PatchState,
+    plan: LayerPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+    from sparseflash.ops.prefill.dense import flash_attention
+
+    if plan.method == DENSE or window is not None or q.shape[2] < state.min_sparse_len:
+        state.calls["dense"] += 1
+        if state.on_prefill is not None:
+            state.on_prefill(plan.layer_idx, 1.0)
+        return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
+    state.calls["sparse"] += 1
+    layout = _select(plan, q, k, scaling, state.backend)
+    if state.approximate_dropped:
+        from sparseflash.ops.merge import merge_attention_states
+        from sparseflash.ops.prefill.dropped_blocks import dropped_block_attention
+
+        out, lse = block_sparse_attention(
+            q, k, v, layout, causal=True, scale=scaling, check_indices=False, return_lse=True,
+            backend=state.backend,
+        )
+        out, _ = merge_attention_states(out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling))
+    else:
+        out = block_sparse_attention(
+            q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
+        )
+    tail = min(state.dense_last_queries, q.shape[2])
+    if tail > 0:
+        # the last rows (the question and the answer prefix, whose hidden states give the first answer token)
+        # attend every key exactly: O(tail * N) work, bottom-right causal over the whole prompt
+        out[:, :, -tail:] = flash_attention(
+            q[:, :, -tail:], k, v, causal=True, scale=scaling, backend=state.backend
+        )
+    if state.on_prefill is not None:
+        state.on_prefill(plan.layer_idx, _work_density(layout, tail))
+    return out
+
+
+def _work_density(layout: Any, tail: int) -> float:
+    """The layout's causal block density plus ``tail`` exact rows over all keys, in causal-block units (<= 1)."""
+    from sparseflash.layouts import causal_block_mask
+
+    bq, bk = layout.block_size
+    allowed = int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum())
+    extra = tail * layout.seq_len_k / (bq * bk * max(allowed, 1))
+    return min(1.0, layout.density() + extra)
+
+
+def _decode(
+    state: PatchState,
+    plan: LayerPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """One new token per sequence over the whole cache (batch rows all of length seq_len_k)."""
+    from sparseflash.ops.prefill.dense import flash_attention
+
+    kernel = _decode_kernel()
+    sparse = (
+        state.decode == "sparse"
+        and plan.method != DENSE
+        and window is None
+        and k.shape[2] >= state.min_sparse_len
+    )
+    if kernel is None:  # no decode kernel in this build: the prefill kernels (bottom-right causal is exact)
+        from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+
+        if sparse:
+            state.calls["decode_sparse"] += 1
+            layout = _select(plan, q, k, scaling, state.backend)
+            return block_sparse_attention(
+                q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
+            )
+        state.calls["decode"] += 1
+        return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
+    lens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+    if sparse:
+        state.calls["decode_sparse"] += 1
+        indices, counts, block = _decode_block_lists(
+            _select(plan, q, k, scaling, state.backend), q.shape[0], q.shape[1], k.shape[1]
+        )
+        return kernel(
+            q,
+            k,
+            v,
+            lens,
+            scale=scaling,
+            kv_block_indices=indices,
+            kv_block_counts=counts,
+            block_size=block,
+            check_values=False,
+            backend=state.backend,
+        )
+    state.calls["decode"] += 1
+    return kernel(q, k, v, lens, scale=scaling, check_values=False, backend=state.backend)
+
+
+def _decode_block_lists(
+    layout: Any, batch: int, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A one-query-block layout as the decode kernel's per-KV-head block lists.
+
+    Returns ``(indices (B, Hkv, Kb) int32, counts (B, Hkv) int32, block_k)``; a per-query-head layout gives
+    each KV head the union of its query heads' blocks. No host sync.
+    """
+    return layout.to_block_lists(batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+
+def _prefill_padded(
+    state: PatchState,
+    plan: LayerPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None,
+    padding: tuple[list[int], torch.Tensor, str],
+) -> torch.Tensor:
+    """Prefill of a left/right-padded batch: dense with ``seq_lens``, sparse one sequence at a time."""
+    from sparseflash.ops.prefill.dense import flash_attention
+
+    lengths, lens, side = padding
+    seq_len = q.shape[2]
+    if all(n == seq_len for n in lengths):
+        return _prefill(state, plan, q, k, v, scaling, None)
+    if plan.method == DENSE or max(lengths) < state.min_sparse_len:
+        state.calls["dense_padded"] += 1
+        return flash_attention(
+            q, k, v, causal=True, scale=scaling, seq_lens=lens, padding_side=side, backend=state.backend
+        )
+    state.calls["sparse_padded"] += 1
+    out = torch.zeros_like(q)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        lo = seq_len - n if side == "left" else 0
+        rows = slice(lo, lo + n)
+        out[b : b + 1, :, rows] = _prefill(
+            state, plan, q[b : b + 1, :, rows], k[b : b + 1, :, rows], v[b : b + 1, :, rows], scaling, None
+        )
+    return out

@@ -1,0 +1,230 @@
+"""The Triton prefill kernel: FlashAttention-2 forward, dense or driven by a block layout.
+
+Symbols: B batch, HQ query heads, G = HQ / HKV query heads per KV head, S_Q / S_K lengths, D head dim,
+BLOCK_M rows per program, BLOCK_N keys per inner step, PACK query heads packed into the rows of one program
+(1, or G with GQA packing: row r is query ``t * QPT + r // PACK`` of head ``hp * PACK + r % PACK``, so the
+heads of a group share each K/V tile), QPT = BLOCK_M // PACK queries per program.
+
+Per program: one (batch, head-pack, query tile). The KV loop runs in two phases: key tiles that every row of
+the tile may see, with no mask, then the tiles that need the causal / sequence-end / padding mask. With a
+block layout the loop walks the tile's ordered block list; blocks needing no mask form a prefix of it.
+Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; a row with
+nothing to attend writes 0 and lse -inf.
+
+Non-finite K/V: keys outside ``[0, S_K)`` and outside the valid range of a padded sequence are never loaded,
+nor are blocks a layout drops; in the masked tiles a non-finite value is zeroed before the P @ V product and
+only the rows attending it turn NaN (a non-finite key is masked to -inf for the rows that skip it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sparseflash.ops.triton_common import LN2, guarded_pv
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i, q,
+    K_head, V_head, start_n,
+    q_pos, row_ok, seq_lo, seq_hi, guard_from,
+    stride_ks, stride_kd, stride_vs, stride_vd,
+    S_K, causal_offset, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, OFFS_64: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_pos = start_n + offs_n  # [BLOCK_N]
+    if OFFS_64:
+        k_row = k_pos.to(tl.int64)
+    else:
+        k_row = k_pos
+    d_ok = offs_d < HEAD_DIM
+    if MASKED:
+        kv_ok = k_pos < S_K
+        if HAS_SEQ_LENS:  # padding is never loaded: whatever it holds cannot reach a row
+            kv_ok = kv_ok & (k_pos >= seq_lo) & (k_pos < seq_hi)
+    else:
+        kv_ok = offs_n < BLOCK_N
+    # [BLOCK_D, BLOCK_N]
+    k = tl.load(K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
+                mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
+    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    if MASKED:
+        ok = kv_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # [BLOCK_N, BLOCK_D]
+    v = tl.load(V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    if MASKED:
+        if start_n + BLOCK_N > guard_from:
+            # a key some stored row of the tile does not attend (past its causal horizon, or any key for a
+            # padded row) may hold NaN/inf: zero it so 0 * NaN never enters the product, and mark NaN the rows
+            # that do attend a non-finite value
+            acc = guarded_pv(acc, p, v)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def prefill_fwd_kernel(
+    Q, K, V, O, LSE,
+    KV_NUM, KV_IDX, WORK_ORDER, SEQ_LO, SEQ_HI,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    HQ, G, LAYOUT_DIV, S_Q, S_K, NUM_TILES, NUM_BH,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
+    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BLOCK_Q: tl.constexpr, LAYOUT_BLOCK_K: tl.constexpr,
+    CAPACITY_POW2: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    OFFS_64: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    QPT: tl.constexpr = BLOCK_M // PACK
+    pid = tl.program_id(0)
+    if SPARSE:
+        # longest-first order over (batch, head pack, tile), computed on the host side of the launch
+        work = tl.load(WORK_ORDER + pid)
+        tile = work % NUM_TILES
+        bh = work // NUM_TILES
+    else:
+        # all heads of one tile rank run together; causal: the longest (last) tiles first
+        bh = pid % NUM_BH
+        tile = pid // NUM_BH
+        if CAUSAL:
+            tile = NUM_TILES - 1 - tile
+    num_packs = HQ // PACK
+    b = bh // num_packs
+    hp = bh % num_packs
+    kv_head = (hp * PACK) // G
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_first = tile * QPT
+    q_pos = q_first + offs_m // PACK  # [BLOCK_M]
+    head = hp * PACK + offs_m % PACK  # [BLOCK_M]
+    row_ok = (offs_m < QPT * PACK) & (q_pos < S_Q)
+    q_last = tl.minimum(q_first + QPT, S_Q) - 1
+    causal_offset = S_K - S_Q
+
+    seq_lo = 0
+    seq_hi = S_K
+    if HAS_SEQ_LENS:
+        seq_lo = tl.load(SEQ_LO + b)
+        seq_hi = tl.load(SEQ_HI + b)
+        row_ok = row_ok & (q_pos >= seq_lo) & (q_pos < seq_hi)
+
+    b64 = b.to(tl.int64)
+    if OFFS_64:
+        q_row = q_pos.to(tl.int64)
+        head_row = head.to(tl.int64)
+    else:
+        q_row = q_pos
+        head_row = head
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b64 * stride_qb + head_row[:, None] * stride_qh + q_row[:, None] * stride_qs \
+        + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    K_head = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # keys every row of the tile may see: [0, all_see); some row may see: [0, any_see)
+    if CAUSAL:
+        all_see = tl.minimum(tl.maximum(q_first + causal_offset + 1, 0), S_K)
+        any_see = tl.minimum(tl.maximum(q_last + causal_offset + 1, 0), S_K)
+    else:
+        all_see = S_K
+        any_see = S_K
+    # a tile reaching key guard_from holds keys some stored row skips: only such tiles need the NaN guard of
+    # _attend_tile (every stored row attends every loaded key of the others)
+    guard_from = all_see
+    if HAS_SEQ_LENS:
+        guard_from = tl.where((q_first < seq_lo) | (q_last >= seq_hi), 0, all_see)
+
+    if SPARSE:
+        layout_b = b64 * stride_nb
+        layout_h = ((hp * PACK) // LAYOUT_DIV).to(tl.int64)
+        q_block = q_first // LAYOUT_BLOCK_Q
+        n_blocks = tl.load(KV_NUM + layout_b + layout_h * stride_nh + q_block * stride_nm)
+        idx_row = KV_IDX + b64 * stride_ib + layout_h * stride_ih + q_block.to(tl.int64) * stride_im
+        SUBS: tl.constexpr = LAYOUT_BLOCK_K // BLOCK_N
+        offs_c = tl.arange(0, CAPACITY_POW2)
+        ids = tl.load(idx_row + offs_c * stride_ik, mask=offs_c < n_blocks, other=2**30)
+        n_full = tl.sum((ids + 1 <= all_see // LAYOUT_BLOCK_K).to(tl.int32), 0)
+        if HAS_SEQ_LENS:
+            n_full = 0
+        n_iter = n_full * SUBS
+        blk = tl.load(idx_row, mask=n_iter > 0, other=0)
+        for it in range(0, n_iter):
+            if PREFETCH:  # the next block id is loaded one step ahead, as FlexAttention does
+                start_n = blk * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+                blk = tl.load(idx_row + ((it + 1) // SUBS) * stride_ik, mask=it + 1 < n_iter, other=0)
+            else:
+                start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
+                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
+                False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+        for it in range(n_iter, n_blocks * SUBS):
+            start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
+                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
+                True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+    else:
+        lo = 0
+        hi = any_see
+        full_hi = (all_see // BLOCK_N) * BLOCK_N
+        if HAS_SEQ_LENS:
+            lo = (seq_lo // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(hi, seq_hi)
+            full_hi = lo
+        for start_n in range(lo, full_hi, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
+                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
+                False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
+                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
+                True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+
+    # every real (query, head) row is written, padded ones too (0 and -inf)
+    store_ok = (offs_m < QPT * PACK) & (q_pos < S_Q)
+    empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b64 * stride_ob + head_row[:, None] * stride_oh + q_row[:, None] * stride_os \
+        + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        lse_ptrs = LSE + (b64 * HQ + head_row) * S_Q + q_row
+        tl.store(lse_ptrs, lse, mask=store_ok)
+

@@ -1,0 +1,185 @@
+"""Launcher for :mod:`sparseflash.ops.prefill.kernel`: tile choice, GQA packing, scheduling, int64 offsets.
+
+Tuning (tile config, the experimental sparse prefetch) comes from :mod:`sparseflash.ops.tuning`, read at each
+launch, or from the ``config`` argument.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from sparseflash._validate import GPU_DTYPES
+from sparseflash.layouts import BlockLayout
+from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
+from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
+from sparseflash.ops.triton_common import LOG2E
+from sparseflash.ops.tuning import TileConfig, get_tuning
+
+INT32_MAX = 2**31 - 1
+
+
+# head_dim ceiling -> config on Hopper. Tuned by benchmarks/bench_dense_vs_peers.py --sweep.
+_DEFAULT_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
+    (64, TileConfig(128, 64, 4, 3)),
+    (128, TileConfig(128, 64, 8, 3)),
+    (256, TileConfig(64, 64, 4, 2)),
+)
+
+
+def default_config(head_dim: int) -> TileConfig:
+    """The library's tile config for ``head_dim`` (:attr:`~sparseflash.ops.tuning.Tuning.prefill` overrides it)."""
+    for ceiling, config in _DEFAULT_CONFIGS:
+        if head_dim <= ceiling:
+            return config
+    raise ValueError(f"head_dim: expected at most 256, got {head_dim}")
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """True if an offset inside one (batch) slab of any tensor can pass int32."""
+    for t in tensors:
+        reach = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if reach > INT32_MAX:
+            return True
+    return False
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    scale: float,
+    backend: str,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = False,
+    pack_gqa: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention on checked inputs with a resolved ``backend`` ('torch' or 'triton').
+
+    'torch' runs :func:`~sparseflash.ops.prefill.reference.block_sparse_torch`; 'triton' :func:`prefill_forward`
+    (fp16/bf16 only). Returns ``(out, lse)``, lse None without ``return_lse``.
+    """
+    if backend == "torch":
+        return block_sparse_torch(q, k, v, layout, causal=causal, scale=scale, seq_lens=seq_lens,
+                                  padding_side=padding_side, return_lse=return_lse)
+    if q.dtype not in GPU_DTYPES:
+        raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
+    return prefill_forward(q, k, v, causal=causal, scale=scale, layout=layout, seq_lens=seq_lens,
+                           padding_side=padding_side, return_lse=return_lse, pack_gqa=pack_gqa)
+
+
+def prefill_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    layout: BlockLayout | None = None,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = False,
+    pack_gqa: bool | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the Triton kernel on validated inputs.
+
+    Returns ``out`` ``(B, Hq, Sq, D)`` in q's dtype, a view of ``(B, Sq, Hq, D)`` memory (so
+    ``out.transpose(1, 2)`` is contiguous, the layout transformers wants back), and ``lse`` ``(B, Hq, Sq)``
+    float32 or None.
+    """
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    tuning = get_tuning()
+    config = config or tuning.prefill or default_config(head_dim)
+    sparse = layout is not None
+
+    if pack_gqa is None:
+        if sparse:
+            pack_gqa = group > 1 and layout.num_heads in (1, num_kv_heads) and _is_pow2(group)
+        else:
+            pack_gqa = group > 1 and seq_len_q < config.block_m
+    if pack_gqa and sparse and (layout.num_heads not in (1, num_kv_heads) or not _is_pow2(group)):
+        raise ValueError(
+            "pack_gqa: packing a GQA group into one tile needs a layout shared by the group (heads 1 or "
+            f"{num_kv_heads}) and a power-of-two group size, got layout heads {layout.num_heads}, group {group}"
+        )
+    pack = group if pack_gqa else 1
+    block_m, block_n = config.block_m, config.block_n
+    if pack > block_m:
+        block_m = triton.next_power_of_2(pack)
+    if sparse:
+        block_q, block_k = layout.block_size
+        block_m = min(block_m, block_q * pack)
+        block_n = min(block_n, block_k)
+    queries_per_tile = block_m // pack
+    num_tiles = triton.cdiv(seq_len_q, queries_per_tile)
+    num_packs = num_heads // pack
+    num_bh = batch * num_packs
+
+    out_bshd = torch.empty(batch, seq_len_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    out = out_bshd.transpose(1, 2)
+    lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device) if return_lse else None
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+
+    if seq_lens is not None:
+        seq_lo, seq_hi = valid_range(seq_lens, seq_len_k, padding_side)
+    else:
+        seq_lo = seq_hi = dummy
+
+    if sparse:
+        num, idx = layout.kv_num_blocks, layout.kv_indices
+        layout_div = num_heads // layout.num_heads
+        n_strides = (num.stride(0) if layout.batch > 1 else 0, num.stride(1), num.stride(2))
+        i_strides = (idx.stride(0) if layout.batch > 1 else 0, idx.stride(1), idx.stride(2), idx.stride(3))
+        capacity_pow2 = triton.next_power_of_2(layout.capacity)
+        work_order = _longest_first(num, batch, num_packs, pack, layout_div, num_tiles, queries_per_tile,
+                                    layout.block_size[0])
+        layout_block = layout.block_size
+    else:
+        num = idx = work_order = dummy
+        layout_div, n_strides, i_strides, capacity_pow2, layout_block = 1, (0, 0, 0), (0, 0, 0, 0), 1, (16, 16)
+
+    grid = (num_tiles * num_bh,)
+    prefill_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else dummy,
+        num, idx, work_order, seq_lo, seq_hi,
+        scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *n_strides, *i_strides,
+        num_heads, group, layout_div, seq_len_q, seq_len_k, num_tiles, num_bh,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack,
+        CAUSAL=causal, SPARSE=sparse, LAYOUT_BLOCK_Q=layout_block[0], LAYOUT_BLOCK_K=layout_block[1],
+        CAPACITY_POW2=capacity_pow2, HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse,
+        OFFS_64=_needs_int64(q, k, v, out), PREFETCH=tuning.sparse_prefetch,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def _longest_first(
+    kv_num_blocks: torch.Tensor,
+    batch: int,
+    num_packs: int,
+    pack: int,
+    layout_div: int,
+    num_tiles: int,
+    queries_per_tile: int,
+    block_q: int,
+) -> torch.Tensor:
+    """Program ids ``(b * num_packs + hp) * num_tiles + t`` ordered by kept blocks, most first (int32, on GPU)."""
+    device = kv_num_blocks.device
+    layout_heads = (torch.arange(num_packs, device=device) * pack) // layout_div
+    q_blocks = (torch.arange(num_tiles, device=device) * queries_per_tile) // block_q
+    work = kv_num_blocks[:, layout_heads][:, :, q_blocks].expand(batch, num_packs, num_tiles)
+    return torch.argsort(work.reshape(-1), descending=True, stable=True).to(torch.int32)
