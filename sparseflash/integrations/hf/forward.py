@@ -26,7 +26,6 @@ On CPU, ``backend="auto"`` runs the PyTorch paths of the same functions, so the 
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -95,15 +94,6 @@ def _window_mask(seq_len_q: int, seq_len_k: int, window: int, device: torch.devi
 
 
 # ------------------------------------------------------------------------------------ the attention function
-@functools.lru_cache(maxsize=1)
-def _decode_kernel() -> Any | None:
-    try:
-        from sparseflash.ops.decode.api import decode_attention
-    except ImportError:
-        return None
-    return decode_attention
-
-
 def _select(
     plan: LayerPlan,
     q: torch.Tensor,
@@ -271,26 +261,14 @@ def _decode(
     window: int | None,
 ) -> torch.Tensor:
     """One new token per sequence over the whole cache (batch rows all of length seq_len_k)."""
-    from sparseflash.ops.prefill.dense import flash_attention
+    from sparseflash.ops.decode.api import decode_attention as kernel
 
-    kernel = _decode_kernel()
     sparse = (
         state.decode == "sparse"
         and plan.method != DENSE
         and window is None
         and k.shape[2] >= state.min_sparse_len
     )
-    if kernel is None:  # no decode kernel in this build: the prefill kernels (bottom-right causal is exact)
-        from sparseflash.ops.prefill.block_sparse import block_sparse_attention
-
-        if sparse:
-            state.calls["decode_sparse"] += 1
-            layout = _select(plan, q, k, scaling, state.backend)
-            return block_sparse_attention(
-                q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend
-            )
-        state.calls["decode"] += 1
-        return flash_attention(q, k, v, causal=True, scale=scaling, backend=state.backend)
     lens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     if sparse:
         state.calls["decode_sparse"] += 1
