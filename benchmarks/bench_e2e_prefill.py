@@ -237,29 +237,23 @@ def attention_timer(model: Any, clock: _Clock) -> Iterator[list[tuple[Any, Any]]
 
 
 @contextlib.contextmanager
-def layout_recorder() -> Iterator[list[float]]:
-    """Within the block, the density of each layout a registered pattern returns is appended (yielded)."""
-    from sparseflash.patterns import registry
+def layout_recorder(model: Any) -> Iterator[list[float]]:
+    """Within the block, the work density of every layer prefill of a patched ``model`` is appended (the patch's
+    public ``on_prefill`` hook: 1.0 for layers routed dense, the computed fraction for sparse ones, the exact tail
+    included); nothing on an unpatched model."""
+    from sparseflash.integrations.hf import patch_state
 
-    originals = dict(registry._REGISTRY)
+    state = patch_state(model)
     densities: list[float] = []
-
-    def wrap(info: Any) -> Any:
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            layout = info.fn(*args, **kwargs)
-            densities.append(float(layout.density()))
-            return layout
-
-        recorded.__wrapped__ = info.fn
-        return type(info)(info.name, recorded, info.kind, info.heads)
-
-    for name, info in originals.items():
-        registry._REGISTRY[name] = wrap(info)
+    if state is None:
+        yield densities
+        return
+    previous = state.on_prefill
+    state.on_prefill = lambda layer, density: densities.append(float(density))
     try:
         yield densities
     finally:
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(originals)
+        state.on_prefill = previous
 
 
 @contextlib.contextmanager
@@ -290,7 +284,7 @@ def run_case(
         torch.cuda.reset_peak_memory_stats(device)
     attn_ms = attn_total_ms = None
     with torch.inference_mode(), method_applied(model, method, min_sparse_len):
-        with layout_recorder() as densities:
+        with layout_recorder(model) as densities:
             start = clock.mark()
             logits = forward().logits[0, -1].float()
             warm_ms = clock.ms(start, clock.mark())

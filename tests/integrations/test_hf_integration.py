@@ -432,26 +432,28 @@ def test_mistral_sliding_window_layers_stay_exact(gen):
     assert rel_err(out_long, ref_long) < 1e-5 and rel_err(out_short, ref_short) < 1e-5
 
 
-def test_registry_wrappers_see_every_call_but_not_the_dry_run(gen, monkeypatch):
-    """The eval harness records layouts by wrapping registry entries: the dry run at patch time must not."""
+def test_pattern_resolved_once_per_plan_and_hook_sees_every_prefill(gen, monkeypatch):
+    """Each layer plan holds its pattern function from patch time (a later registry change does not reach a
+    patched model); the public on_prefill hook sees every layer prefill and not the patch-time dry run."""
     from sparseflash.patterns import registry
 
     info = registry.get("streaming")
-    seen = []
-
-    def recorded(*args, **kwargs):
-        seen.append(args[0].shape)
-        return info.fn(*args, **kwargs)
-
-    recorded.__wrapped__ = info.fn
-    monkeypatch.setitem(
-        registry._REGISTRY, "streaming", type(info)(info.name, recorded, info.kind, info.heads)
-    )
     model = tiny_model("llama")
-    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE):
-        assert seen == []
+    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, **SPARSE) as m:
+        state = patch_state(m)
+        assert all(plan.select is info.fn for plan in state.plans.values())
+        seen = []
+        state.on_prefill = lambda layer, density: seen.append((layer, density))
+
+        def broken(*args, **kwargs):
+            raise AssertionError("the registry was consulted after patch time")
+
+        monkeypatch.setitem(registry._REGISTRY, "streaming", type(info)(info.name, broken, info.kind, info.heads))
         logits(model, ids_for(gen, 1, 40))
-    assert seen == [(1, 4, 40, 16)] * 2
+    assert [layer for layer, _ in seen] == [0, 1]
+    assert all(0.0 < density <= 1.0 for _, density in seen)
+    with patched(model, "dense") as m:
+        assert all(plan.select is None for plan in patch_state(m).plans.values())
 
 
 def test_gradients_and_dropout_fall_back_to_sdpa(gen):

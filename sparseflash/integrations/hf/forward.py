@@ -26,7 +26,6 @@ On CPU, ``backend="auto"`` runs the PyTorch paths of the same functions, so the 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -100,20 +99,16 @@ def _select(
     k: torch.Tensor,
     scaling: float | None,
     backend: str,
-    *,
-    unwrap: bool = False,
 ) -> Any:
-    """The layer's layout for (q, k). The pattern is looked up per call, so wrappers of the registry (the eval
-    harness records layouts that way) see every call; ``unwrap`` bypasses them (the patch-time dry run)."""
-    from sparseflash.patterns import get
-
+    """The layer's layout for (q, k), from the pattern function its plan resolved when the patch was made."""
+    if plan.select is None:
+        raise ValueError(f"layer {plan.layer_idx}: method {plan.method!r} has no selection (it runs dense)")
     options = dict(plan.options)
     if plan.pass_scale and scaling is not None:
         options["scale"] = scaling
     if plan.pass_backend:
         options["backend"] = backend
-    fn = get(plan.method).fn
-    return (inspect.unwrap(fn) if unwrap else fn)(q, k, **options)
+    return plan.select(q, k, **options)
 
 
 def _sdpa(

@@ -222,6 +222,7 @@ def patch_state(model: Any) -> PatchState | None:
 def _build_state(
     model: Any, modules: Mapping[int, torch.nn.Module], method: str, options: dict[str, Any], num_layers: int
 ) -> PatchState:
+    from sparseflash.patterns import get as get_pattern
     from sparseflash.patterns import options_of
 
     settings = _patch_settings(method, options)
@@ -246,6 +247,7 @@ def _build_state(
             dict(layer_opts),
             pass_scale="scale" in takes and "scale" not in layer_opts,
             pass_backend="backend" in takes and "backend" not in layer_opts,
+            select=get_pattern(layer_method).fn if layer_method != DENSE else None,
         )
     approximate_dropped = settings["approximate_dropped"]
     if approximate_dropped and any(p.method == "permuted" for p in plans.values()):
@@ -304,7 +306,7 @@ def _dry_run(modules: Mapping[int, torch.nn.Module], state: PatchState) -> None:
         )
         for what, qq in cases:
             try:
-                _select(probe, qq, k, getattr(module, "scaling", None), "torch", unwrap=True)
+                _select(probe, qq, k, getattr(module, "scaling", None), "torch")
             except (ValueError, TypeError, NotImplementedError) as err:
                 raise ValueError(
                     f"method {plan.method!r} (layer {idx}, {what}) rejected its options "

@@ -8,7 +8,6 @@ model. :class:`PatchState` and :class:`LayerPlan` are what :mod:`.hf` stores on 
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ class LayerPlan:
     options: Mapping[str, Any]
     pass_scale: bool = False  # the pattern takes ``scale``, not set by the user: the layer's scaling goes in
     pass_backend: bool = False  # the pattern takes ``backend``, not set by the user: the patch's goes in
+    select: Callable[..., Any] | None = None  # the pattern function, resolved once when the plan is made
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _probe_pattern(method: str, options: Mapping[str, Any], where: str) -> None:
     if "backend" in options_of(method):
         call["backend"] = "torch"  # the patch option backend= picks the kernels; the probe runs on CPU
     try:
-        inspect.unwrap(get(method).fn)(q, k, **call)
+        get(method).fn(q, k, **call)
     except (ValueError, TypeError, NotImplementedError) as err:
         cls = TypeError if isinstance(err, TypeError) else ValueError
         raise cls(str(err) if where == method else f"{where}: {err}") from None
