@@ -43,8 +43,16 @@ def gpu_tag() -> str:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -107,6 +115,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """A plain fixed-width table (the device tool returns the end of stdout)."""
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"

@@ -53,30 +53,46 @@ def safe_settings(rows: list[dict[str, Any]], length: int) -> dict[str, dict[str
 
 def sweep_markdown(rows: list[dict[str, Any]], kl_factor: float) -> str:
     lengths = sorted({int(n) for r in rows for n in r["lengths"]})
-    out = [f"| variant | options | length | density | KL to SDPA | top-1 | ppl ratio | prefill speedup | "
-           f"retrieval (losses/wins) | bar (KL <= {kl_factor:g}x dense, ppl +1 %) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"| variant | options | length | density | KL to SDPA | top-1 | ppl ratio | prefill speedup | "
+        f"retrieval (losses/wins) | bar (KL <= {kl_factor:g}x dense, ppl +1 %) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for n in lengths:
             d = r["lengths"].get(str(n))
             if not d:
                 continue
-            tasks = ", ".join(f"{k.split('@')[0]} -{t['losses']}/+{t['wins']} (n {t['n']})"
-                              for k, t in sorted(r["tasks"].items()) if k.endswith(f"@{n}")) or "-"
+            tasks = (
+                ", ".join(
+                    f"{k.split('@')[0]} -{t['losses']}/+{t['wins']} (n {t['n']})"
+                    for k, t in sorted(r["tasks"].items())
+                    if k.endswith(f"@{n}")
+                )
+                or "-"
+            )
             fails = [f for f in r["fails"] if f" {n}" in f or f"@{n}" in f]
             verdict = "floor" if r["label"] == FLOOR else ("fail" if fails else "pass" if "kl" in d else "no KL")
-            out.append(f"| {r['label']} | `{json.dumps(r['options'], sort_keys=True)}` | {n} | "
-                       f"{_f(d.get('density'), '.3f')} | {_f(d.get('kl'), '.4f')} | {_f(d.get('top1'), '.3f')} | "
-                       f"{_f(d.get('ppl_ratio'), '.4f')} | {_f(d.get('speedup'), '.2f')} | {tasks} | {verdict} |")
+            out.append(
+                f"| {r['label']} | `{json.dumps(r['options'], sort_keys=True)}` | {n} | "
+                f"{_f(d.get('density'), '.3f')} | {_f(d.get('kl'), '.4f')} | {_f(d.get('top1'), '.3f')} | "
+                f"{_f(d.get('ppl_ratio'), '.4f')} | {_f(d.get('speedup'), '.2f')} | {tasks} | {verdict} |"
+            )
     longest = max(lengths)
     safe = safe_settings(rows, longest)
     out.append("")
     out.append(f"Safe setting per method (sparsest variant meeting the bar at {longest}):")
     for method in sorted({r["method"] for r in rows if r["label"] != FLOOR and str(longest) in r["lengths"]}):
         r = safe.get(method)
-        out.append(f"- {method}: " + (f"{r['label']} `{json.dumps(r['options'], sort_keys=True)}`, density "
-                                      f"{r['lengths'][str(longest)]['density']:.3f}" if r else
-                                      "none of the variants tried meets the bar"))
+        out.append(
+            f"- {method}: "
+            + (
+                f"{r['label']} `{json.dumps(r['options'], sort_keys=True)}`, density "
+                f"{r['lengths'][str(longest)]['density']:.3f}"
+                if r
+                else "none of the variants tried meets the bar"
+            )
+        )
     return "\n".join(out)
 
 
@@ -87,21 +103,25 @@ def pareto_plot(rows: list[dict[str, Any]], length: int, kl_factor: float, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r, r["lengths"][str(length)]) for r in rows if str(length) in r["lengths"]
-           and r["lengths"][str(length)].get("kl") is not None]
+    pts = [
+        (r, r["lengths"][str(length)])
+        for r in rows
+        if str(length) in r["lengths"] and r["lengths"][str(length)].get("kl") is not None
+    ]
     if not pts:
         return None
     colours = method_colours(sorted({r["method"] for r, _ in pts}))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     floor = next((d["kl"] for r, d in pts if r["label"] == FLOOR), None)
     for method in sorted(colours):
-        mine = sorted([(d["density"], max(d["kl"], 1e-6), d.get("speedup"), r) for r, d in pts
-                       if r["method"] == method], key=lambda x: x[0])
+        mine = sorted(
+            [(d["density"], max(d["kl"], 1e-6), d.get("speedup"), r) for r, d in pts if r["method"] == method],
+            key=lambda x: x[0],
+        )
         ax.plot([m[0] for m in mine], [m[1] for m in mine], "o", color=colours[method], label=method)
         for dens, kl, speed, r in mine:
             mark = "*" if r["meets_bar"] and r["label"] != FLOOR else ""
-            ax.annotate(f"{_f(speed, '.1f')}x{mark}", (dens, kl), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7)
+            ax.annotate(f"{_f(speed, '.1f')}x{mark}", (dens, kl), textcoords="offset points", xytext=(4, 3), fontsize=7)
     if floor:
         ax.axhline(kl_factor * floor, color="grey", ls="--", lw=1, label=f"bar: {kl_factor:g}x dense")
     ax.set_yscale("log")
@@ -121,14 +141,18 @@ def final_markdown(folder: Path, kl_factor: float) -> str:
     options = {m: next(c.get("options") or {} for c in cases if c["method"] == m) for m in methods}
     variants = [{"label": m, "method": m, "options": options[m]} for m in methods]
     rows = score_variants(cases, variants, kl_factor)
-    out = ["| method | length | task | n | accuracy (method / SDPA) | losses | wins | bar |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| method | length | task | n | accuracy (method / SDPA) | losses | wins | bar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for key, t in sorted(r["tasks"].items(), key=lambda kv: (int(kv[0].split("@")[1]), kv[0])):
             task, n = key.split("@")
             ok = t["losses"] - t["wins"] <= max(1, 0.02 * t["n"])
-            out.append(f"| {r['label']} | {n} | {task} | {t['n']} | {t['score']:.3f} / {t['base']:.3f} | "
-                       f"{t['losses']} | {t['wins']} | {'pass' if ok else 'FAIL'} |")
+            out.append(
+                f"| {r['label']} | {n} | {task} | {t['n']} | {t['score']:.3f} / {t['base']:.3f} | "
+                f"{t['losses']} | {t['wins']} | {'pass' if ok else 'FAIL'} |"
+            )
     out.append("")
     out.append("| method | length | density | KL to SDPA | top-1 | ppl ratio | prefill speedup | verdict |")
     out.append("|---|---|---|---|---|---|---|---|")
@@ -136,9 +160,11 @@ def final_markdown(folder: Path, kl_factor: float) -> str:
         for n, d in sorted(r["lengths"].items(), key=lambda kv: int(kv[0])):
             fails = [f for f in r["fails"] if f" {n}" in f or f"@{n}" in f]
             verdict = "floor" if r["label"] == FLOOR else ("pass" if not fails else "fail: " + "; ".join(fails))
-            out.append(f"| {r['label']} | {n} | {_f(d.get('density'), '.3f')} | {_f(d.get('kl'), '.4f')} | "
-                       f"{_f(d.get('top1'), '.3f')} | {_f(d.get('ppl_ratio'), '.4f')} | "
-                       f"{_f(d.get('speedup'), '.2f')} | {verdict} |")
+            out.append(
+                f"| {r['label']} | {n} | {_f(d.get('density'), '.3f')} | {_f(d.get('kl'), '.4f')} | "
+                f"{_f(d.get('top1'), '.3f')} | {_f(d.get('ppl_ratio'), '.4f')} | "
+                f"{_f(d.get('speedup'), '.2f')} | {verdict} |"
+            )
     return "\n".join(out)
 
 

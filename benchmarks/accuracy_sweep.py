@@ -50,8 +50,17 @@ def load_variants(text_or_path: str) -> list[dict[str, Any]]:
     return raw
 
 
-def run_variants(model: str, variants: list[dict[str, Any]], tasks: list[str], lengths: list[int],
-                 samples: int, seed: int, out: Path, batch_size: int, depths: list[float]) -> list[dict[str, Any]]:
+def run_variants(
+    model: str,
+    variants: list[dict[str, Any]],
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    seed: int,
+    out: Path,
+    batch_size: int,
+    depths: list[float],
+) -> list[dict[str, Any]]:
     """Run baseline, floor and every variant into ``out`` (resuming); returns all cases of the folder."""
     from sparseflash.eval.model import load_model
     from sparseflash.eval.results import ResultsStore
@@ -66,8 +75,16 @@ def run_variants(model: str, variants: list[dict[str, Any]], tasks: list[str], l
         run_tasks = [t for t in tasks if t == "agreement"] if v["label"] == FLOOR else tasks
         if not run_tasks:
             continue
-        config = EvalConfig(tasks=run_tasks, methods=[v["method"]], lengths=lengths, depths=depths, samples=samples,
-                            seed=seed, method_options={v["method"]: dict(v["options"])}, batch_size=batch_size)
+        config = EvalConfig(
+            tasks=run_tasks,
+            methods=[v["method"]],
+            lengths=lengths,
+            depths=depths,
+            samples=samples,
+            seed=seed,
+            method_options={v["method"]: dict(v["options"])},
+            batch_size=batch_size,
+        )
         written = Runner(loaded, store, config).run()
         print(f"[{v['label']}] {len(written)} cases in {time.perf_counter() - t0:.1f} s", flush=True)
     return list(store)
@@ -81,15 +98,17 @@ def _paired(cases: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return base
 
 
-def score_variants(cases: list[dict[str, Any]], variants: list[dict[str, Any]], kl_factor: float
-                   ) -> list[dict[str, Any]]:
+def score_variants(
+    cases: list[dict[str, Any]], variants: list[dict[str, Any]], kl_factor: float
+) -> list[dict[str, Any]]:
     """One row per variant (and the floor): per-task paired results, KL, top-1, ppl ratio, density, bar verdict."""
     base = _paired(cases)
     rows = []
     floor_kl: dict[int, float] = {}
     for v in [{"label": FLOOR, "method": FLOOR, "options": {}}] + variants:
-        mine = [c for c in cases if c["method"] == v["method"] and _canon(c.get("options") or {}) ==
-                _canon(v["options"])]
+        mine = [
+            c for c in cases if c["method"] == v["method"] and _canon(c.get("options") or {}) == _canon(v["options"])
+        ]
         row: dict[str, Any] = {"label": v["label"], "method": v["method"], "options": v["options"], "tasks": {}}
         by_len: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for c in mine:
@@ -102,8 +121,9 @@ def score_variants(cases: list[dict[str, Any]], variants: list[dict[str, Any]], 
             if b is not None and b.get("prefill_ms"):
                 bucket["speedup"].append(b["prefill_ms"] / max(c.get("prefill_ms") or math.inf, 1e-9))
             if c["task"] in RETRIEVAL and b is not None:
-                t = row["tasks"].setdefault(f"{c['task']}@{c['length']}", {"n": 0, "score": 0.0, "base": 0.0,
-                                                                          "wins": 0, "losses": 0})
+                t = row["tasks"].setdefault(
+                    f"{c['task']}@{c['length']}", {"n": 0, "score": 0.0, "base": 0.0, "wins": 0, "losses": 0}
+                )
                 s, bs = float(c["score"]), float(b["score"])
                 t["n"] += 1
                 t["score"] += s
@@ -153,8 +173,13 @@ def choose(rows: list[dict[str, Any]], length: int, max_density: float = 0.25) -
     cands = [r for r in rows if r["label"] != FLOOR and str(length) in r["lengths"]]
     ok = [r for r in cands if r["meets_bar"]]
     if ok:
-        return min(ok, key=lambda r: (round(r["lengths"][str(length)].get("density", 1.0), 3),
-                                      -r["lengths"][str(length)].get("speedup", 0.0)))
+        return min(
+            ok,
+            key=lambda r: (
+                round(r["lengths"][str(length)].get("density", 1.0), 3),
+                -r["lengths"][str(length)].get("speedup", 0.0),
+            ),
+        )
     sparse = [r for r in cands if r["lengths"][str(length)].get("density", 1.0) <= max_density]
     if not sparse:
         return None
@@ -164,12 +189,17 @@ def choose(rows: list[dict[str, Any]], length: int, max_density: float = 0.25) -
 def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         for n, d in sorted(r["lengths"].items(), key=lambda x: int(x[0])):
-            tasks = " ".join(f"{k.split('@')[0]}:{t['score']:.2f}/{t['base']:.2f}(-{t['losses']}+{t['wins']})"
-                             for k, t in sorted(r["tasks"].items()) if k.endswith(f"@{n}"))
-            print(f"{r['label']:<24}{n:>7} dens {d.get('density', float('nan')):.3f} kl {d.get('kl', float('nan')):.4f}"
-                  f" kl_end {d.get('kl_end', float('nan')):.4f}"
-                  f" top1 {d.get('top1', float('nan')):.3f} ppl x{d.get('ppl_ratio', float('nan')):.4f}"
-                  f" speedup {d.get('speedup', float('nan')):.2f} {'PASS' if r['meets_bar'] else 'fail'} | {tasks}")
+            tasks = " ".join(
+                f"{k.split('@')[0]}:{t['score']:.2f}/{t['base']:.2f}(-{t['losses']}+{t['wins']})"
+                for k, t in sorted(r["tasks"].items())
+                if k.endswith(f"@{n}")
+            )
+            print(
+                f"{r['label']:<24}{n:>7} dens {d.get('density', float('nan')):.3f} kl {d.get('kl', float('nan')):.4f}"
+                f" kl_end {d.get('kl_end', float('nan')):.4f}"
+                f" top1 {d.get('top1', float('nan')):.3f} ppl x{d.get('ppl_ratio', float('nan')):.4f}"
+                f" speedup {d.get('speedup', float('nan')):.2f} {'PASS' if r['meets_bar'] else 'fail'} | {tasks}"
+            )
         if r["fails"]:
             print(f"{'':<24}fails: {'; '.join(r['fails'])}")
 
@@ -177,8 +207,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--variants", required=True, help="JSON file or string: [{label, method, options}] or "
-                                                      "{label: [method, options]}")
+    p.add_argument(
+        "--variants",
+        required=True,
+        help="JSON file or string: [{label, method, options}] or {label: [method, options]}",
+    )
     p.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,agreement")
     p.add_argument("--lengths", default="32768")
     p.add_argument("--depths", default="10,30,50,70,90")
@@ -192,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = load_variants(args.variants)
     lengths = [int(x) for x in args.lengths.split(",")]
     out = Path(args.out)
-    cases = run_variants(args.model, variants, args.tasks.split(","), lengths, args.samples, args.seed, out,
-                         args.batch_size, [float(x) for x in args.depths.split(",")])
+    cases = run_variants(
+        args.model,
+        variants,
+        args.tasks.split(","),
+        lengths,
+        args.samples,
+        args.seed,
+        out,
+        args.batch_size,
+        [float(x) for x in args.depths.split(",")],
+    )
     rows = score_variants(cases, variants, args.kl_factor)
     print_table(rows)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))

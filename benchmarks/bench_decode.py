@@ -45,8 +45,20 @@ SPARSE_FRACTION = 0.10
 SWEEP_POINTS = ((1, 131072), (8, 32768))
 SWEEP_SPLITS = (8, 16, 24, 32, 48, 64, 96, 128)
 SWEEP_CONFIGS = ("64,4,3", "64,4,4", "64,2,3", "128,4,2", "128,8,3", "32,4,4")
-TABLE_COLUMNS = ["batch", "kv_len", "impl", "paged", "kv_fraction", "ms", "tb_s", "pct_copy", "vs_sdpa", "ms_eager",
-                 "num_splits", "rel_err"]
+TABLE_COLUMNS = [
+    "batch",
+    "kv_len",
+    "impl",
+    "paged",
+    "kv_fraction",
+    "ms",
+    "tb_s",
+    "pct_copy",
+    "vs_sdpa",
+    "ms_eager",
+    "num_splits",
+    "rel_err",
+]
 
 
 def parse_args(argv: list[str] | None = None):
@@ -122,6 +134,7 @@ def sdpa_flash(q, k, v):
     def run():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
     return run
 
 
@@ -149,8 +162,9 @@ def add_bandwidth(row: dict, copy_tb_s: float) -> dict:
 def gathered_reference(q, k, v, ids, counts, kv_len):
     """SDPA over the listed blocks + the current block of sequence 0 (every head lists the same count)."""
     keep = int(counts[0, 0])
-    blocks = torch.cat([ids[0, :, :keep].long(),
-                        torch.full((HKV, 1), kv_len // BLOCK - 1, device="cuda", dtype=torch.long)], dim=1)
+    blocks = torch.cat(
+        [ids[0, :, :keep].long(), torch.full((HKV, 1), kv_len // BLOCK - 1, device="cuda", dtype=torch.long)], dim=1
+    )
     tokens = (blocks[..., None] * BLOCK + torch.arange(BLOCK, device="cuda")).reshape(HKV, -1)  # (Hkv, n)
     idx = tokens[..., None].expand(-1, -1, D)
     k_sel, v_sel = torch.gather(k[0], 1, idx)[None], torch.gather(v[0], 1, idx)[None]
@@ -171,8 +185,19 @@ def run_point(batch: int, kv_len: int, args, flex, copy_tb_s: float) -> list[dic
     sdpa = sdpa_flash(q, k, v)
     ref = sdpa()
     out = ours()
-    rows.append(timed(ours, {**case, "impl": "sparseflash", "paged": False, "kv_fraction": 1.0,
-                             "num_splits": splits, "rel_err": rel_err(out, ref)}))
+    rows.append(
+        timed(
+            ours,
+            {
+                **case,
+                "impl": "sparseflash",
+                "paged": False,
+                "kv_fraction": 1.0,
+                "num_splits": splits,
+                "rel_err": rel_err(out, ref),
+            },
+        )
+    )
     rows.append(timed(sdpa, {**case, "impl": "sdpa_flash", "paged": False, "kv_fraction": 1.0, "rel_err": 0.0}))
     if flex is not None:
         fx = lambda: flex(q, k, v, enable_gqa=True)
@@ -180,21 +205,48 @@ def run_point(batch: int, kv_len: int, args, flex, copy_tb_s: float) -> list[dic
             err = rel_err(fx(), ref)
             rows.append(timed(fx, {**case, "impl": "flex", "paged": False, "kv_fraction": 1.0, "rel_err": err}))
         except Exception as e:
-            rows.append({**case, "impl": "flex", "paged": False, "kv_fraction": 1.0,
-                         "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            rows.append(
+                {
+                    **case,
+                    "impl": "flex",
+                    "paged": False,
+                    "kv_fraction": 1.0,
+                    "error": f"{type(e).__name__}: {str(e)[:160]}",
+                }
+            )
     ids, counts, fraction = sparse_lists(batch, kv_len, gen)
-    sparse = lambda: decode_attention(q, k, v, lengths, kv_block_indices=ids, kv_block_counts=counts,
-                                      block_size=BLOCK, check_values=False)
+    sparse = lambda: decode_attention(
+        q, k, v, lengths, kv_block_indices=ids, kv_block_counts=counts, block_size=BLOCK, check_values=False
+    )
     err = rel_err(sparse()[:1], gathered_reference(q, k, v, ids, counts, kv_len))
-    rows.append(timed(sparse, {**case, "impl": "sparseflash", "paged": False, "kv_fraction": round(fraction, 4),
-                               "block_size": BLOCK, "rel_err": err}))
+    rows.append(
+        timed(
+            sparse,
+            {
+                **case,
+                "impl": "sparseflash",
+                "paged": False,
+                "kv_fraction": round(fraction, 4),
+                "block_size": BLOCK,
+                "rel_err": err,
+            },
+        )
+    )
 
     # paged copy: built one cache at a time, freeing the contiguous one (B=64 x 128K is 34 GB per pair)
     page_size = args.page_size
     need = kv_bytes(batch, kv_len) / 2  # one cache's pages at a time
     if torch.cuda.mem_get_info()[0] < need + 2**30:
-        rows.append({**case, "impl": "sparseflash", "paged": True, "page_size": page_size, "kv_fraction": 1.0,
-                     "error": "skipped: not enough memory for the paged copy"})
+        rows.append(
+            {
+                **case,
+                "impl": "sparseflash",
+                "paged": True,
+                "page_size": page_size,
+                "kv_fraction": 1.0,
+                "error": "skipped: not enough memory for the paged copy",
+            }
+        )
     else:
         del sparse, ours, sdpa
         perm = torch.randperm(batch * kv_len // page_size, generator=gen, device="cuda")
@@ -204,8 +256,20 @@ def run_point(batch: int, kv_len: int, args, flex, copy_tb_s: float) -> list[dic
         v_pages = to_paged(v, perm, page_size)
         del v
         paged = lambda: decode_attention(q, k_pages, v_pages, lengths, page_table=table, check_values=False)
-        rows.append(timed(paged, {**case, "impl": "sparseflash", "paged": True, "page_size": page_size,
-                                  "kv_fraction": 1.0, "num_splits": splits, "rel_err": rel_err(paged(), out)}))
+        rows.append(
+            timed(
+                paged,
+                {
+                    **case,
+                    "impl": "sparseflash",
+                    "paged": True,
+                    "page_size": page_size,
+                    "kv_fraction": 1.0,
+                    "num_splits": splits,
+                    "rel_err": rel_err(paged(), out),
+                },
+            )
+        )
         del k_pages, v_pages
     sdpa_ms = next((r["ms"] for r in rows if r["impl"] == "sdpa_flash" and "ms" in r), None)
     for r in rows:
@@ -233,8 +297,15 @@ def sweep(copy_tb_s: float) -> list[dict]:
             set_tuning(Tuning(decode=DecodeConfig(*(int(x) for x in config.split(",")))))
             for splits in SWEEP_SPLITS:
                 fn = functools.partial(decode_attention, q, k, v, lengths, num_splits=splits, check_values=False)
-                row = {"batch": batch, "kv_len": kv_len, "impl": "sparseflash_sweep", "paged": False,
-                       "kv_fraction": 1.0, "config": config, "num_splits": splits}
+                row = {
+                    "batch": batch,
+                    "kv_len": kv_len,
+                    "impl": "sparseflash_sweep",
+                    "paged": False,
+                    "kv_fraction": 1.0,
+                    "config": config,
+                    "num_splits": splits,
+                }
                 try:
                     row.update(bench_graph_ms(fn, budget_ms=100.0))
                 except Exception as e:
@@ -254,15 +325,24 @@ def plot(rows: list[dict], path: Path, copy_tb_s: float, title: str) -> None:
 
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    series = [("sparseflash", False, True, "o", "sparseflash dense"),
-              ("sparseflash", True, True, "s", "sparseflash dense, paged"),
-              ("sdpa_flash", False, True, "x", "SDPA flash"),
-              ("flex", False, True, "+", "FlexAttention"),
-              ("sparseflash", False, False, "^", f"sparseflash sparse {SPARSE_FRACTION:.0%} (bytes read)")]
+    series = [
+        ("sparseflash", False, True, "o", "sparseflash dense"),
+        ("sparseflash", True, True, "s", "sparseflash dense, paged"),
+        ("sdpa_flash", False, True, "x", "SDPA flash"),
+        ("flex", False, True, "+", "FlexAttention"),
+        ("sparseflash", False, False, "^", f"sparseflash sparse {SPARSE_FRACTION:.0%} (bytes read)"),
+    ]
     for ax, batch in zip(axes[0], batches, strict=True):
         for impl, paged, dense, marker, label in series:
-            pts = sorted((r["kv_len"], r["tb_s"]) for r in rows if r["batch"] == batch and r["impl"] == impl
-                         and r.get("paged") == paged and (r["kv_fraction"] == 1.0) == dense and "tb_s" in r)
+            pts = sorted(
+                (r["kv_len"], r["tb_s"])
+                for r in rows
+                if r["batch"] == batch
+                and r["impl"] == impl
+                and r.get("paged") == paged
+                and (r["kv_fraction"] == 1.0) == dense
+                and "tb_s" in r
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
         ax.axhline(copy_tb_s, color="k", ls="--", lw=1, label="device copy")

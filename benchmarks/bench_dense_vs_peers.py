@@ -29,10 +29,23 @@ from sparseflash.ops.prefill.reference import masked_attention, token_mask  # no
 
 HQ, HKV = 32, 8
 SWEEP = {
-    64: [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3),
-         TileConfig(128, 128, 4, 3), TileConfig(128, 64, 4, 4)],
-    128: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3),
-          TileConfig(128, 32, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(128, 128, 8, 3)],
+    64: [
+        TileConfig(128, 64, 4, 3),
+        TileConfig(128, 128, 8, 3),
+        TileConfig(128, 64, 8, 3),
+        TileConfig(64, 64, 4, 3),
+        TileConfig(128, 128, 4, 3),
+        TileConfig(128, 64, 4, 4),
+    ],
+    128: [
+        TileConfig(128, 64, 8, 3),
+        TileConfig(128, 128, 8, 2),
+        TileConfig(128, 64, 4, 3),
+        TileConfig(64, 64, 4, 3),
+        TileConfig(128, 32, 4, 3),
+        TileConfig(128, 64, 8, 4),
+        TileConfig(128, 128, 8, 3),
+    ],
 }
 
 
@@ -55,12 +68,14 @@ def peers(q, k, v, causal):
         def run():
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=not repeat)
+
         return run
 
     seq = q.shape[2]
     flex = _compiled_flex()
-    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki if causal else qi >= 0, None, None, seq, seq,
-                             device="cuda", _compile=True)
+    mask = create_block_mask(
+        lambda b, h, qi, ki: qi >= ki if causal else qi >= 0, None, None, seq, seq, device="cuda", _compile=True
+    )
     fns = {
         "sparseflash": lambda: sf.flash_attention(q, k, v, causal=causal),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, False),
@@ -80,9 +95,10 @@ def check(fn, q, k, v, causal, rows=256):
     seq = q.shape[2]
     picked = range(seq - rows, seq)
     mask = token_mask(picked, seq, seq, num_heads=2, causal=causal, device=q.device)
-    ref, _ = masked_attention(q[:, :2, seq - rows:].float(), k[:, :1].float(), v[:, :1].float(), mask,
-                              q.shape[-1] ** -0.5)
-    return rel_err(out[:, :2, seq - rows:], ref)
+    ref, _ = masked_attention(
+        q[:, :2, seq - rows :].float(), k[:, :1].float(), v[:, :1].float(), mask, q.shape[-1] ** -0.5
+    )
+    return rel_err(out[:, :2, seq - rows :], ref)
 
 
 def main() -> None:
@@ -104,8 +120,15 @@ def main() -> None:
                 k = torch.randn(1, HKV, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                 v = torch.randn(1, HKV, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                 flops = 4 * HQ * seq * seq * head_dim * (0.5 if causal else 1.0)
-                case = {"seqlen": seq, "head_dim": head_dim, "causal": causal, "batch": 1, "heads_q": HQ,
-                        "heads_kv": HKV, "dtype": "bf16"}
+                case = {
+                    "seqlen": seq,
+                    "head_dim": head_dim,
+                    "causal": causal,
+                    "batch": 1,
+                    "heads_q": HQ,
+                    "heads_kv": HKV,
+                    "dtype": "bf16",
+                }
                 fns = peers(q, k, v, causal)
                 if args.sweep and seq == 16384 and head_dim in SWEEP:
                     for cfg in SWEEP[head_dim]:
@@ -122,15 +145,21 @@ def main() -> None:
                     rows.append(row)
                     # partial results on disk after every point, in case the call is killed
                     write_result(dest / f"prefill_dense_{gpu_tag()}.json", "prefill_dense", rows, ceilings)
-                    print({k2: row.get(k2) for k2 in ("impl", "seqlen", "head_dim", "causal", "ms", "tflops",
-                                                       "rel_err", "error")}, flush=True)
+                    print(
+                        {
+                            k2: row.get(k2)
+                            for k2 in ("impl", "seqlen", "head_dim", "causal", "ms", "tflops", "rel_err", "error")
+                        },
+                        flush=True,
+                    )
     _add_ratios(rows)
     tag = gpu_tag()
     write_result(dest / f"prefill_dense_{tag}.json", "prefill_dense", rows, ceilings)
     plot(rows, dest / f"prefill_dense_{tag}.png")
     table = [r for r in rows if "tflops" in r and not r["impl"].startswith("sparseflash_cfg")]
-    print_table(table, ["head_dim", "causal", "seqlen", "impl", "ms", "tflops", "vs_sdpa_flash", "vs_sdpa_cudnn",
-                        "vs_flex"])
+    print_table(
+        table, ["head_dim", "causal", "seqlen", "impl", "ms", "tflops", "vs_sdpa_flash", "vs_sdpa_cudnn", "vs_flex"]
+    )
     sweep = [r for r in rows if r["impl"].startswith("sparseflash_cfg") and "tflops" in r]
     if sweep:
         print_table(sweep, ["head_dim", "causal", "impl", "ms", "tflops", "rel_err"])
@@ -159,8 +188,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4), sharey=True)
     for ax, (head_dim, causal) in zip(axes, [(128, True), (128, False), (64, True), (64, False)], strict=True):
         for impl in ("sparseflash", "sdpa_cudnn", "sdpa_flash", "flex"):
-            pts = sorted((r["seqlen"], r["tflops"]) for r in rows if r["impl"] == impl and r["head_dim"] == head_dim
-                         and r["causal"] == causal and "tflops" in r)
+            pts = sorted(
+                (r["seqlen"], r["tflops"])
+                for r in rows
+                if r["impl"] == impl and r["head_dim"] == head_dim and r["causal"] == causal and "tflops" in r
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         ax.set_xscale("log", base=2)

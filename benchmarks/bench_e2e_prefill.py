@@ -127,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="timed forwards per case after the warm-up")
     parser.add_argument("--check-len", type=int, default=4096, help="length of the dense-vs-SDPA check")
-    parser.add_argument(
-        "--min-sparse-len", type=int, default=None, help="patch option (default: the library default)"
-    )
+    parser.add_argument("--min-sparse-len", type=int, default=None, help="patch option (default: the library default)")
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -173,9 +171,7 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, Any | None, str, s
     return loaded.model, loaded.tokenizer, loaded.name, "pretrained"
 
 
-def prompt_ids(
-    tokenizer: Any | None, length: int, vocab_size: int, device: torch.device
-) -> tuple[torch.Tensor, str]:
+def prompt_ids(tokenizer: Any | None, length: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, str]:
     """(1, length) token ids: KJV prose through the tokenizer when there is one, else random ids."""
     if tokenizer is not None:
         with contextlib.suppress(ImportError):
@@ -408,9 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths, methods = [min(lengths)], methods[:4]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "--device cuda: no CUDA device here (use --device cpu --model random:tiny for plumbing)"
-        )
+        raise SystemExit("--device cuda: no CUDA device here (use --device cpu --model random:tiny for plumbing)")
     t0 = time.perf_counter()
     model, tok, name, weights = load_model(args.model, device)
     print(f"loaded {name} ({weights} weights) in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -40,8 +40,19 @@ from sparseflash.layouts import geometry as geo  # noqa: E402
 from sparseflash.metrics import attention_recall  # noqa: E402
 
 ORACLE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-COLUMNS = ["method", "seqlen", "select_ms", "attn_ms", "dense_ms", "select_frac", "total_vs_dense", "density",
-           "recall", "oracle_recall", "out_rel_err"]
+COLUMNS = [
+    "method",
+    "seqlen",
+    "select_ms",
+    "attn_ms",
+    "dense_ms",
+    "select_frac",
+    "total_vs_dense",
+    "density",
+    "recall",
+    "oracle_recall",
+    "out_rel_err",
+]
 
 
 def parse_args(argv: list[str] | None = None):
@@ -53,8 +64,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--heads-kv", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tag", default="", help="file-name suffix (e.g. the captured model)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="no GPU: tiny shapes, wall-clock timing, float32 (pipeline check only)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="no GPU: tiny shapes, wall-clock timing, float32 (pipeline check only)"
+    )
     args = parser.parse_args(argv)
     known = patterns.available()
     if args.methods is not None:
@@ -129,11 +141,21 @@ def run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source):
         oracle = patterns.select("oracle", q, k, block_size=layout.block_size, density=max(density, 1e-6))
         oracle_recall = attention_recall(q, k, oracle)
     return {
-        "method": name, "seqlen": seq, "source": source, "impl": "sparseflash",
-        "kind": patterns.get(name).kind, "layout_heads": layout.num_heads, "block_size": list(layout.block_size),
-        "select_ms": select_ms, "attn_ms": attn_ms, "dense_ms": dense_ms,
-        "select_frac": select_ms / dense_ms, "total_vs_dense": (select_ms + attn_ms) / dense_ms,
-        "density": density, "recall": recall, "oracle_recall": oracle_recall,
+        "method": name,
+        "seqlen": seq,
+        "source": source,
+        "impl": "sparseflash",
+        "kind": patterns.get(name).kind,
+        "layout_heads": layout.num_heads,
+        "block_size": list(layout.block_size),
+        "select_ms": select_ms,
+        "attn_ms": attn_ms,
+        "dense_ms": dense_ms,
+        "select_frac": select_ms / dense_ms,
+        "total_vs_dense": (select_ms + attn_ms) / dense_ms,
+        "density": density,
+        "recall": recall,
+        "oracle_recall": oracle_recall,
         "out_rel_err": rel_err(out, dense_out),
     }
 
@@ -142,8 +164,17 @@ def oracle_sweep(q, k, seq, source):
     rows = []
     for target in ORACLE_SWEEP:
         layout = patterns.select("oracle", q, k, density=target)
-        rows.append({"method": "oracle_sweep", "seqlen": seq, "source": source, "impl": "sparseflash",
-                     "target_density": target, "density": layout.density(), "recall": attention_recall(q, k, layout)})
+        rows.append(
+            {
+                "method": "oracle_sweep",
+                "seqlen": seq,
+                "source": source,
+                "impl": "sparseflash",
+                "target_density": target,
+                "density": layout.density(),
+                "recall": attention_recall(q, k, layout),
+            }
+        )
     return rows
 
 
@@ -156,17 +187,24 @@ def plot(rows: list[dict], path: Path) -> None:
     seqlens = sorted({r["seqlen"] for r in rows})
     fig, axes = plt.subplots(1, len(seqlens), figsize=(5 * len(seqlens), 4.2), squeeze=False)
     for ax, seq in zip(axes[0], seqlens, strict=True):
-        sweep = sorted((r for r in rows if r["seqlen"] == seq and r["method"] == "oracle_sweep"),
-                       key=lambda r: r["density"])
+        sweep = sorted(
+            (r for r in rows if r["seqlen"] == seq and r["method"] == "oracle_sweep"), key=lambda r: r["density"]
+        )
         if sweep:
             ax.plot([r["density"] for r in sweep], [r["recall"] for r in sweep], "k-", lw=2, label="oracle (ceiling)")
         for r in rows:
             if r["seqlen"] == seq and r["method"] not in ("oracle_sweep", "oracle"):
                 ax.scatter(r["density"], r["recall"], s=30)
-                ax.annotate(r["method"], (r["density"], r["recall"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set(title=f"{seq // 1024}K tokens", xlabel="density (causal blocks kept)", ylabel="attention recall",
-               xlim=(0, 1.02), ylim=(0, 1.02))
+                ax.annotate(
+                    r["method"], (r["density"], r["recall"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        ax.set(
+            title=f"{seq // 1024}K tokens",
+            xlabel="density (causal blocks kept)",
+            ylabel="attention recall",
+            xlim=(0, 1.02),
+            ylim=(0, 1.02),
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     source = rows[0]["source"] if rows else ""
@@ -199,8 +237,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source))
             except (ValueError, NotImplementedError, torch.cuda.OutOfMemoryError) as err:
                 print(f"{name} @ {seq}: skipped ({type(err).__name__}: {err})", flush=True)
-                rows.append({"method": name, "seqlen": seq, "source": source, "impl": "sparseflash",
-                             "error": f"{type(err).__name__}: {err}"})
+                rows.append(
+                    {
+                        "method": name,
+                        "seqlen": seq,
+                        "source": source,
+                        "impl": "sparseflash",
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                )
             print(f"{name} @ {seq}: done", flush=True)
         if "oracle" in methods:
             rows.extend(oracle_sweep(q, k, seq, source))

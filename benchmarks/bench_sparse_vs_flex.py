@@ -66,10 +66,22 @@ def main() -> None:
         k = torch.randn(1, HKV, seq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn(1, HKV, seq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         dense = bench_ms(functools.partial(sf.flash_attention, q, k, v))["ms"]
-        rows.append({"seqlen": seq, "layout": "dense", "density": 1.0, "head_dim": D, "impl": "sparseflash_dense",
-                     "ms": dense, "speedup_vs_dense": 1.0})
-        layouts = [(f"random{'_kv' if heads == HKV else ''}", random_layout(seq, heads, rho, gen))
-                   for rho in densities for heads in (HQ, HKV)]
+        rows.append(
+            {
+                "seqlen": seq,
+                "layout": "dense",
+                "density": 1.0,
+                "head_dim": D,
+                "impl": "sparseflash_dense",
+                "ms": dense,
+                "speedup_vs_dense": 1.0,
+            }
+        )
+        layouts = [
+            (f"random{'_kv' if heads == HKV else ''}", random_layout(seq, heads, rho, gen))
+            for rho in densities
+            for heads in (HQ, HKV)
+        ]
         layouts.append(("structured", structured_layout(seq)))
         for name, layout in layouts:
             density = layout.density()
@@ -98,14 +110,20 @@ def main() -> None:
             ours, theirs = rows[-2], rows[-1]
             if "ms" in ours and "ms" in theirs:
                 ours["vs_flex"] = theirs["ms"] / ours["ms"]
-            print({c: ours.get(c) for c in ("seqlen", "layout", "density", "ms", "vs_flex", "speedup_vs_dense",
-                                            "rel_err_vs_flex")}, flush=True)
+            print(
+                {
+                    c: ours.get(c)
+                    for c in ("seqlen", "layout", "density", "ms", "vs_flex", "speedup_vs_dense", "rel_err_vs_flex")
+                },
+                flush=True,
+            )
     tag = gpu_tag()
     write_result(dest / f"prefill_sparse_{tag}.json", "prefill_sparse", rows)
     plot(rows, dest / f"prefill_sparse_{tag}.png")
-    print_table([r for r in rows if r["impl"] != "flex"],
-                ["seqlen", "layout", "density", "impl", "ms", "ideal_ms", "vs_flex", "speedup_vs_dense",
-                 "rel_err_vs_flex"])
+    print_table(
+        [r for r in rows if r["impl"] != "flex"],
+        ["seqlen", "layout", "density", "impl", "ms", "ideal_ms", "vs_flex", "speedup_vs_dense", "rel_err_vs_flex"],
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -119,11 +137,19 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, seq in zip(axes[0], lengths, strict=True):
         dense = next(r["ms"] for r in rows if r["seqlen"] == seq and r["impl"] == "sparseflash_dense")
         ax.plot([0, 1], [0, dense], "k--", label="ideal: density x dense")
-        for impl, layout, marker in [("sparseflash", "random", "o"), ("sparseflash", "random_kv", "s"),
-                                     ("flex", "random", "x"), ("flex", "random_kv", "+"),
-                                     ("sparseflash", "structured", "*"), ("flex", "structured", "^")]:
-            pts = sorted((r["density"], r["ms"]) for r in rows if r["seqlen"] == seq and r["impl"] == impl
-                         and r["layout"] == layout and "ms" in r)
+        for impl, layout, marker in [
+            ("sparseflash", "random", "o"),
+            ("sparseflash", "random_kv", "s"),
+            ("flex", "random", "x"),
+            ("flex", "random_kv", "+"),
+            ("sparseflash", "structured", "*"),
+            ("flex", "structured", "^"),
+        ]:
+            pts = sorted(
+                (r["density"], r["ms"])
+                for r in rows
+                if r["seqlen"] == seq and r["impl"] == impl and r["layout"] == layout and "ms" in r
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{impl} {layout}")
         ax.set_title(f"{seq // 1024}K tokens")

@@ -39,8 +39,10 @@ def main() -> None:
     base = median_ms(model, ids)
     with sf.patched(model):
         patched = median_ms(model, ids)
-    print(f"{args.tokens}-token prompt, {args.model} fp32, {torch.get_num_threads()} CPU threads: unpatched "
-          f"{base:.0f} ms, patched (below min_sparse_len) {patched:.0f} ms ({patched / base:.2f}x)")
+    print(
+        f"{args.tokens}-token prompt, {args.model} fp32, {torch.get_num_threads()} CPU threads: unpatched "
+        f"{base:.0f} ms, patched (below min_sparse_len) {patched:.0f} ms ({patched / base:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ def main() -> None:
     v = torch.randn(1, 2, 2048, 64, generator=gen)
     nb = 2048 // 64
     keep = (torch.rand(1, 4, nb, nb, generator=gen) < 0.3) | torch.eye(nb, dtype=torch.bool)
-    layout = sf.BlockLayout.from_dense(keep & sf.causal_block_mask(2048, 2048, (64, 64)), seq_len_q=2048,
-                                       seq_len_k=2048, block_size=(64, 64))
+    layout = sf.BlockLayout.from_dense(
+        keep & sf.causal_block_mask(2048, 2048, (64, 64)), seq_len_q=2048, seq_len_k=2048, block_size=(64, 64)
+    )
     flash = median_ms(lambda: sf.flash_attention(q, k, v, causal=True))
     sparse = median_ms(lambda: sf.block_sparse_attention(q, k, v, layout, causal=True))
     print(f"sparseflash from {sf.__file__}; torch {torch.__version__}, {torch.get_num_threads()} threads")

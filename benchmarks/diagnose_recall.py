@@ -73,8 +73,9 @@ def _per_q_head(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
     return m.repeat_interleave(num_heads // m.shape[0], dim=0)
 
 
-def layer_stats(q: torch.Tensor, k: torch.Tensor, variants: dict[str, tuple[str, dict[str, Any]]]
-                ) -> dict[str, dict[str, Any]]:
+def layer_stats(
+    q: torch.Tensor, k: torch.Tensor, variants: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
     """Density, recall, oracle recall at equal density and row-position recall of each variant on one layer."""
     num_heads = q.shape[1]
     seq = q.shape[2]
@@ -108,25 +109,42 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, variants: dict[str, tuple[str,
             row_rec = (kept_mass.sum(2) / row_total).mean(0)  # (Qb,) averaged over heads
         oracle = cum.gather(1, (kept_n.clamp(1, n_allowed) - 1)[:, None])[:, 0] / total
         entry: dict[str, Any] = {
-            "density": dens.tolist(), "recall": recall.tolist(), "oracle_recall": oracle.tolist(),
+            "density": dens.tolist(),
+            "recall": recall.tolist(),
+            "oracle_recall": oracle.tolist(),
             "select_ms": sel_ms,
         }
         if row_rec is not None:
             qb = row_rec.numel()
-            deciles = [float(row_rec[int(qb * i / 10):max(int(qb * (i + 1) / 10), int(qb * i / 10) + 1)].mean())
-                       for i in range(10)]
-            entry.update(row_recall_deciles=deciles, last_block_recall=float(row_rec[-1]),
-                         last2_blocks_recall=float(row_rec[-2:].mean()))
+            deciles = [
+                float(row_rec[int(qb * i / 10) : max(int(qb * (i + 1) / 10), int(qb * i / 10) + 1)].mean())
+                for i in range(10)
+            ]
+            entry.update(
+                row_recall_deciles=deciles,
+                last_block_recall=float(row_rec[-1]),
+                last2_blocks_recall=float(row_rec[-2:].mean()),
+            )
         out[label] = entry
     return out
 
 
-def run(model_spec: str, lengths: list[int], variants: dict[str, tuple[str, dict[str, Any]]], out: Path,
-        seed: int, device: str = "cuda") -> dict[str, Any]:
+def run(
+    model_spec: str,
+    lengths: list[int],
+    variants: dict[str, tuple[str, dict[str, Any]]],
+    out: Path,
+    seed: int,
+    device: str = "cuda",
+) -> dict[str, Any]:
     loaded = load_model(model_spec, device=device, dtype="bfloat16" if device == "cuda" else "float32")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    results: dict[str, Any] = {"model": loaded.name, "gpu": gpu, "variants":
-                               {k: {"method": m, "options": o} for k, (m, o) in variants.items()}, "lengths": {}}
+    results: dict[str, Any] = {
+        "model": loaded.name,
+        "gpu": gpu,
+        "variants": {k: {"method": m, "options": o} for k, (m, o) in variants.items()},
+        "lengths": {},
+    }
     for length in lengths:
         ids = text_ids(loaded.tokenizer, length, seed).to(loaded.device)
         per_layer: dict[int, dict[str, Any]] = {}
@@ -138,8 +156,7 @@ def run(model_spec: str, lengths: list[int], variants: dict[str, tuple[str, dict
             loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         results["lengths"][str(length)] = {str(layer): per_layer[layer] for layer in sorted(per_layer)}
         print(f"\n== {loaded.name} at {length} tokens (means over layers and heads) ==")
-        print(f"{'variant':<22}{'density':>8}{'recall':>8}{'oracle':>8}{'min layer':>10}{'last blk':>9}"
-              f"{'sel ms':>8}")
+        print(f"{'variant':<22}{'density':>8}{'recall':>8}{'oracle':>8}{'min layer':>10}{'last blk':>9}{'sel ms':>8}")
         for label in variants:
             rows = [per_layer[layer][label] for layer in sorted(per_layer)]
             dens = sum(sum(r["density"]) / len(r["density"]) for r in rows) / len(rows)
@@ -168,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("diagnose_recall: --device cuda needs a CUDA GPU", file=sys.stderr)
         return 2
-    variants = DEFAULT_VARIANTS if args.variants is None else {
-        k: (v[0], v[1]) for k, v in json.loads(args.variants).items()}
+    variants = (
+        DEFAULT_VARIANTS if args.variants is None else {k: (v[0], v[1]) for k, v in json.loads(args.variants).items()}
+    )
     run(args.model, [int(x) for x in args.lengths.split(",")], variants, Path(args.out), args.seed, args.device)
     return 0
 

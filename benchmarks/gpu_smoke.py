@@ -1,6 +1,6 @@
 """Compile and check every Triton kernel on the GPU once, small shapes, one line per case (first GPU call).
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_smoke.py
+PYTHONUNBUFFERED=1 python benchmarks/gpu_smoke.py
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def case(name):
             results.append((name, "FAIL", f"{time.time() - t0:.1f}s", f"{type(e).__name__}: {str(e)[:200]}"))
         print(results[-1], flush=True)
         return fn
+
     return wrap
 
 
@@ -34,14 +35,17 @@ def rel(a, b):
 
 
 def qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16):
-    return (torch.randn(b, hq, sq, d, device="cuda", dtype=dtype),
-            torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype),
-            torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype))
+    return (
+        torch.randn(b, hq, sq, d, device="cuda", dtype=dtype),
+        torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype),
+        torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype),
+    )
 
 
 for d in (64, 128, 256, 96):
     for causal in (True, False):
         for dtype in (torch.bfloat16, torch.float16):
+
             @case(f"dense d{d} causal={causal} {dtype}")
             def _(d=d, causal=causal, dtype=dtype):
                 q, k, v = qkv(2, 8, 2, 1000, 1300, d, dtype)
@@ -75,6 +79,7 @@ def _():
 
 for lh in (1, 2, 8):
     for block in (128, 64):
+
         @case(f"block_sparse layout_heads={lh} block={block}")
         def _(lh=lh, block=block):
             q, k, v = qkv(2, 8, 2, 1500, 1500, 128)
@@ -120,5 +125,6 @@ def _():
         except Exception as e:
             out.append(f"{name}:FAIL({type(e).__name__}: {str(e)[:80]})")
     return " ".join(out)
+
 
 print("\n".join(" | ".join(r) for r in results))

@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--method", default="xattention")
-    p.add_argument("--options", default='{"threshold": 0.95, "local_blocks": 1, "stride": 16}',
-                   help="JSON pattern options")
+    p.add_argument(
+        "--options", default='{"threshold": 0.95, "local_blocks": 1, "stride": 16}', help="JSON pattern options"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=2)
     args = p.parse_args(argv)
-    loaded = load_model(args.model, device=args.device,
-                        dtype="bfloat16" if args.device == "cuda" else "float32")
+    loaded = load_model(args.model, device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
     model = loaded.model
     n_layers = model.config.num_hidden_layers
     ids = text_ids(loaded.tokenizer, args.length, args.seed).to(loaded.device)
@@ -53,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     ref = log_probs()
     groups = [("all", list(range(n_layers)))] + [
         (f"L{i}-{min(i + args.group, n_layers) - 1}", list(range(i, min(i + args.group, n_layers))))
-        for i in range(0, n_layers, args.group)]
+        for i in range(0, n_layers, args.group)
+    ]
     options = json.loads(args.options)
     print(f"# {loaded.name} {args.device} length {args.length} window {args.window} {args.method} {options}")
     for name, sparse_layers in groups:
         densities: list[tuple[int, float]] = []
-        sf.patch(model, args.method, dense_layers=[i for i in range(n_layers) if i not in sparse_layers],
-                 min_sparse_len=1024, **options)
+        sf.patch(
+            model,
+            args.method,
+            dense_layers=[i for i in range(n_layers) if i not in sparse_layers],
+            min_sparse_len=1024,
+            **options,
+        )
         patch_state(model).on_prefill = lambda layer, d, acc=densities: acc.append((layer, d))
         t0 = time.perf_counter()
         try:
@@ -68,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             sf.unpatch(model)
         kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
         sparse = [d for layer, d in densities if layer in sparse_layers]
-        print(f"{name:<8} KL {kl:.5f}  density of the sparse layers {sum(sparse) / max(len(sparse), 1):.3f}"
-              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{name:<8} KL {kl:.5f}  density of the sparse layers {sum(sparse) / max(len(sparse), 1):.3f}"
+            f"  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     return 0
 
 

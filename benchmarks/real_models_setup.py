@@ -35,8 +35,9 @@ def assemble(parts: list[Path], path: Path, sha256: str) -> Path:
                     out.write(block)
                     size += len(block)
     if digest.hexdigest() != sha256:
-        raise ValueError(f"{path.name}: reassembled SHA-256 {digest.hexdigest()} from {len(parts)} parts, "
-                         f"expected {sha256}")
+        raise ValueError(
+            f"{path.name}: reassembled SHA-256 {digest.hexdigest()} from {len(parts)} parts, expected {sha256}"
+        )
     print(f"{path.name}: {size} bytes from {len(parts)} parts, SHA-256 ok", flush=True)
     return path
 
@@ -50,8 +51,9 @@ def to_folder(gguf: Path, folder: Path) -> str:
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                 dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.bfloat16
+    )
     save_safetensors(model, tok, folder)
     return f"{folder}: saved in {time.perf_counter() - t0:.1f} s"
 
@@ -60,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", required=True, help="folder of the parts (concatenated in name order)")
     p.add_argument("--dest", required=True, help="where the .gguf files and model folders go")
-    p.add_argument("--file", action="append", required=True, metavar="NAME:SHA256",
-                   help="a model whose parts are in <parts>/<NAME>/")
+    p.add_argument(
+        "--file",
+        action="append",
+        required=True,
+        metavar="NAME:SHA256",
+        help="a model whose parts are in <parts>/<NAME>/",
+    )
     args = p.parse_args(argv)
     parts_root = Path(args.parts).expanduser()
     dest = Path(args.dest).expanduser()

@@ -58,9 +58,7 @@ def check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
-def check_fractions(
-    name: str, value: object, num_heads: int, device: torch.device | str
-) -> float | torch.Tensor:
+def check_fractions(name: str, value: object, num_heads: int, device: torch.device | str) -> float | torch.Tensor:
     """A scalar in ``(0, 1]``, or one value per head (list, tuple or CPU tensor of ``num_heads`` values).
 
     Per-head values may also be ``0`` (XAttention's tables use 0 for "sink + diagonal only").
@@ -72,8 +70,10 @@ def check_fractions(
         return check_fraction(name, value)
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":
-            raise ValueError(f"{name}: expected per-head values as a list or a CPU tensor, got a tensor on "
-                             f"{value.device} (checking it would synchronise)")
+            raise ValueError(
+                f"{name}: expected per-head values as a list or a CPU tensor, got a tensor on "
+                f"{value.device} (checking it would synchronise)"
+            )
         values = value.flatten().tolist()
         if value.dim() != 1:
             raise ValueError(f"{name}: expected {num_heads} per-head values (1-D), got shape {tuple(value.shape)}")
@@ -143,9 +143,7 @@ def check_backend_option(name: str, backend: object) -> str:
     return backend
 
 
-def resolve_threshold(
-    name: str, threshold: object, target_recall: object, default: float
-) -> float:
+def resolve_threshold(name: str, threshold: object, target_recall: object, default: float) -> float:
     """The cumulative-mass threshold from ``threshold`` or ``target_recall`` (at most one given).
 
     ``target_recall`` is the fraction of (estimated) attention mass each row must keep: for a cumulative-mass
@@ -153,8 +151,9 @@ def resolve_threshold(
     something else converts it itself. Neither given: ``default``.
     """
     if threshold is not None and target_recall is not None:
-        raise ValueError(f"{name}: expected threshold or target_recall, not both; got {threshold!r} and "
-                         f"{target_recall!r}")
+        raise ValueError(
+            f"{name}: expected threshold or target_recall, not both; got {threshold!r} and {target_recall!r}"
+        )
     if target_recall is not None:
         return check_fraction(f"{name}: target_recall", target_recall)
     if threshold is not None:

@@ -65,9 +65,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionDim
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}"
-            )
+            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k, v: expected dtype {q.dtype} (from q), got k {k.dtype} and v {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -155,9 +153,7 @@ def check_grad(backend: str, **tensors: torch.Tensor) -> None:
         )
 
 
-def check_seq_lens(
-    seq_lens: torch.Tensor | None, dims: AttentionDims, device: torch.device, padding_side: str
-) -> None:
+def check_seq_lens(seq_lens: torch.Tensor | None, dims: AttentionDims, device: torch.device, padding_side: str) -> None:
     """Validate per-sequence valid lengths ``(B,)`` int32 for right- or left-padded batches."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side: expected 'right' or 'left', got {padding_side!r}")

@@ -45,8 +45,9 @@ def row_recall(
     if not isinstance(layout, BlockLayout | PermutedLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     _, lse_dense = flash_attention(q, k, k, causal=causal, scale=scale, return_lse=True, backend=backend)
-    _, lse_sparse = block_sparse_attention(q, k, k, layout, causal=causal, scale=scale, return_lse=True,
-                                           backend=backend)
+    _, lse_sparse = block_sparse_attention(
+        q, k, k, layout, causal=causal, scale=scale, return_lse=True, backend=backend
+    )
     if bool(torch.isnan(lse_dense).any() | torch.isnan(lse_sparse).any()):  # one host sync
         raise ValueError(
             "q, k: expected finite attention logits q.k * scale, got NaN in the log-sum-exp (check q and k for "
@@ -103,7 +104,8 @@ def density(
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     if not per_head:
         return layout.density(causal=causal)
-    allowed = causal_block_mask(layout.seq_len_q, layout.seq_len_k, layout.block_size, causal=causal,
-                                device=layout.device)
+    allowed = causal_block_mask(
+        layout.seq_len_q, layout.seq_len_k, layout.block_size, causal=causal, device=layout.device
+    )
     kept = (layout.to_dense() & allowed).sum((0, 2, 3), dtype=torch.float64)
     return kept / (allowed.sum() * layout.batch)

@@ -13,8 +13,9 @@ import bench_patterns  # noqa: E402
 
 
 def test_cpu_smoke_writes_rows_json_and_plot(tmp_path, capsys):
-    rows = bench_patterns.main(["--cpu-smoke", "--seqlens", "256", "--methods", "streaming", "oracle",
-                                "--out", str(tmp_path)])
+    rows = bench_patterns.main(
+        ["--cpu-smoke", "--seqlens", "256", "--methods", "streaming", "oracle", "--out", str(tmp_path)]
+    )
     doc = json.loads((tmp_path / "patterns_cpu_smoke.json").read_text())
     assert doc["benchmark"] == "patterns" and doc["rows"] == json.loads(json.dumps(rows))
     main_rows = {r["method"]: r for r in rows if r["method"] != "oracle_sweep"}

@@ -31,8 +31,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def cal(tiny):
     model, tok = tiny
-    return C.calibrate(model, tok, "xattention", target_recall=TARGET, length=512, block_size=BLOCK,
-                       iterations=ITER)
+    return C.calibrate(model, tok, "xattention", target_recall=TARGET, length=512, block_size=BLOCK, iterations=ITER)
 
 
 @pytest.fixture
@@ -51,8 +50,9 @@ def _qk(seed=0, seq=512):
 def test_xattention_per_head_bisection_reaches_target_and_is_tight():
     q, k = _qk()
     scale = 16**-0.5
-    entry = C.calibrate_layer(q, k, "xattention", target_recall=TARGET, scale=scale, block_size=(BLOCK, BLOCK),
-                              iterations=ITER)
+    entry = C.calibrate_layer(
+        q, k, "xattention", target_recall=TARGET, scale=scale, block_size=(BLOCK, BLOCK), iterations=ITER
+    )
     assert len(entry.value) == 4 and len(set(entry.value)) > 1  # the heads differ
     opts = dict(block_size=(BLOCK, BLOCK), scale=scale)
     layout = sparseflash.patterns.select("xattention", q, k, threshold=entry.value, **opts)
@@ -62,8 +62,9 @@ def test_xattention_per_head_bisection_reaches_target_and_is_tight():
         assert (ok and r >= TARGET) or (not ok and v == 1.0), (h, v, r, ok)
     # one notch lower: every head that could go lower misses the target
     lower = [max(v - NOTCH, 0.0) for v in entry.value]
-    below = attention_recall(q, k, sparseflash.patterns.select("xattention", q, k, threshold=lower, **opts),
-                             per_head=True, scale=scale)
+    below = attention_recall(
+        q, k, sparseflash.patterns.select("xattention", q, k, threshold=lower, **opts), per_head=True, scale=scale
+    )
     movable = [h for h, v in enumerate(entry.value) if v > NOTCH and entry.reached[h]]
     assert movable and all(below[h] < TARGET for h in movable)
 
@@ -71,25 +72,44 @@ def test_xattention_per_head_bisection_reaches_target_and_is_tight():
 def test_per_layer_bisection_on_the_mean_over_heads():
     q, k = _qk(1)
     opts = dict(block_size=(BLOCK, BLOCK), scale=16**-0.5, min_budget=BLOCK)
-    entry = C.calibrate_layer(q, k, "flexprefill", target_recall=TARGET, scale=opts["scale"],
-                              block_size=(BLOCK, BLOCK), options={"min_budget": BLOCK}, iterations=ITER)
+    entry = C.calibrate_layer(
+        q,
+        k,
+        "flexprefill",
+        target_recall=TARGET,
+        scale=opts["scale"],
+        block_size=(BLOCK, BLOCK),
+        options={"min_budget": BLOCK},
+        iterations=ITER,
+    )
     assert isinstance(entry.value, float) and entry.reached and entry.recall >= TARGET
-    recall = attention_recall(q, k, sparseflash.patterns.select("flexprefill", q, k, gamma=entry.value, **opts),
-                              scale=opts["scale"])
+    recall = attention_recall(
+        q, k, sparseflash.patterns.select("flexprefill", q, k, gamma=entry.value, **opts), scale=opts["scale"]
+    )
     assert recall == pytest.approx(entry.recall, abs=1e-9)
-    lower = attention_recall(q, k, sparseflash.patterns.select("flexprefill", q, k, gamma=entry.value - NOTCH,
-                                                               **opts), scale=opts["scale"])
+    lower = attention_recall(
+        q, k, sparseflash.patterns.select("flexprefill", q, k, gamma=entry.value - NOTCH, **opts), scale=opts["scale"]
+    )
     assert lower < TARGET
 
 
 def test_unreachable_target_records_one_and_flags_it():
     q, k = _qk(2)
     capped = {"min_budget": BLOCK, "max_budget": BLOCK, "tau": 0.0}  # one vertical + one slash block at most
-    entry = C.calibrate_layer(q, k, "flexprefill", target_recall=0.99, scale=0.25, block_size=(BLOCK, BLOCK),
-                              options=capped, iterations=2)
+    entry = C.calibrate_layer(
+        q, k, "flexprefill", target_recall=0.99, scale=0.25, block_size=(BLOCK, BLOCK), options=capped, iterations=2
+    )
     assert entry.value == 1.0 and entry.reached is False and entry.recall < 0.99
-    entry = C.calibrate_layer(q, k, "permuted", target_recall=0.8, scale=0.25, block_size=(BLOCK, BLOCK),
-                              options={"segment_size": 64}, iterations=2)
+    entry = C.calibrate_layer(
+        q,
+        k,
+        "permuted",
+        target_recall=0.8,
+        scale=0.25,
+        block_size=(BLOCK, BLOCK),
+        options={"segment_size": 64},
+        iterations=2,
+    )
     assert entry.reached is True and entry.recall >= 0.8 and entry.value in (0.25, 0.5, 0.75, 1.0)
 
 
@@ -101,8 +121,14 @@ def test_round_trip_and_patch_applies_per_head_thresholds(tiny, cal, cal_file):
     loaded = sparseflash.load_calibration(cal_file)
     assert loaded.to_dict() == json.loads(json.dumps(cal.to_dict()))
     ids = tok("Ruth said, Intreat me not to leave thee. " * 8, return_tensors="pt")["input_ids"]
-    with sparseflash.patched(model, "xattention", calibration=str(cal_file), block_size=(BLOCK, BLOCK),
-                             min_sparse_len=0, dense_last_queries=0):
+    with sparseflash.patched(
+        model,
+        "xattention",
+        calibration=str(cal_file),
+        block_size=(BLOCK, BLOCK),
+        min_sparse_len=0,
+        dense_last_queries=0,
+    ):
         plans = patch_state(model).plans
         for e in cal.layers:
             assert plans[e.layer].options["threshold"] == e.value
@@ -132,10 +158,13 @@ def test_eval_method_option_passes_calibration(tiny, cal_file):
         assert isinstance(patch_state(model).plans[0].options["threshold"], list)
 
 
-@pytest.mark.parametrize("layer_options,message", [
-    ({0: {"threshold": 0.5}}, r"layer_options\[0\]: sets \['threshold'\], which the calibration also sets"),
-    ({-1: {"target_recall": 0.5}}, r"layer_options\[-1\]: sets \['target_recall'\]"),
-])
+@pytest.mark.parametrize(
+    "layer_options,message",
+    [
+        ({0: {"threshold": 0.5}}, r"layer_options\[0\]: sets \['threshold'\], which the calibration also sets"),
+        ({-1: {"target_recall": 0.5}}, r"layer_options\[-1\]: sets \['target_recall'\]"),
+    ],
+)
 def test_explicit_layer_options_conflict(tiny, cal, layer_options, message):
     with pytest.raises(ValueError, match=message):
         sparseflash.patch(tiny[0], "xattention", calibration=cal, layer_options=layer_options)
@@ -154,17 +183,20 @@ def _edit(data, path, value):
     data[last] = value
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (("version",), 2, r"calibration: version: expected 1, got 2"),
-    (("format",), "other", r"calibration: format: expected 'sparseflash-calibration'"),
-    (("method",), "bogus", r"calibration: method: expected one of"),
-    (("option",), "gamma", r"calibration: option/per_head: expected 'threshold'/True for method 'xattention'"),
-    (("model", "num_layers"), "two", r"calibration: model.num_layers: expected a positive int"),
-    (("layers", 0, "value"), [0.5], r"calibration: layers\[0\].value: expected a list of 4 values"),
-    (("layers", 1, "layer"), 0, r"calibration: layers\[1\].layer: expected a new layer index in \[0, 2\)"),
-    (("layers", 0, "recall"), [2.0, 1, 1, 1], r"calibration: layers\[0\].recall\[0\]: expected a number"),
-    (("target_recall",), None, r"calibration: target_recall: expected a number"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("version",), 2, r"calibration: version: expected 1, got 2"),
+        (("format",), "other", r"calibration: format: expected 'sparseflash-calibration'"),
+        (("method",), "bogus", r"calibration: method: expected one of"),
+        (("option",), "gamma", r"calibration: option/per_head: expected 'threshold'/True for method 'xattention'"),
+        (("model", "num_layers"), "two", r"calibration: model.num_layers: expected a positive int"),
+        (("layers", 0, "value"), [0.5], r"calibration: layers\[0\].value: expected a list of 4 values"),
+        (("layers", 1, "layer"), 0, r"calibration: layers\[1\].layer: expected a new layer index in \[0, 2\)"),
+        (("layers", 0, "recall"), [2.0, 1, 1, 1], r"calibration: layers\[0\].recall\[0\]: expected a number"),
+        (("target_recall",), None, r"calibration: target_recall: expected a number"),
+    ],
+)
 def test_malformed_file_names_the_field(cal, tmp_path, path, value, message):
     data = cal.to_dict()
     _edit(data, path, value)
@@ -183,12 +215,19 @@ def test_not_json(tmp_path):
         C.as_calibration(3)
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("num_layers", 24, r"made for 24 layers / 4 heads / 2 KV heads / head_dim 16 / method 'xattention', "
-                       r"model has 2 layers / 4 heads"),
-    ("num_heads", 14, r"made for 2 layers / 14 heads .* model has 2 layers / 4 heads"),
-    ("num_kv_heads", 1, r"1 KV heads .* model has .* 2 KV heads"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        (
+            "num_layers",
+            24,
+            r"made for 24 layers / 4 heads / 2 KV heads / head_dim 16 / method 'xattention', "
+            r"model has 2 layers / 4 heads",
+        ),
+        ("num_heads", 14, r"made for 2 layers / 14 heads .* model has 2 layers / 4 heads"),
+        ("num_kv_heads", 1, r"1 KV heads .* model has .* 2 KV heads"),
+    ],
+)
 def test_file_for_another_model_is_refused(tiny, cal, tmp_path, key, value, message):
     data = cal.to_dict()
     data["model"][key] = value
@@ -220,16 +259,19 @@ def _no_model(*args, **kwargs):
     raise AssertionError("the model must not load before the arguments are checked")
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--target-recall", "1.5"], "--target-recall: expected a float in (0, 1), got 1.5"),
-    (["--target-recall", "0"], "--target-recall: expected a float in (0, 1)"),
-    (["--target-recall", "abc"], "argument --target-recall: invalid float value"),
-    (["--method", "vertical_slash"], "--method: expected one of ['flexprefill', 'permuted', 'xattention']"),
-    (["--length", "128"], "--length: expected >= 256 tokens, got 128"),
-    (["--length", "lots"], "--length: expected an integer"),
-    (["--out", "."], "--out: expected a JSON file path, got the folder '.'"),
-    (["--model", "/no/such/model"], "--model: model: path '/no/such/model' does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--target-recall", "1.5"], "--target-recall: expected a float in (0, 1), got 1.5"),
+        (["--target-recall", "0"], "--target-recall: expected a float in (0, 1)"),
+        (["--target-recall", "abc"], "argument --target-recall: invalid float value"),
+        (["--method", "vertical_slash"], "--method: expected one of ['flexprefill', 'permuted', 'xattention']"),
+        (["--length", "128"], "--length: expected >= 256 tokens, got 128"),
+        (["--length", "lots"], "--length: expected an integer"),
+        (["--out", "."], "--out: expected a JSON file path, got the folder '.'"),
+        (["--model", "/no/such/model"], "--model: model: path '/no/such/model' does not exist"),
+    ],
+)
 def test_calibrate_bad_input_exits_2_before_loading(monkeypatch, capsys, argv, message):
     monkeypatch.setattr("sparseflash.eval.model.load_model", _no_model)
     with pytest.raises(SystemExit) as exc:
@@ -244,15 +286,43 @@ def test_calibrate_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--model", "--method", "--target-recall", "--length", "--seed", "--text-source", "--block-size",
-                "--iterations", "--out", "--device", "--dtype"):
+    for opt in (
+        "--model",
+        "--method",
+        "--target-recall",
+        "--length",
+        "--seed",
+        "--text-source",
+        "--block-size",
+        "--iterations",
+        "--out",
+        "--device",
+        "--dtype",
+    ):
         assert opt in text
 
 
 def test_calibrate_command_writes_a_file_patch_accepts(tiny, tmp_path, capsys):
     out = tmp_path / "c.json"
-    argv = ["calibrate", "--model", "tiny-random", "--device", "cpu", "--method", "permuted", "--length", "256",
-            "--block-size", "32", "--iterations", "3", "--target-recall", "0.8", "--out", str(out)]
+    argv = [
+        "calibrate",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--method",
+        "permuted",
+        "--length",
+        "256",
+        "--block-size",
+        "32",
+        "--iterations",
+        "3",
+        "--target-recall",
+        "0.8",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "layer   1" in capsys.readouterr().out
     loaded = sparseflash.load_calibration(out)

@@ -41,23 +41,26 @@ def test_top_level_help(capsys):
     assert all(s in out for s in SUBCOMMANDS)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "--tasks", "passkey,bogus"], "unknown task 'bogus'"),
-    (["eval", "--methods", "nonexistent_method"], "unknown method 'nonexistent_method'"),
-    (["eval", "--model", "/no/such/model/folder"], "path '/no/such/model/folder' does not exist"),
-    (["eval", "--model", "missing.gguf"], "does not exist"),
-    (["eval", "--model", "not-a-known-model"], "expected a local folder, a .gguf file or one of"),
-    (["eval", "--lengths", "4k,abc"], "--lengths: expected integers"),
-    (["eval", "--depths", "50,150"], "--depths: expected percentages in [0, 100]"),
-    (["eval", "--methods", TEST_METHOD, "-O", "eval_test_local.colour=1"], "unknown option(s) ['colour']"),
-    (["eval", "--methods", TEST_METHOD, "-O", "threshold=1"], "expected METHOD.KEY=VALUE"),
-    (["eval", "--task-option", "colour=red"], "not taken by any of"),
-    (["plot", "/no/such/results"], "expected a cases.jsonl file"),
-    (["eval", "--samples", "0", "--model", "tiny-random"], "--samples: expected >= 1"),
-    (["eval", "--batch-size", "0", "--model", "tiny-random"], "--batch-size: expected an integer >= 1, got 0"),
-    (["eval", "--methods", TEST_METHOD, "-O", "sdpa.backend=torch"], "sdpa: takes no options"),
-    (["eval", "--methods", "dense", "-O", "dense.threshold=0.9"], "dense: takes no pattern options"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--tasks", "passkey,bogus"], "unknown task 'bogus'"),
+        (["eval", "--methods", "nonexistent_method"], "unknown method 'nonexistent_method'"),
+        (["eval", "--model", "/no/such/model/folder"], "path '/no/such/model/folder' does not exist"),
+        (["eval", "--model", "missing.gguf"], "does not exist"),
+        (["eval", "--model", "not-a-known-model"], "expected a local folder, a .gguf file or one of"),
+        (["eval", "--lengths", "4k,abc"], "--lengths: expected integers"),
+        (["eval", "--depths", "50,150"], "--depths: expected percentages in [0, 100]"),
+        (["eval", "--methods", TEST_METHOD, "-O", "eval_test_local.colour=1"], "unknown option(s) ['colour']"),
+        (["eval", "--methods", TEST_METHOD, "-O", "threshold=1"], "expected METHOD.KEY=VALUE"),
+        (["eval", "--task-option", "colour=red"], "not taken by any of"),
+        (["plot", "/no/such/results"], "expected a cases.jsonl file"),
+        (["eval", "--samples", "0", "--model", "tiny-random"], "--samples: expected >= 1"),
+        (["eval", "--batch-size", "0", "--model", "tiny-random"], "--batch-size: expected an integer >= 1, got 0"),
+        (["eval", "--methods", TEST_METHOD, "-O", "sdpa.backend=torch"], "sdpa: takes no options"),
+        (["eval", "--methods", "dense", "-O", "dense.threshold=0.9"], "dense: takes no pattern options"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv + ([] if "--model" in argv or argv[0] != "eval" else ["--model", "tiny-random"]))
@@ -74,15 +77,38 @@ def test_unknown_subcommand_exits_2(capsys):
 
 def test_option_parsers():
     assert parse_lengths("2k,1024,512,2048") == [512, 1024, 2048]
-    assert parse_method_options(["a.x=0.9", "a.y=[1,2]", "b.z=text"]) == {"a": {"x": 0.9, "y": [1, 2]},
-                                                                           "b": {"z": "text"}}
+    assert parse_method_options(["a.x=0.9", "a.y=[1,2]", "b.z=text"]) == {
+        "a": {"x": 0.9, "y": [1, 2]},
+        "b": {"z": "text"},
+    }
 
 
 def test_eval_smoke_on_a_tiny_random_model(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["eval", "--model", "tiny-random", "--device", "cpu", "--methods", TEST_METHOD, "--tasks",
-            "passkey,niah_single", "--lengths", "512", "--depths", "0,100", "--samples", "1", "--out", str(out),
-            "--no-progress", "-O", f"{TEST_METHOD}.window=3", "--batch-size", "2"]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--methods",
+        TEST_METHOD,
+        "--tasks",
+        "passkey,niah_single",
+        "--lengths",
+        "512",
+        "--depths",
+        "0,100",
+        "--samples",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "-O",
+        f"{TEST_METHOD}.window=3",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "sparseflash eval" in printed and "summary.json" in printed and "batch size 2" in printed
@@ -94,8 +120,9 @@ def test_eval_smoke_on_a_tiny_random_model(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "tiny-random" and len(summary["rows"]) == 4 and summary["baseline"] == "sdpa"
     assert summary["config"]["batch_size"] == 2
-    assert {"heatmap_passkey.png", "heatmap_niah_single.png", "accuracy_vs_density.png",
-            "speed_vs_length.png"} <= {p.name for p in out.iterdir()}
+    assert {"heatmap_passkey.png", "heatmap_niah_single.png", "accuracy_vs_density.png", "speed_vs_length.png"} <= {
+        p.name for p in out.iterdir()
+    }
     # the same command again resumes: nothing new to run
     assert main(argv) == 0
     assert "0 to run" in capsys.readouterr().out
@@ -113,8 +140,27 @@ def test_models_lists_tiny(capsys):
 
 
 def test_bench_kernel_on_cpu(tmp_path, capsys):
-    argv = ["bench", "--part", "kernel", "--device", "cpu", "--methods", TEST_METHOD, "--lengths", "128",
-            "--heads-q", "4", "--heads-kv", "2", "--head-dim", "16", "--repeats", "1", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "--part",
+        "kernel",
+        "--device",
+        "cpu",
+        "--methods",
+        TEST_METHOD,
+        "--lengths",
+        "128",
+        "--heads-q",
+        "4",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "16",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     [path] = tmp_path.glob("patterns_*.json")
     data = json.loads(path.read_text())
@@ -127,8 +173,9 @@ def test_bench_kernel_on_cpu(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "sparseflash", "eval", "--tasks", "nope"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "sparseflash", "eval", "--tasks", "nope"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
 
 
@@ -137,8 +184,25 @@ def test_ctrl_c_during_eval_reports_and_resumes(tmp_path, capsys, monkeypatch):
     from sparseflash.eval.runner import Runner
 
     out = tmp_path / "run"
-    argv = ["eval", "--model", "tiny-random", "--device", "cpu", "--methods", TEST_METHOD, "--tasks", "passkey",
-            "--lengths", "512", "--depths", "0,100", "--out", str(out), "--no-progress", "--no-plots"]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--methods",
+        TEST_METHOD,
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "512",
+        "--depths",
+        "0,100",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-plots",
+    ]
     original = Runner._run_unit
     done = []
 
@@ -170,11 +234,35 @@ def test_ctrl_c_exit_code_through_python_dash_m(tmp_path):
     import signal
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sparseflash", "eval", "--model", "tiny-random", "--device", "cpu",
-                             "--methods", "dense", "--tasks", "passkey", "--lengths", "1024", "--depths", "0,50,100",
-                             "--samples", "4", "--out", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparseflash",
+            "eval",
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--methods",
+            "dense",
+            "--tasks",
+            "passkey",
+            "--lengths",
+            "1024",
+            "--depths",
+            "0,50,100",
+            "--samples",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in proc.stdout:  # wait until the grid starts
         if line.startswith("results:"):
             break

@@ -47,36 +47,74 @@ def _expect_usage_error(argv, flag, capsys, expected=None, *, loaded=False):
 
 
 MODEL = ["--model", "tiny-random"]
-GOOD_CASE = {"model": "m", "task": "passkey", "method": "sdpa", "length": 1024, "seed": 1, "depth": 50.0,
-             "score": 1.0, "baseline": "sdpa"}
+GOOD_CASE = {
+    "model": "m",
+    "task": "passkey",
+    "method": "sdpa",
+    "length": 1024,
+    "seed": 1,
+    "depth": 50.0,
+    "score": 1.0,
+    "baseline": "sdpa",
+}
 
 
-@pytest.mark.parametrize("argv,flag,expected", [
-    (["eval", "--device", "bogus"], "--device", "expected 'auto', 'cpu' or 'cuda[:i]', got 'bogus'"),
-    (["eval", "-O", "xattention.threshold=abc"], "--method-option", "threshold: expected a float in (0, 1], got 'abc'"),
-    (["eval", "-O", "xattention.threshold=1.5"], "--method-option", "threshold: expected a float in (0, 1], got 1.5"),
-    (["eval", "-O", "xattention.min_sparse_len=-5"], "--method-option", "min_sparse_len: expected an int >= 0, got -5"),
-    (["eval", "-O", "xattention.dense_layers=7"], "--method-option",
-     "dense_layers: expected an iterable of layer indices, got 7"),
-    (["eval", "-O", "xattention.block_size=48"], "--method-option", "block_size: expected"),
-    (["eval", "-O", "xattention.dense_last_queries=-1"], "--method-option",
-     "dense_last_queries: expected an int >= 0, got -1"),
-    (["eval", "-O", "xattention.approximate_dropped=3"], "--method-option",
-     "approximate_dropped: expected a bool, got int 3"),
-    (["eval", "-O", "xattention.scale=NaN"], "--method-option", "scale: expected a finite float > 0"),
-    (["eval", "-O", "flexprefill.backend=\"cuda\"", "--methods", "flexprefill"], "--method-option",
-     "backend: expected one of"),
-    (["eval", "-O", "xattention.calibration=/no/such/calibration.json"], "--method-option",
-     "calibration: expected a readable file written by `sparseflash calibrate`"),
-    (["eval", "--lengths", "64"], "--lengths", "expected lengths >= "),
-    (["eval", "--lengths", "300", "--tasks", "passkey,niah_single"], "--lengths", "task niah_single"),
-    (["eval", "--methods", ","], "--methods", "expected one or more comma-separated method names, got ','"),
-    (["bench", "--methods", ","], "--methods", "expected one or more"),
-    (["bench", "--repeats", "0"], "--repeats", "expected an int >= 1, got 0"),
-    (["bench", "--heads-q", "3", "--heads-kv", "2"], "--heads-q", "expected a multiple of --heads-kv=2"),
-    (["bench", "--head-dim", "7"], "--head-dim", "expected a multiple of 8 in [16, 256], got 7"),
-    (["bench", "--device", "tpu"], "--device", "got 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "argv,flag,expected",
+    [
+        (["eval", "--device", "bogus"], "--device", "expected 'auto', 'cpu' or 'cuda[:i]', got 'bogus'"),
+        (
+            ["eval", "-O", "xattention.threshold=abc"],
+            "--method-option",
+            "threshold: expected a float in (0, 1], got 'abc'",
+        ),
+        (
+            ["eval", "-O", "xattention.threshold=1.5"],
+            "--method-option",
+            "threshold: expected a float in (0, 1], got 1.5",
+        ),
+        (
+            ["eval", "-O", "xattention.min_sparse_len=-5"],
+            "--method-option",
+            "min_sparse_len: expected an int >= 0, got -5",
+        ),
+        (
+            ["eval", "-O", "xattention.dense_layers=7"],
+            "--method-option",
+            "dense_layers: expected an iterable of layer indices, got 7",
+        ),
+        (["eval", "-O", "xattention.block_size=48"], "--method-option", "block_size: expected"),
+        (
+            ["eval", "-O", "xattention.dense_last_queries=-1"],
+            "--method-option",
+            "dense_last_queries: expected an int >= 0, got -1",
+        ),
+        (
+            ["eval", "-O", "xattention.approximate_dropped=3"],
+            "--method-option",
+            "approximate_dropped: expected a bool, got int 3",
+        ),
+        (["eval", "-O", "xattention.scale=NaN"], "--method-option", "scale: expected a finite float > 0"),
+        (
+            ["eval", "-O", 'flexprefill.backend="cuda"', "--methods", "flexprefill"],
+            "--method-option",
+            "backend: expected one of",
+        ),
+        (
+            ["eval", "-O", "xattention.calibration=/no/such/calibration.json"],
+            "--method-option",
+            "calibration: expected a readable file written by `sparseflash calibrate`",
+        ),
+        (["eval", "--lengths", "64"], "--lengths", "expected lengths >= "),
+        (["eval", "--lengths", "300", "--tasks", "passkey,niah_single"], "--lengths", "task niah_single"),
+        (["eval", "--methods", ","], "--methods", "expected one or more comma-separated method names, got ','"),
+        (["bench", "--methods", ","], "--methods", "expected one or more"),
+        (["bench", "--repeats", "0"], "--repeats", "expected an int >= 1, got 0"),
+        (["bench", "--heads-q", "3", "--heads-kv", "2"], "--heads-q", "expected a multiple of --heads-kv=2"),
+        (["bench", "--head-dim", "7"], "--head-dim", "expected a multiple of 8 in [16, 256], got 7"),
+        (["bench", "--device", "tpu"], "--device", "got 'tpu'"),
+    ],
+)
 def test_bad_input_exits_2_before_loading(argv, flag, expected, capsys, no_model_load, tmp_path):
     _expect_usage_error(argv + MODEL + ["--out", str(tmp_path / "out")], flag, capsys, expected)
 
@@ -124,17 +162,47 @@ def test_plot_cases_with_missing_keys(tmp_path, capsys):
 def test_layer_range_is_checked_after_loading_and_says_so(tmp_path, capsys):
     """Layer indices can only be checked against the model: after the load, still before any case runs."""
     out = tmp_path / "out"
-    line = _expect_usage_error(["eval", *MODEL, "--methods", "xattention", "-O", "xattention.dense_layers=[7]",
-                                "--lengths", "512", "--depths", "50", "--out", str(out)], "--method-option", capsys,
-                               loaded=True)
+    line = _expect_usage_error(
+        [
+            "eval",
+            *MODEL,
+            "--methods",
+            "xattention",
+            "-O",
+            "xattention.dense_layers=[7]",
+            "--lengths",
+            "512",
+            "--depths",
+            "50",
+            "--out",
+            str(out),
+        ],
+        "--method-option",
+        capsys,
+        loaded=True,
+    )
     assert "expected layer indices in [-2, 2), got 7" in line and "checked after loading the model" in line
     assert not out.exists()
 
 
 def test_real_exit_code_through_python_dash_m(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "sparseflash", "eval", "--model", "tiny-random", "-O",
-                          "xattention.threshold=1.5", "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparseflash",
+            "eval",
+            "--model",
+            "tiny-random",
+            "-O",
+            "xattention.threshold=1.5",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("sparseflash eval: error: --method-option: xattention: threshold: expected a float")

@@ -30,11 +30,14 @@ def _random_keep(gen, b, heads, sq, sk, bs, frac):
     return torch.rand(b, heads, qb, kb, generator=gen) < frac  # some rows keep nothing: recall 0
 
 
-@pytest.mark.parametrize("b,hq,hkv,layout_heads,sq,sk,bs", [
-    (1, 4, 2, 4, 100, 100, (16, 16)),   # per query head
-    (2, 4, 2, 2, 77, 77, (32, 16)),     # per KV head, ragged
-    (1, 2, 1, 1, 50, 130, (16, 32)),    # shared layout, chunked prefill
-])
+@pytest.mark.parametrize(
+    "b,hq,hkv,layout_heads,sq,sk,bs",
+    [
+        (1, 4, 2, 4, 100, 100, (16, 16)),  # per query head
+        (2, 4, 2, 2, 77, 77, (32, 16)),  # per KV head, ragged
+        (1, 2, 1, 1, 50, 130, (16, 32)),  # shared layout, chunked prefill
+    ],
+)
 def test_attention_recall_matches_brute_force(gen, b, hq, hkv, layout_heads, sq, sk, bs):
     q, k = randn(gen, b, hq, sq, 16, dtype=torch.float32), randn(gen, b, hkv, sk, 16, dtype=torch.float32)
     keep = _random_keep(gen, b, layout_heads, sq, sk, bs, 0.4)
@@ -50,11 +53,13 @@ def test_attention_recall_matches_brute_force(gen, b, hq, hkv, layout_heads, sq,
 
 def test_recall_is_one_for_dense_and_zero_without_blocks(gen):
     q, k = randn(gen, 1, 2, 90, 16, dtype=torch.float32), randn(gen, 1, 2, 90, 16, dtype=torch.float32)
-    full = BlockLayout.from_dense(causal_block_mask(90, 90, (32, 32))[None, None], seq_len_q=90, seq_len_k=90,
-                                  block_size=(32, 32))
+    full = BlockLayout.from_dense(
+        causal_block_mask(90, 90, (32, 32))[None, None], seq_len_q=90, seq_len_k=90, block_size=(32, 32)
+    )
     assert attention_recall(q, k, full) == pytest.approx(1.0, abs=1e-6)
-    empty = BlockLayout.from_dense(torch.zeros(1, 1, 3, 3, dtype=torch.bool), seq_len_q=90, seq_len_k=90,
-                                   block_size=(32, 32))
+    empty = BlockLayout.from_dense(
+        torch.zeros(1, 1, 3, 3, dtype=torch.bool), seq_len_q=90, seq_len_k=90, block_size=(32, 32)
+    )
     assert attention_recall(q, k, empty) == 0.0
 
 
@@ -109,8 +114,9 @@ def test_attention_recall_of_a_permuted_layout_matches_brute_force():
 def test_recall_raises_on_nan_instead_of_reporting_it(gen):
     """A NaN log-sum-exp (NaN in q or k) is an error, never a recall of 1 (or 0) from rows left out."""
     q, k = randn(gen, 1, 2, 64, 16, dtype=torch.float32), randn(gen, 1, 2, 64, 16, dtype=torch.float32)
-    layout = BlockLayout.from_dense(causal_block_mask(64, 64, (16, 16))[None, None], seq_len_q=64, seq_len_k=64,
-                                    block_size=(16, 16))
+    layout = BlockLayout.from_dense(
+        causal_block_mask(64, 64, (16, 16))[None, None], seq_len_q=64, seq_len_k=64, block_size=(16, 16)
+    )
     bad_q = q.clone()
     bad_q[0, 0, 5, 0] = float("nan")
     with pytest.raises(ValueError, match=r"q, k: expected .*finite.*got NaN"):

@@ -51,7 +51,7 @@ def test_no_import_circle():
         path.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                raise AssertionError("import circle: " + " -> ".join(path[path.index(t):] + [t]))
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(t) :] + [t]))
             if t not in state:
                 visit(t)
         path.pop()
@@ -63,8 +63,11 @@ def test_no_import_circle():
 
 
 def test_no_module_over_the_limit():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
@@ -73,9 +76,14 @@ def test_no_environment_switches():
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            if (call and node.func.attr in ("get", "getenv")
-                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-                    and ast.unparse(node.func.value) in ("os.environ", "os")):
+            if (
+                call
+                and node.func.attr in ("get", "getenv")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and ast.unparse(node.func.value) in ("os.environ", "os")
+            ):
                 read.setdefault(node.args[0].value, []).append(str(path.relative_to(PACKAGE.parent)))
             elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
                 read.setdefault(ast.unparse(node.slice), []).append(str(path.relative_to(PACKAGE.parent)))

@@ -39,5 +39,4 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-
 __all__ = ["build_parser", "main", "parse_lengths", "parse_method_options"]

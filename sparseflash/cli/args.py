@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 PREFERRED_METHODS = ("xattention", "flexprefill", "vertical_slash")
-ALL_TASKS = ("passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,"
-             "agreement,recall")
+ALL_TASKS = (
+    "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,perplexity,agreement,recall"
+)
 FITS_ANY_TASK = 4096  # every task's own text (instructions, needles, question) fits far below this many tokens
 
 
@@ -111,8 +112,9 @@ def _check_device(text: str) -> str:
         raise UsageError(f"--device: expected 'auto', 'cpu' or 'cuda[:i]', got {text!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device: expected 'auto' or 'cpu' (this torch {torch.__version__} sees no CUDA "
-                             f"device), got {text!r}")
+            raise UsageError(
+                f"--device: expected 'auto' or 'cpu' (this torch {torch.__version__} sees no CUDA device), got {text!r}"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise UsageError(f"--device: expected cuda:0..cuda:{count - 1} ({count} CUDA devices), got {text!r}")
@@ -125,8 +127,10 @@ def _check_out_dir(out: Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag}: expected a folder (new or existing), got the existing file {str(out)!r}")
     parent = _nearest_existing(out)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: expected a writable folder, cannot create or write {str(out)!r} "
-                         f"({str(parent)!r} is {'not writable' if parent.is_dir() else 'not a folder'})")
+        raise UsageError(
+            f"{flag}: expected a writable folder, cannot create or write {str(out)!r} "
+            f"({str(parent)!r} is {'not writable' if parent.is_dir() else 'not a folder'})"
+        )
 
 
 def default_methods() -> list[str]:
@@ -160,8 +164,9 @@ def _method_names(text: str | None) -> list[str]:
     return names
 
 
-def _check_option_values(method: str, options: dict[str, Any], num_layers: int | None = None,
-                         model_name: str = "") -> None:
+def _check_option_values(
+    method: str, options: dict[str, Any], num_layers: int | None = None, model_name: str = ""
+) -> None:
     """The option values of ``method`` as ``sparseflash.patch`` checks them (no model needed; layer index ranges
     only once ``num_layers`` is known), plus the pattern's own checks on a small random input."""
     from sparseflash.eval.methods import BASELINE
@@ -175,8 +180,9 @@ def _check_option_values(method: str, options: dict[str, Any], num_layers: int |
     try:
         check_patch_options(method, options, num_layers=num_layers)
     except (ValueError, TypeError) as err:
-        after = "" if num_layers is None else (f" (checked after loading the model: {model_name} has "
-                                               f"{num_layers} layers)")
+        after = (
+            "" if num_layers is None else (f" (checked after loading the model: {model_name} has {num_layers} layers)")
+        )
         msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
         raise UsageError(f"--method-option: {msg}{after}") from None
 
@@ -220,8 +226,16 @@ def _check_eval_methods(text: str | None, options: dict[str, dict[str, Any]]) ->
     return _check_methods(text, options, BASELINE)
 
 
-def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float], samples: int, seed: int,
-                       task_options: dict[str, Any], tokenizer: Any = None, fmt: Any = None) -> None:
+def _check_lengths_fit(
+    tasks: list[str],
+    lengths: list[int],
+    depths: list[float],
+    samples: int,
+    seed: int,
+    task_options: dict[str, Any],
+    tokenizer: Any = None,
+    fmt: Any = None,
+) -> None:
     """``UsageError`` unless every task's prompts of the shortest length leave room for a haystack.
 
     Before the model loads (``tokenizer`` None) the prompts are built with a one-token-per-byte tokenizer, the
@@ -266,10 +280,15 @@ def _check_lengths_fit(tasks: list[str], lengths: list[int], depths: list[float]
         needs[name] = hi
     if needs:
         name = max(needs, key=needs.__getitem__)
-        how = ("with this model's tokenizer and prompt format; checked after loading the model" if after_load
-               else "counted one token per byte, the most a byte-level tokenizer needs")
-        raise UsageError(f"--lengths: expected lengths >= {needs[name]} tokens (task {name}'s instructions, needles "
-                         f"and answer budget need that many, {how}), got {shortest}")
+        how = (
+            "with this model's tokenizer and prompt format; checked after loading the model"
+            if after_load
+            else "counted one token per byte, the most a byte-level tokenizer needs"
+        )
+        raise UsageError(
+            f"--lengths: expected lengths >= {needs[name]} tokens (task {name}'s instructions, needles "
+            f"and answer budget need that many, {how}), got {shortest}"
+        )
 
 
 def _parse_length(text: str) -> int:

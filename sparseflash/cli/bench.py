@@ -33,8 +33,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kind = _device_kind(args.device)
     lengths = parse_lengths(args.lengths or ("4096,16384,65536" if kind == "cuda" else "512,1024"))
     try:
-        bench.check_bench_args(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim,
-                               repeats=args.repeats, names=_BENCH_FLAGS)
+        bench.check_bench_args(
+            heads_q=args.heads_q,
+            heads_kv=args.heads_kv,
+            head_dim=args.head_dim,
+            repeats=args.repeats,
+            names=_BENCH_FLAGS,
+        )
     except ValueError as err:
         raise UsageError(str(err)) from None
     _check_out_dir(Path(args.out) if args.out else Path("results"))
@@ -49,13 +54,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     written = []
     if args.part in ("kernel", "both"):
         dtype = torch.bfloat16 if kind == "cuda" else torch.float32
-        rows = bench.kernel_rows(methods, lengths, heads_q=args.heads_q, heads_kv=args.heads_kv,
-                                 head_dim=args.head_dim, device=device, dtype=dtype, method_options=method_options,
-                                 repeats=args.repeats)
-        written += bench.write_bench(out / f"patterns_{_sanitize(env['gpu'])}.json", "patterns", env, command, rows,
-                                     out / "kernel_speed.png", "attention kernels, random q/k/v")
-        _print_rows(console, Table, "kernels (random q/k/v)", rows,
-                    ("seqlen", "method", "impl", "ms", "select_ms", "attn_ms", "density", "speedup_vs_dense"))
+        rows = bench.kernel_rows(
+            methods,
+            lengths,
+            heads_q=args.heads_q,
+            heads_kv=args.heads_kv,
+            head_dim=args.head_dim,
+            device=device,
+            dtype=dtype,
+            method_options=method_options,
+            repeats=args.repeats,
+        )
+        written += bench.write_bench(
+            out / f"patterns_{_sanitize(env['gpu'])}.json",
+            "patterns",
+            env,
+            command,
+            rows,
+            out / "kernel_speed.png",
+            "attention kernels, random q/k/v",
+        )
+        _print_rows(
+            console,
+            Table,
+            "kernels (random q/k/v)",
+            rows,
+            ("seqlen", "method", "impl", "ms", "select_ms", "attn_ms", "density", "speedup_vs_dense"),
+        )
     if args.part in ("e2e", "both"):
         from sparseflash.eval.model import load_model
 
@@ -66,10 +91,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 _check_option_values(m, method_options.get(m, {}), num_layers, loaded.name)
         rows = bench.e2e_rows(loaded, methods, lengths, method_options=method_options, repeats=args.repeats)
         path = out / f"e2e_prefill_{_sanitize(loaded.name)}_{_sanitize(env['gpu'])}.json"
-        written += bench.write_bench(path, "e2e_prefill", env, command, rows, out / "e2e_prefill.png",
-                                     f"prefill of {loaded.name}")
-        _print_rows(console, Table, f"end-to-end prefill ({loaded.name})", rows,
-                    ("seqlen", "method", "impl", "ms", "density", "peak_mem_gib", "speedup_vs_sdpa"))
+        written += bench.write_bench(
+            path, "e2e_prefill", env, command, rows, out / "e2e_prefill.png", f"prefill of {loaded.name}"
+        )
+        _print_rows(
+            console,
+            Table,
+            f"end-to-end prefill ({loaded.name})",
+            rows,
+            ("seqlen", "method", "impl", "ms", "density", "peak_mem_gib", "speedup_vs_sdpa"),
+        )
     for p in written:
         console.print(str(p))
     return 0

@@ -123,9 +123,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     command = _command(args)
     console = _console()
-    console.print(f"[bold]sparseflash eval[/]: model {args.model}, tasks {tasks}, methods {methods}, "
-                  f"lengths {lengths}, depths {depths}, samples {samples}, batch size {batch_size}, "
-                  f"seed {args.seed}")
+    console.print(
+        f"[bold]sparseflash eval[/]: model {args.model}, tasks {tasks}, methods {methods}, "
+        f"lengths {lengths}, depths {depths}, samples {samples}, batch size {batch_size}, "
+        f"seed {args.seed}"
+    )
     out: Path | None = Path(args.out) if args.out else None
     store = None
     try:
@@ -137,16 +139,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 _check_option_values(m, method_options.get(m, {}), num_layers, loaded.name)
         too_long = [n for n in lengths if loaded.max_positions and n > loaded.max_positions]
         if too_long:
-            console.print(f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
-                          f"({loaded.max_positions} tokens); its answers there are extrapolation")
+            console.print(
+                f"[yellow]warning[/]: lengths {too_long} exceed the model's context "
+                f"({loaded.max_positions} tokens); its answers there are extrapolation"
+            )
         out = Path(args.out or f"results/eval_{_sanitize(loaded.name)}_{loaded.device.type}")
         try:
             store = ResultsStore(out)
         except (ValueError, OSError) as err:
             raise UsageError(f"--out: {str(err).removeprefix('results: ')}") from None
-        config = EvalConfig(tasks=tasks, methods=methods, lengths=lengths, depths=depths, samples=samples,
-                            seed=args.seed, method_options=method_options, task_options=task_options,
-                            chat=args.chat, batch_size=batch_size)
+        config = EvalConfig(
+            tasks=tasks,
+            methods=methods,
+            lengths=lengths,
+            depths=depths,
+            samples=samples,
+            seed=args.seed,
+            method_options=method_options,
+            task_options=task_options,
+            chat=args.chat,
+            batch_size=batch_size,
+        )
         try:
             runner = Runner(loaded, store, config)
         except ValueError as err:  # no chat template
@@ -159,12 +172,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runner.on_group = on_group
             runner.run()
         keys = {(t, n) for t in tasks for n in lengths}
-        mine = [c for c in store if (c["task"], c["length"]) in keys and c["method"] in methods
-                and c["model"] == loaded.name]
-        summary = write_summary(out, mine, command, {"model": loaded.name, "config": {
-            "tasks": tasks, "methods": methods, "lengths": lengths, "depths": depths, "samples": samples,
-            "batch_size": batch_size, "seed": args.seed, "method_options": method_options,
-            "task_options": task_options, "chat": args.chat}})
+        mine = [
+            c
+            for c in store
+            if (c["task"], c["length"]) in keys and c["method"] in methods and c["model"] == loaded.name
+        ]
+        summary = write_summary(
+            out,
+            mine,
+            command,
+            {
+                "model": loaded.name,
+                "config": {
+                    "tasks": tasks,
+                    "methods": methods,
+                    "lengths": lengths,
+                    "depths": depths,
+                    "samples": samples,
+                    "batch_size": batch_size,
+                    "seed": args.seed,
+                    "method_options": method_options,
+                    "task_options": task_options,
+                    "chat": args.chat,
+                },
+            },
+        )
         console.print(render_table(summary["rows"], title=f"sparseflash eval: {loaded.name} on {summary['gpu']}"))
         if not args.no_plots:
             paths = plot_all(mine, out)
@@ -176,8 +208,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             saved = len(read_cases(out)) if out is not None and (out / CASES).is_file() else 0
         where = f"in {out / CASES}" if out is not None else "(stopped before the results folder was opened)"
-        print(f"\ninterrupted: {saved} case{'s' if saved != 1 else ''} saved {where}; the same command resumes "
-              f"(finished cases are skipped):\n  {command}", file=sys.stderr, flush=True)
+        print(
+            f"\ninterrupted: {saved} case{'s' if saved != 1 else ''} saved {where}; the same command resumes "
+            f"(finished cases are skipped):\n  {command}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     return 0
 
@@ -193,8 +229,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         check_cases(cases)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"results: {str(err).removeprefix('results: ')}") from None
-    out = Path(args.out) if args.out else (Path(args.results) if Path(args.results).is_dir()
-                                            else Path(args.results).parent)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent)
+    )
     _check_out_dir(out)
     console = _console()
     console.print(render_table(summarize(cases)))
@@ -247,23 +286,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.max_positions and length > loaded.max_positions:
         raise UsageError(f"--length: expected <= the model's context {loaded.max_positions}, got {length}")
-    console.print(f"[bold]sparseflash calibrate[/]: {loaded.name}, method {args.method}, target recall "
-                  f"{args.target_recall}, {length} tokens, block {args.block_size}")
+    console.print(
+        f"[bold]sparseflash calibrate[/]: {loaded.name}, method {args.method}, target recall "
+        f"{args.target_recall}, {length} tokens, block {args.block_size}"
+    )
 
     def show(e: Any) -> None:
         vals = e.value if isinstance(e.value, list) else [e.value]
         recs = e.recall if isinstance(e.recall, list) else [e.recall]
         dens = e.density if isinstance(e.density, list) else [e.density]
         missed = "" if all(e.reached if isinstance(e.reached, list) else [e.reached]) else "  (1.0 misses the target)"
-        console.print(f"layer {e.layer:3d}: value {min(vals):.4f}..{max(vals):.4f}  recall {min(recs):.4f}  "
-                      f"density {sum(dens) / len(dens):.3f}{missed}")
+        console.print(
+            f"layer {e.layer:3d}: value {min(vals):.4f}..{max(vals):.4f}  recall {min(recs):.4f}  "
+            f"density {sum(dens) / len(dens):.3f}{missed}"
+        )
 
-    cal = calibrate(loaded.model, loaded.tokenizer, args.method, target_recall=args.target_recall, length=length,
-                    seed=args.seed, text_source=args.text_source, block_size=args.block_size,
-                    iterations=args.iterations, name=loaded.name, on_layer=show)
+    cal = calibrate(
+        loaded.model,
+        loaded.tokenizer,
+        args.method,
+        target_recall=args.target_recall,
+        length=length,
+        seed=args.seed,
+        text_source=args.text_source,
+        block_size=args.block_size,
+        iterations=args.iterations,
+        name=loaded.name,
+        on_layer=show,
+    )
     path = cal.save(out)
-    console.print(f"calibration: {path}  (use: sparseflash eval -O {args.method}.calibration={path}, "
-                  f"or sparseflash.patch(model, {args.method!r}, calibration=...))")
+    console.print(
+        f"calibration: {path}  (use: sparseflash eval -O {args.method}.calibration={path}, "
+        f"or sparseflash.patch(model, {args.method!r}, calibration=...))"
+    )
     return 0
 
 

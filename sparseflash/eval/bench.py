@@ -38,8 +38,14 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> fl
     return statistics.median(times)
 
 
-def check_bench_args(*, heads_q: object = 1, heads_kv: object = 1, head_dim: object = 64, repeats: object = 1,
-                     names: dict[str, str] | None = None) -> None:
+def check_bench_args(
+    *,
+    heads_q: object = 1,
+    heads_kv: object = 1,
+    head_dim: object = 64,
+    repeats: object = 1,
+    names: dict[str, str] | None = None,
+) -> None:
     """``ValueError`` naming the argument (``names`` maps it to e.g. a command-line flag), what was expected and
     what was given: ``repeats`` and the head counts ints >= 1, ``heads_q`` a multiple of ``heads_kv`` (GQA),
     ``head_dim`` one the kernels take (a multiple of 8 in [16, 256])."""
@@ -50,16 +56,29 @@ def check_bench_args(*, heads_q: object = 1, heads_kv: object = 1, head_dim: obj
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{n[key]}: expected an int >= 1, got {value!r}")
     if heads_q % heads_kv:  # type: ignore[operator]
-        raise ValueError(f"{n['heads_q']}: expected a multiple of {n['heads_kv']}={heads_kv} (query heads per KV "
-                         f"head), got {heads_q}")
+        raise ValueError(
+            f"{n['heads_q']}: expected a multiple of {n['heads_kv']}={heads_kv} (query heads per KV "
+            f"head), got {heads_q}"
+        )
     if head_dim % 8 or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:  # type: ignore[operator]
-        raise ValueError(f"{n['head_dim']}: expected a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
-                         f"got {head_dim}")
+        raise ValueError(
+            f"{n['head_dim']}: expected a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}"
+        )
 
 
-def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_kv: int, head_dim: int,
-                device: torch.device, dtype: torch.dtype, method_options: dict[str, dict[str, Any]],
-                repeats: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+def kernel_rows(
+    methods: list[str],
+    lengths: list[int],
+    *,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    method_options: dict[str, dict[str, Any]],
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Kernel timing rows on random q/k/v of shape (1, H, S, D), one set per length.
 
     Raises:
@@ -75,10 +94,18 @@ def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_k
     for s in lengths:
         g = torch.Generator(device="cpu").manual_seed(seed + s)
         q, k, v = (torch.randn(1, h, s, head_dim, generator=g).to(device, dtype) for h in (heads_q, heads_kv, heads_kv))
-        base = {"seqlen": s, "head_dim": head_dim, "heads_q": heads_q, "heads_kv": heads_kv, "batch": 1,
-                "dtype": str(dtype).removeprefix("torch."), "source": "random"}
-        sdpa_ms = time_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True),
-                          device, repeats)
+        base = {
+            "seqlen": s,
+            "head_dim": head_dim,
+            "heads_q": heads_q,
+            "heads_kv": heads_kv,
+            "batch": 1,
+            "dtype": str(dtype).removeprefix("torch."),
+            "source": "random",
+        }
+        sdpa_ms = time_ms(
+            partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True), device, repeats
+        )
         dense_ms = time_ms(partial(flash_attention, q, k, v, causal=True), device, repeats)
         rows.append({**base, "method": DENSE, "impl": "sdpa", "ms": sdpa_ms})
         rows.append({**base, "method": DENSE, "impl": "sparseflash", "ms": dense_ms})
@@ -88,16 +115,29 @@ def kernel_rows(methods: list[str], lengths: list[int], *, heads_q: int, heads_k
             opts = {key: val for key, val in method_options.get(m, {}).items() if key not in _PATCH_OPTIONS}
             layout = select(m, q, k, **opts)
             select_ms = time_ms(partial(select, m, q, k, **opts), device, repeats)
-            attn_ms = time_ms(partial(block_sparse_attention, q, k, v, layout, causal=True, check_indices=False),
-                              device, repeats)
-            rows.append({**base, "method": m, "impl": "sparseflash", "select_ms": select_ms, "attn_ms": attn_ms,
-                         "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "ms": select_ms + attn_ms,
-                         "density": layout.density(), "speedup_vs_dense": dense_ms / (select_ms + attn_ms)})
+            attn_ms = time_ms(
+                partial(block_sparse_attention, q, k, v, layout, causal=True, check_indices=False), device, repeats
+            )
+            rows.append(
+                {
+                    **base,
+                    "method": m,
+                    "impl": "sparseflash",
+                    "select_ms": select_ms,
+                    "attn_ms": attn_ms,
+                    "dense_ms": dense_ms,
+                    "sdpa_ms": sdpa_ms,
+                    "ms": select_ms + attn_ms,
+                    "density": layout.density(),
+                    "speedup_vs_dense": dense_ms / (select_ms + attn_ms),
+                }
+            )
     return rows
 
 
-def e2e_rows(loaded: Any, methods: list[str], lengths: list[int], *, method_options: dict[str, dict[str, Any]],
-             repeats: int = 3) -> list[dict[str, Any]]:
+def e2e_rows(
+    loaded: Any, methods: list[str], lengths: list[int], *, method_options: dict[str, dict[str, Any]], repeats: int = 3
+) -> list[dict[str, Any]]:
     """End-to-end prefill rows: the model's prompt forward per method and length (KJV prompt, batch 1)."""
     check_bench_args(repeats=repeats)
     from sparseflash.eval.engine import Engine
@@ -119,12 +159,19 @@ def e2e_rows(loaded: Any, methods: list[str], lengths: list[int], *, method_opti
                 density = run.density()
             ms = statistics.median(times)
             base_ms = ms if m == SDPA else base_ms
-            peak = (torch.cuda.max_memory_allocated(loaded.device) / 2**30
-                    if loaded.device.type == "cuda" else None)
-            rows.append({"model": loaded.name, "seqlen": int(ids.shape[1]), "method": m,
-                         "impl": "transformers_sdpa" if m == SDPA else "sparseflash", "ms": ms,
-                         "density": density, "peak_mem_gib": peak,
-                         "speedup_vs_sdpa": base_ms / ms if base_ms else None})
+            peak = torch.cuda.max_memory_allocated(loaded.device) / 2**30 if loaded.device.type == "cuda" else None
+            rows.append(
+                {
+                    "model": loaded.name,
+                    "seqlen": int(ids.shape[1]),
+                    "method": m,
+                    "impl": "transformers_sdpa" if m == SDPA else "sparseflash",
+                    "ms": ms,
+                    "density": density,
+                    "peak_mem_gib": peak,
+                    "speedup_vs_sdpa": base_ms / ms if base_ms else None,
+                }
+            )
     return rows
 
 

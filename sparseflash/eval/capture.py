@@ -14,8 +14,9 @@ _CAPTURE_NAME = "sf_eval_capture"  # no "flash" in the name: transformers treats
 _capture_callback: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
 
-def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Any, **kwargs: Any) -> Any:
+def _capture_attention(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
+) -> Any:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if _capture_callback and query.shape[2] == key.shape[2] and query.shape[2] > 1:

@@ -103,8 +103,11 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        eos = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(
-            self.model, "generation_config") else None
+        eos = (
+            getattr(self.model.generation_config, "eos_token_id", None)
+            if hasattr(self.model, "generation_config")
+            else None
+        )
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -126,16 +129,17 @@ class Engine:
         """
         rows = [p.reshape(-1) for p in prompts]
         if not rows or any(r.numel() == 0 for r in rows):
-            raise ValueError(f"prompts: expected one or more non-empty token sequences, got lengths "
-                             f"{[r.numel() for r in rows]}")
+            raise ValueError(
+                f"prompts: expected one or more non-empty token sequences, got lengths {[r.numel() for r in rows]}"
+            )
         if len(rows) == 1:
             return BatchInputs(rows[0][None].to(self.device), None, None)
         width = max(r.numel() for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
         for b, r in enumerate(rows):
-            ids[b, width - r.numel():] = r.to(self.device)
-            mask[b, width - r.numel():] = 1
+            ids[b, width - r.numel() :] = r.to(self.device)
+            mask[b, width - r.numel() :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return BatchInputs(ids, mask, positions)
 
@@ -150,8 +154,7 @@ class Engine:
         return 1000 * (time.perf_counter() - t0)
 
     @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int,
-                 done: Callable[[str], bool] | None = None) -> Generation:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, done: Callable[[str], bool] | None = None) -> Generation:
         """Greedy decoding from ``ids`` (1, S); stops at EOS, at ``max_new_tokens`` or once ``done(text)``.
 
         ``done`` lets string-match tasks stop once every reference is in the answer: the score cannot change
@@ -160,8 +163,12 @@ class Engine:
         return self.generate_batch([ids], [max_new_tokens], [done])[0]
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: list[int] | int,
-                       done: list[Callable[[str], bool] | None] | None = None) -> list[Generation]:
+    def generate_batch(
+        self,
+        prompts: list[torch.Tensor],
+        max_new_tokens: list[int] | int,
+        done: list[Callable[[str], bool] | None] | None = None,
+    ) -> list[Generation]:
         """Greedy decoding of a batch: one left-padded prefill, then one token per sequence per step.
 
         Args:
@@ -180,8 +187,9 @@ class Engine:
         budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         stops = list(done) if done is not None else [None] * n
         if len(budgets) != n or len(stops) != n:
-            raise ValueError(f"max_new_tokens, done: expected {n} entries (one per prompt), got {len(budgets)} "
-                             f"and {len(stops)}")
+            raise ValueError(
+                f"max_new_tokens, done: expected {n} entries (one per prompt), got {len(budgets)} and {len(stops)}"
+            )
         if any(b < 1 for b in budgets):
             raise ValueError(f"max_new_tokens: expected >= 1, got {budgets}")
         rows = [_Row(b, d) for b, d in zip(budgets, stops, strict=True)]
@@ -195,8 +203,17 @@ class Engine:
         _sync(self.device)
         t2 = time.perf_counter()
         prefill, decode = 1000 * (t1 - t0) / n, 1000 * (t2 - t1) / n
-        return [Generation(text=r.text, prefill_ms=prefill, decode_ms=decode, new_tokens=len(r.tokens),
-                           tokens=r.tokens, batch_size=n) for r in rows]
+        return [
+            Generation(
+                text=r.text,
+                prefill_ms=prefill,
+                decode_ms=decode,
+                new_tokens=len(r.tokens),
+                tokens=r.tokens,
+                batch_size=n,
+            )
+            for r in rows
+        ]
 
     def _decode(self, out: Any, inputs: BatchInputs, rows: list[_Row]) -> None:
         """Greedy steps after the prefill ``out`` until every row has finished (updates ``rows`` in place)."""
@@ -258,8 +275,14 @@ class Engine:
         return {"ppl": math.exp(mean_all), "ppl_last": math.exp(mean_last), "nll": mean_all, "prefill_ms": ms}
 
     @torch.inference_mode()
-    def agreement(self, ids: torch.Tensor, last_tokens: int, reference: torch.Tensor | None = None,
-                  keep: bool = False, chunk: int = 256) -> tuple[dict[str, Any], torch.Tensor | None]:
+    def agreement(
+        self,
+        ids: torch.Tensor,
+        last_tokens: int,
+        reference: torch.Tensor | None = None,
+        keep: bool = False,
+        chunk: int = 256,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Next-token distributions over the last positions of ``ids``, compared with a reference's.
 
         One forward of ``ids`` (1, S); the positions are the last ``P = min(last_tokens, S - 1)`` that have a next
@@ -294,12 +317,13 @@ class Engine:
         positions = min(last_tokens, seq - 1)
         head = self.model.get_output_embeddings()
         hidden, ms = self._window_hidden(ids)
-        hidden = hidden[0, seq - 1 - positions: seq - 1]  # (P, H)
-        targets = ids[0, seq - positions:]  # (P,)
+        hidden = hidden[0, seq - 1 - positions : seq - 1]  # (P, H)
+        targets = ids[0, seq - positions :]  # (P,)
         vocab = int(head.weight.shape[0])
         if reference is not None and tuple(reference.shape) != (positions, vocab):
-            raise ValueError(f"reference: expected log-probabilities of shape {(positions, vocab)}, got "
-                             f"{tuple(reference.shape)}")
+            raise ValueError(
+                f"reference: expected log-probabilities of shape {(positions, vocab)}, got {tuple(reference.shape)}"
+            )
         kept = torch.empty((positions, vocab), dtype=torch.float32, device=self.device) if keep else None
         kl_rows = torch.zeros(positions, dtype=torch.float64, device=self.device)
         agree_rows = torch.ones(positions, dtype=torch.float64, device=self.device)
@@ -315,9 +339,15 @@ class Engine:
             if kept is not None:
                 kept[s:e] = logp
         end = min(END_POSITIONS, positions)
-        result = {"kl": float(kl_rows.mean()), "top1": float(agree_rows.mean()),
-                  "kl_end": float(kl_rows[-end:].mean()), "top1_end": float(agree_rows[-end:].mean()),
-                  "ppl_window": math.exp(nll_sum / positions), "positions": positions, "prefill_ms": ms}
+        result = {
+            "kl": float(kl_rows.mean()),
+            "top1": float(agree_rows.mean()),
+            "kl_end": float(kl_rows[-end:].mean()),
+            "top1_end": float(agree_rows[-end:].mean()),
+            "ppl_window": math.exp(nll_sum / positions),
+            "positions": positions,
+            "prefill_ms": ms,
+        }
         return result, kept
 
     @torch.inference_mode()

@@ -101,5 +101,5 @@ def batches(config: EvalConfig) -> list[tuple[Prompt, ...]]:
     for (_, task), group in itertools.groupby(grid(config), key=lambda p: (p.length, p.task)):
         prompts = list(group)
         size = config.batch_size if get_task(task).kind == "generate" else 1
-        out.extend(tuple(prompts[i:i + size]) for i in range(0, len(prompts), size))
+        out.extend(tuple(prompts[i : i + size]) for i in range(0, len(prompts), size))
     return out

@@ -44,8 +44,9 @@ def check_method(name: str, options: dict[str, Any] | None = None) -> None:
     if name == DENSE:
         pattern_opts = sorted(k for k in options or {} if k not in _PATCH_OPTIONS)
         if pattern_opts:
-            raise ValueError(f"dense: takes no pattern options, only patch options {list(_PATCH_OPTIONS)}; "
-                             f"got {pattern_opts}")
+            raise ValueError(
+                f"dense: takes no pattern options, only patch options {list(_PATCH_OPTIONS)}; got {pattern_opts}"
+            )
         return
     names = pattern_names()
     if name not in names:

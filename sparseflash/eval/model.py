@@ -46,8 +46,9 @@ def check_model_spec(spec: str) -> str:
         return "gguf"
     looks_like_path = "/" in spec or spec.startswith(".") or spec.endswith(".gguf")
     if looks_like_path:
-        raise ModelSpecError(f"model: path {spec!r} does not exist (expected a local Hugging Face model folder "
-                             f"or a .gguf file)")
+        raise ModelSpecError(
+            f"model: path {spec!r} does not exist (expected a local Hugging Face model folder or a .gguf file)"
+        )
     names = catalogue_names()
     if spec not in names:
         raise ModelSpecError(f"model: expected a local folder, a .gguf file or one of {names}, got {spec!r}")
@@ -62,15 +63,22 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"dtype: expected one of {['auto', *table]}, got {dtype!r}")
     return table[dtype]
 
 
-def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto"
-               ) -> LoadedModel:
+def load_model(
+    spec: str, *, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto"
+) -> LoadedModel:
     """Load ``spec`` offline (see the module docstring) on ``device`` in ``dtype``.
 
     Args:
@@ -82,8 +90,9 @@ def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | t
         ModelSpecError: see :func:`check_model_spec`.
     """
     kind = check_model_spec(spec)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     dt = _resolve_dtype(dtype, dev)
     if kind == "tiny":
         from sparseflash.eval.tiny import tiny_random_model
@@ -103,5 +112,3 @@ def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | t
         model, tok, name, source = out.model, out.tokenizer, spec, out.source
     model = model.to(device=dev, dtype=dt).eval()
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source)
-
-

@@ -44,8 +44,7 @@ def check_cases(cases: list[dict[str, Any]]) -> None:
         need = REQUIRED_KEYS + (("layers", "density") if c.get("recall_per_layer") else ())
         missing = [k for k in need if k not in c]
         if missing:
-            raise ValueError(f"results: case {i}: expected keys {list(need)}, missing {missing} "
-                             f"(has {sorted(c)})")
+            raise ValueError(f"results: case {i}: expected keys {list(need)}, missing {missing} (has {sorted(c)})")
         n = c["length"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"results: case {i}: length: expected an int >= 1, got {n!r}")
@@ -69,11 +68,23 @@ def method_style(method: str, colours: dict[str, str]) -> dict[str, Any]:
     square on top (a method's point at the same place shows inside it), ``dense`` a hollow diamond."""
     colour = colours.get(method) or method_colours([method])[method]
     if method == BASELINE:
-        return {"color": colour, "marker": "s", "markersize": 11, "markerfacecolor": "none",
-                "markeredgewidth": 1.8, "zorder": 5}
+        return {
+            "color": colour,
+            "marker": "s",
+            "markersize": 11,
+            "markerfacecolor": "none",
+            "markeredgewidth": 1.8,
+            "zorder": 5,
+        }
     if method == DENSE:
-        return {"color": colour, "marker": "D", "markersize": 8, "markerfacecolor": "none",
-                "markeredgewidth": 1.5, "zorder": 4}
+        return {
+            "color": colour,
+            "marker": "D",
+            "markersize": 8,
+            "markerfacecolor": "none",
+            "markeredgewidth": 1.5,
+            "zorder": 4,
+        }
     others = sorted(m for m in colours if m not in _FIXED_COLOURS)
     i = others.index(method) if method in others else 0
     return {"color": colour, "marker": _MARKERS[i % len(_MARKERS)], "markersize": 5, "zorder": 3}
@@ -172,8 +183,7 @@ def heatmaps(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | N
     return written
 
 
-def accuracy_vs_density(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None
-                        ) -> Path | None:
+def accuracy_vs_density(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None) -> Path | None:
     """Mean accuracy (generation tasks) against mean density, per (method, length); the baseline (density 1.0)
     is a large hollow square drawn above the methods, so one at density 1.0 shows inside it."""
     gen = [c for c in cases if c.get("score") is not None and c.get("density") is not None and "recall" not in c]
@@ -195,8 +205,14 @@ def accuracy_vs_density(cases: list[dict[str, Any]], out: Path, colours: dict[st
         if method in _FIXED_COLOURS:  # sdpa and dense sit at density 1.0: their length labels would pile up
             continue
         for x, y, n in zip(xs, ys, sorted(pts), strict=True):
-            ax.annotate(token_label(n), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points",
-                        color=colours.get(method, "black"))
+            ax.annotate(
+                token_label(n),
+                (x, y),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+                color=colours.get(method, "black"),
+            )
     ax.set_xlabel("density (kept causal blocks / causal blocks)")
     ax.set_ylabel("accuracy (all generation tasks)")
     ax.set_xlim(0, 1.08)
@@ -209,8 +225,7 @@ def accuracy_vs_density(cases: list[dict[str, Any]], out: Path, colours: dict[st
     return path
 
 
-def recall_per_layer(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None
-                     ) -> Path | None:
+def recall_per_layer(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None) -> Path | None:
     """Recall per layer per method, one panel per length (``recall`` task cases)."""
     rc = [c for c in cases if c.get("recall_per_layer")]
     if not rc:
@@ -218,8 +233,9 @@ def recall_per_layer(cases: list[dict[str, Any]], out: Path, colours: dict[str, 
     plt = _plt()
     colours = colours or method_colours(c["method"] for c in cases)
     lengths = sorted({c["length"] for c in rc})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, sharey=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, sharey=True, layout="constrained"
+    )
     for ax, length in zip(axes[0], lengths, strict=True):
         for method in _methods(rc):
             sel = [c for c in rc if c["method"] == method and c["length"] == length]
@@ -241,8 +257,7 @@ def recall_per_layer(cases: list[dict[str, Any]], out: Path, colours: dict[str, 
     return path
 
 
-def speed_vs_length(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None
-                    ) -> Path | None:
+def speed_vs_length(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | None = None) -> Path | None:
     """Median prefill ms per method against length, and the speedup vs the baseline."""
     import statistics
 
@@ -301,8 +316,10 @@ def agreement(cases: list[dict[str, Any]], out: Path, colours: dict[str, str] | 
             xs = sorted(by)
             ys = [_mean(by[n]) for n in xs]
             cis = [t_interval(by[n]) for n in xs]
-            err = [[y - ci[0] if ci else 0.0 for y, ci in zip(ys, cis, strict=True)],
-                   [ci[1] - y if ci else 0.0 for y, ci in zip(ys, cis, strict=True)]]
+            err = [
+                [y - ci[0] if ci else 0.0 for y, ci in zip(ys, cis, strict=True)],
+                [ci[1] - y if ci else 0.0 for y, ci in zip(ys, cis, strict=True)],
+            ]
             if key == "kl":  # keep the bars inside the positive axis of a log plot
                 err[0] = [min(e, 0.999 * y) for e, y in zip(err[0], ys, strict=True)]
             ax.errorbar(xs, ys, yerr=err, capsize=3, label=method, **method_style(method, colours))

@@ -13,8 +13,9 @@ PROGRESS_STYLES = ("bar", "lines", "none")
 
 
 @contextlib.contextmanager
-def progress(total: int, style: str = "bar", stream: TextIO | None = None,
-             description: str = "eval") -> Iterator[Callable[[Any], None]]:
+def progress(
+    total: int, style: str = "bar", stream: TextIO | None = None, description: str = "eval"
+) -> Iterator[Callable[[Any], None]]:
     """Progress over ``total`` groups; yields the ``on_group`` callback for :class:`Runner`.
 
     Args:
@@ -48,15 +49,23 @@ def progress(total: int, style: str = "bar", stream: TextIO | None = None,
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  TextColumn("{task.fields[last]}")) as prog:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
+    ) as prog:
         bar = prog.add_task(description, total=total, last="")
 
         def advance(group: Any) -> None:
             u = group.unit
-            prog.update(bar, advance=1, last=f"{u.task} {u.length} {','.join(u.methods)}: "
-                                             f"{format_outcome(group.cases)}")
+            prog.update(
+                bar, advance=1, last=f"{u.task} {u.length} {','.join(u.methods)}: {format_outcome(group.cases)}"
+            )
 
         yield advance
 

@@ -58,9 +58,11 @@ def read_cases(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"results: line {i + 1} of {path} is not valid JSON ({err})") from None
         if BASELINE_FIELD not in cases[-1]:
-            raise ValueError(f"results: line {i + 1} of {path} has no {BASELINE_FIELD!r} field: it was written "
-                             f"before the baseline was renamed 'sdpa' (its 'dense' meant the model as loaded); "
-                             f"expected a results folder written by this version, use a new one")
+            raise ValueError(
+                f"results: line {i + 1} of {path} has no {BASELINE_FIELD!r} field: it was written "
+                f"before the baseline was renamed 'sdpa' (its 'dense' meant the model as loaded); "
+                f"expected a results folder written by this version, use a new one"
+            )
     return cases
 
 

@@ -51,17 +51,28 @@ def chat_format(tokenizer: Any) -> PromptFormat:
         raise ValueError("chat: the tokenizer has no chat template; run without --chat")
 
     def fmt(user_text: str, answer_prefix: str) -> str:
-        head = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
+        head = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
         return head + answer_prefix.lstrip()
 
     return fmt
 
 
-def _base_case(loaded: LoadedModel, p: Prompt, task_opts: dict[str, Any], method: str,
-               options: dict[str, Any]) -> dict[str, Any]:
-    return {"model": loaded.name, "task": p.task, "task_options": task_opts, "method": method,
-            "options": options, "length": p.length, "depth": p.depth, "seed": p.seed, "baseline": BASELINE}
+def _base_case(
+    loaded: LoadedModel, p: Prompt, task_opts: dict[str, Any], method: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": loaded.name,
+        "task": p.task,
+        "task_options": task_opts,
+        "method": method,
+        "options": options,
+        "length": p.length,
+        "depth": p.depth,
+        "seed": p.seed,
+        "baseline": BASELINE,
+    }
 
 
 @dataclass
@@ -86,8 +97,10 @@ class GroupDone:
     def line(self) -> str:
         """One plain progress line, e.g. ``[12/96] niah_single 32768 xattention: 1.00 (12.3 s)``."""
         u = self.unit
-        return (f"[{self.index}/{self.total}] {u.task} {u.length} {','.join(u.methods)}: "
-                f"{format_outcome(self.cases)} ({self.seconds:.1f} s)")
+        return (
+            f"[{self.index}/{self.total}] {u.task} {u.length} {','.join(u.methods)}: "
+            f"{format_outcome(self.cases)} ({self.seconds:.1f} s)"
+        )
 
 
 class Runner:
@@ -99,9 +112,14 @@ class Runner:
         on_group: called with a :class:`GroupDone` after every group (one method over one batch).
     """
 
-    def __init__(self, loaded: LoadedModel, store: ResultsStore, config: EvalConfig,
-                 on_case: Callable[[dict[str, Any]], None] | None = None,
-                 on_group: Callable[[GroupDone], None] | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: ResultsStore,
+        config: EvalConfig,
+        on_case: Callable[[dict[str, Any]], None] | None = None,
+        on_group: Callable[[GroupDone], None] | None = None,
+    ) -> None:
         self.loaded = loaded
         self.engine = Engine(loaded)
         self.store = store
@@ -115,8 +133,13 @@ class Runner:
 
     # ---------------------------------------------------------------- the plan
     def _case(self, p: Prompt, method: str) -> dict[str, Any]:
-        return _base_case(self.loaded, p, _task_options(p.task, self.config.task_options), method,
-                          self.config.method_options.get(method, {}))
+        return _base_case(
+            self.loaded,
+            p,
+            _task_options(p.task, self.config.task_options),
+            method,
+            self.config.method_options.get(method, {}),
+        )
 
     def _pending(self, p: Prompt, method: str) -> bool:
         return not self.store.done(self._case(p, method))
@@ -192,8 +215,13 @@ class Runner:
     def _finish(self, item: _Item, method: str, density: float | None, **fields: Any) -> dict[str, Any]:
         case = self._case(item.prompt, method)
         case.update(fields)
-        case.update(density=density, references=item.sample.references, prompt_tokens=int(item.ids.shape[1]),
-                    sample_index=item.prompt.index, **self._context(item.sample))
+        case.update(
+            density=density,
+            references=item.sample.references,
+            prompt_tokens=int(item.ids.shape[1]),
+            sample_index=item.prompt.index,
+            **self._context(item.sample),
+        )
         return case
 
     # ---------------------------------------------------------------- generation (batched)
@@ -203,17 +231,31 @@ class Runner:
         with use_method(self.loaded.model, method, self._options(method)) as run:
             self._warmup(method, items[0].prompt.length, prompts)
             run.reset()
-            gens = self.engine.generate_batch(prompts, [it.sample.max_new_tokens for it in items],
-                                              [_stop_when_full(task, it.sample) for it in items])
+            gens = self.engine.generate_batch(
+                prompts, [it.sample.max_new_tokens for it in items], [_stop_when_full(task, it.sample) for it in items]
+            )
             density = run.density()  # over the whole batch's prefill
-        return [self._answer_case(it, method, gen, task, density)
-                for it, gen in zip(items, gens, strict=True) if self._pending(it.prompt, method)]
+        return [
+            self._answer_case(it, method, gen, task, density)
+            for it, gen in zip(items, gens, strict=True)
+            if self._pending(it.prompt, method)
+        ]
 
-    def _answer_case(self, item: _Item, method: str, gen: Generation, task: Task,
-                     density: float | None) -> dict[str, Any]:
-        return self._finish(item, method, density, answer=gen.text, answer_tokens=gen.tokens,
-                            score=task.score(gen.text, item.sample), prefill_ms=gen.prefill_ms,
-                            decode_ms=gen.decode_ms, new_tokens=gen.new_tokens, batch_size=gen.batch_size)
+    def _answer_case(
+        self, item: _Item, method: str, gen: Generation, task: Task, density: float | None
+    ) -> dict[str, Any]:
+        return self._finish(
+            item,
+            method,
+            density,
+            answer=gen.text,
+            answer_tokens=gen.tokens,
+            score=task.score(gen.text, item.sample),
+            prefill_ms=gen.prefill_ms,
+            decode_ms=gen.decode_ms,
+            new_tokens=gen.new_tokens,
+            batch_size=gen.batch_size,
+        )
 
     def _warmup(self, method: str, length: int, prompts: list[torch.Tensor]) -> None:
         """On a GPU, one untimed prefill per (method, length, batch size) so compilation and autotuning are not
@@ -286,19 +328,32 @@ class Runner:
             recalls = [r for _, r, _ in rows]
             dens = [d for _, _, d in rows]
             mean_recall = sum(recalls) / max(1, len(recalls))
-            cases.append(self._finish(item, m, sum(dens) / max(1, len(dens)), score=mean_recall,
-                                      recall=mean_recall, recall_per_layer=recalls, density_per_layer=dens,
-                                      layers=[layer for layer, _, _ in rows], capture_ms=ms))
+            cases.append(
+                self._finish(
+                    item,
+                    m,
+                    sum(dens) / max(1, len(dens)),
+                    score=mean_recall,
+                    recall=mean_recall,
+                    recall_per_layer=recalls,
+                    density_per_layer=dens,
+                    layers=[layer for layer, _, _ in rows],
+                    capture_ms=ms,
+                )
+            )
         for case in cases:
             case["references"] = []
         return cases
 
     def _context(self, sample: Sample) -> dict[str, Any]:
         needles = sample.meta.get("needles")
-        return {"device": str(self.loaded.device), "dtype": str(self.loaded.model.dtype).removeprefix("torch."),
-                "haystack": sample.meta.get("haystack"),
-                "needle_depths": [n["actual_depth"] for n in needles] if needles else None,
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        return {
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.model.dtype).removeprefix("torch."),
+            "haystack": sample.meta.get("haystack"),
+            "needle_depths": [n["actual_depth"] for n in needles] if needles else None,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 def _stop_when_full(task: Task, sample: Sample) -> Callable[[str], bool] | None:

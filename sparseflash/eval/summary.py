@@ -36,8 +36,38 @@ from sparseflash.eval.methods import BASELINE, DENSE
 SUMMARY = "summary.json"
 
 # two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom, then a few anchors (interpolated in 1/df)
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 _T95_TAIL = ((30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (math.inf, 1.960))
 
 
@@ -75,8 +105,14 @@ def t_interval(values: list[float]) -> list[float] | None:
 
 
 def _prompt_key(case: dict[str, Any]) -> tuple[Any, ...]:
-    return (case["model"], case["task"], json.dumps(case.get("task_options"), sort_keys=True), case["length"],
-            case.get("depth"), case["seed"])
+    return (
+        case["model"],
+        case["task"],
+        json.dumps(case.get("task_options"), sort_keys=True),
+        case["length"],
+        case.get("depth"),
+        case["seed"],
+    )
 
 
 def _median(values: list[Any]) -> float | None:
@@ -93,23 +129,30 @@ def _ratios(paired: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> li
     return [c[key] / b[key] for c, b in paired if c.get(key) is not None and b.get(key)]
 
 
-def _generation_fields(group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]],
-                       is_baseline: bool) -> dict[str, Any]:
+def _generation_fields(
+    group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]], is_baseline: bool
+) -> dict[str, Any]:
     acc = _mean([c.get("score") for c in group]) or 0.0
     row: dict[str, Any] = {"accuracy": acc, "ci95": list(wilson_interval(acc, len(group)))}
     if not is_baseline and paired:
-        right = [(c["score"] >= 1.0, b["score"] >= 1.0) for c, b in paired
-                 if c.get("score") is not None and b.get("score") is not None]
+        right = [
+            (c["score"] >= 1.0, b["score"] >= 1.0)
+            for c, b in paired
+            if c.get("score") is not None and b.get("score") is not None
+        ]
         row["wins"] = sum(m and not b for m, b in right)
         row["losses"] = sum(b and not m for m, b in right)
         row["ties"] = len(right) - row["wins"] - row["losses"]
     return row
 
 
-def _perplexity_fields(group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]],
-                       is_baseline: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"ppl": _mean([c.get("ppl") for c in group]),
-                           "ppl_last": _mean([c.get("ppl_last") for c in group])}
+def _perplexity_fields(
+    group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]], is_baseline: bool
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "ppl": _mean([c.get("ppl") for c in group]),
+        "ppl_last": _mean([c.get("ppl_last") for c in group]),
+    }
     if not is_baseline and paired:
         for key in ("ppl", "ppl_last"):
             ratios = _ratios(paired, key)
@@ -118,16 +161,22 @@ def _perplexity_fields(group: list[dict[str, Any]], paired: list[tuple[dict[str,
     return row
 
 
-def _agreement_fields(group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]],
-                      is_baseline: bool) -> dict[str, Any]:
+def _agreement_fields(
+    group: list[dict[str, Any]], paired: list[tuple[dict[str, Any], dict[str, Any]]], is_baseline: bool
+) -> dict[str, Any]:
     kl = [c.get("kl") for c in group]
     top1 = [c.get("top1") for c in group]
     kl_end = [c.get("kl_end") for c in group if c.get("kl_end") is not None]
-    row: dict[str, Any] = {"kl": _mean(kl), "kl_ci95": t_interval(kl), "top1": _mean(top1),
-                           "top1_ci95": t_interval(top1), "kl_end": _mean(kl_end) if kl_end else None,
-                           "top1_end": _mean([c.get("top1_end") for c in group]) if kl_end else None,
-                           "ppl_window": _mean([c.get("ppl_window") for c in group]),
-                           "positions": _mean([c.get("positions") for c in group])}
+    row: dict[str, Any] = {
+        "kl": _mean(kl),
+        "kl_ci95": t_interval(kl),
+        "top1": _mean(top1),
+        "top1_ci95": t_interval(top1),
+        "kl_end": _mean(kl_end) if kl_end else None,
+        "top1_end": _mean([c.get("top1_end") for c in group]) if kl_end else None,
+        "ppl_window": _mean([c.get("ppl_window") for c in group]),
+        "positions": _mean([c.get("positions") for c in group]),
+    }
     if not is_baseline and paired:
         row["ppl_window_ratio"] = _mean(_ratios(paired, "ppl_window"))
     return row
@@ -149,17 +198,24 @@ def summarize(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = {_prompt_key(c): c for c in cases if c["method"] == BASELINE}
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for c in cases:
-        groups[(c["model"], c["task"], c["length"], c["method"],
-                json.dumps(c.get("options") or {}, sort_keys=True))].append(c)
+        groups[
+            (c["model"], c["task"], c["length"], c["method"], json.dumps(c.get("options") or {}, sort_keys=True))
+        ].append(c)
     rows = []
     for (model, task, length, method, options), group in groups.items():
         is_baseline = method == BASELINE
         paired = [(c, base[_prompt_key(c)]) for c in group if _prompt_key(c) in base]
-        row: dict[str, Any] = {"model": model, "task": task, "seqlen": length, "method": method,
-                               "options": json.loads(options), "n": len(group),
-                               "density": _mean([c.get("density") for c in group]),
-                               "prefill_ms": _mean([c.get("prefill_ms") for c in group]),
-                               "prefill_ms_median": _median([c.get("prefill_ms") for c in group])}
+        row: dict[str, Any] = {
+            "model": model,
+            "task": task,
+            "seqlen": length,
+            "method": method,
+            "options": json.loads(options),
+            "n": len(group),
+            "density": _mean([c.get("density") for c in group]),
+            "prefill_ms": _mean([c.get("prefill_ms") for c in group]),
+            "prefill_ms_median": _median([c.get("prefill_ms") for c in group]),
+        }
         kind = _kind(group)
         if kind == "generate":
             row.update(_generation_fields(group, paired, is_baseline))
@@ -184,8 +240,10 @@ def environment() -> dict[str, Any]:
     """gpu, torch, triton, transformers versions and today's date, for the summary's header."""
     import torch
 
-    env: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                           "torch": torch.__version__}
+    env: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
     for mod in ("triton", "transformers"):
         try:
             env[mod] = __import__(mod).__version__
@@ -195,11 +253,18 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_summary(folder: str | Path, cases: list[dict[str, Any]], command: str,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_summary(
+    folder: str | Path, cases: list[dict[str, Any]], command: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``folder/summary.json`` from ``cases`` and return it."""
-    summary = {"benchmark": "eval", **environment(), "command": command, "baseline": BASELINE, **(extra or {}),
-               "rows": summarize(cases)}
+    summary = {
+        "benchmark": "eval",
+        **environment(),
+        "command": command,
+        "baseline": BASELINE,
+        **(extra or {}),
+        "rows": summarize(cases),
+    }
     path = Path(folder) / SUMMARY
     path.write_text(json.dumps(summary, indent=1, sort_keys=False, default=str) + "\n")
     return summary
@@ -221,8 +286,10 @@ def _result_cell(r: dict[str, Any]) -> str:
         top1 = r.get("top1")
         return f"KL {_fmt(r['kl'], '.3g')}{ci_text}, top1 {'-' if top1 is None else f'{100 * top1:.1f}%'}"
     if "ppl" in r:
-        return (f"ppl {_fmt(r['ppl'], '.3f')}{_ratio(r.get('ppl_ratio'))} (last {_fmt(r.get('ppl_last'), '.3f')}"
-                f"{_ratio(r.get('ppl_last_ratio'))})")
+        return (
+            f"ppl {_fmt(r['ppl'], '.3f')}{_ratio(r.get('ppl_ratio'))} (last {_fmt(r.get('ppl_last'), '.3f')}"
+            f"{_ratio(r.get('ppl_last_ratio'))})"
+        )
     if "recall" in r:
         return f"recall {_fmt(r['recall'], '.3f')}"
     lo, hi = r["ci95"]
@@ -234,9 +301,17 @@ def render_table(rows: list[dict[str, Any]], title: str = "sparseflash eval") ->
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for col, just in (("task", "left"), ("length", "right"), ("method", "left"), ("n", "right"),
-                      ("result [95% CI]", "right"), (f"W/L vs {BASELINE}", "right"), ("density", "right"),
-                      ("prefill ms", "right"), ("speedup", "right")):
+    for col, just in (
+        ("task", "left"),
+        ("length", "right"),
+        ("method", "left"),
+        ("n", "right"),
+        ("result [95% CI]", "right"),
+        (f"W/L vs {BASELINE}", "right"),
+        ("density", "right"),
+        ("prefill ms", "right"),
+        ("speedup", "right"),
+    ):
         table.add_column(col, justify=just)
     last = None
     for r in rows:
@@ -245,7 +320,15 @@ def render_table(rows: list[dict[str, Any]], title: str = "sparseflash eval") ->
         last = (r["task"], r["seqlen"])
         wl = f"{r['wins']}/{r['losses']}" if "wins" in r else "-"
         sp = r.get("speedup_vs_baseline")
-        table.add_row(r["task"], str(r["seqlen"]), r["method"], str(r["n"]), _result_cell(r), wl,
-                      _fmt(r.get("density"), ".3f"), _fmt(r.get("prefill_ms"), ".1f"),
-                      "-" if sp is None else f"{sp:.2f}x")
+        table.add_row(
+            r["task"],
+            str(r["seqlen"]),
+            r["method"],
+            str(r["n"]),
+            _result_cell(r),
+            wl,
+            _fmt(r.get("density"), ".3f"),
+            _fmt(r.get("prefill_ms"), ".1f"),
+            "-" if sp is None else f"{sp:.2f}x",
+        )
     return table

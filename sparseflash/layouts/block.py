@@ -136,7 +136,10 @@ class BlockLayout:
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(
-            self.kv_num_blocks.to(device), self.kv_indices.to(device), self.seq_len_q, self.seq_len_k,
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.seq_len_q,
+            self.seq_len_k,
             self.block_size,
         )
 
@@ -178,7 +181,10 @@ class BlockLayout:
         # kept blocks first, each group in ascending order (stable sort of 0 = kept, 1 = dropped)
         order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :capacity]
         return cls(
-            mask.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous(), seq_len_q, seq_len_k,
+            mask.sum(-1, dtype=torch.int32),
+            order.to(torch.int32).contiguous(),
+            seq_len_q,
+            seq_len_k,
             (block_q, block_k),
         )
 
@@ -187,8 +193,7 @@ class BlockLayout:
         if "dense" not in self._dense_cache:
             slots = torch.arange(self.capacity, device=self.device)
             used = slots < self.kv_num_blocks.unsqueeze(-1).long()
-            dense = torch.zeros(*self.kv_num_blocks.shape, self.num_k_blocks + 1, dtype=torch.bool,
-                                device=self.device)
+            dense = torch.zeros(*self.kv_num_blocks.shape, self.num_k_blocks + 1, dtype=torch.bool, device=self.device)
             # unused slots write to a spare column that is dropped afterwards
             target = torch.where(used, self.kv_indices.long().clamp(0, self.num_k_blocks), self.num_k_blocks)
             dense.scatter_(-1, target, used)
@@ -203,10 +208,15 @@ class BlockLayout:
         full = full_block_mask(self.seq_len_q, self.seq_len_k, self.block_size, causal=causal, device=self.device)
         dense = self.to_dense()
         full_dense = dense & full
-        partial = BlockLayout.from_dense(full_dense.logical_not() & dense, seq_len_q=self.seq_len_q,
-                                         seq_len_k=self.seq_len_k, block_size=self.block_size)
-        full_l = BlockLayout.from_dense(full_dense, seq_len_q=self.seq_len_q, seq_len_k=self.seq_len_k,
-                                        block_size=self.block_size)
+        partial = BlockLayout.from_dense(
+            full_dense.logical_not() & dense,
+            seq_len_q=self.seq_len_q,
+            seq_len_k=self.seq_len_k,
+            block_size=self.block_size,
+        )
+        full_l = BlockLayout.from_dense(
+            full_dense, seq_len_q=self.seq_len_q, seq_len_k=self.seq_len_k, block_size=self.block_size
+        )
         return partial.kv_num_blocks, partial.kv_indices, full_l.kv_num_blocks, full_l.kv_indices
 
     @classmethod
@@ -265,8 +275,10 @@ class BlockLayout:
             raise ValueError(
                 f"layout: expected one query block (a decode layout, seq_len_q <= block_q), got {self.num_q_blocks}"
             )
-        if self.batch not in (1, batch) or self.num_heads not in (1, num_kv_heads, num_heads) or (
-            num_kv_heads < 1 or num_heads % num_kv_heads
+        if (
+            self.batch not in (1, batch)
+            or self.num_heads not in (1, num_kv_heads, num_heads)
+            or (num_kv_heads < 1 or num_heads % num_kv_heads)
         ):
             raise ValueError(
                 f"layout: expected batch 1 or {batch} and heads 1, {num_kv_heads} or {num_heads}, got batch "
@@ -286,8 +298,7 @@ class BlockLayout:
 
         Blocks kept above the causal diagonal do not count (they compute nothing).
         """
-        allowed = causal_block_mask(self.seq_len_q, self.seq_len_k, self.block_size, causal=causal,
-                                    device=self.device)
+        allowed = causal_block_mask(self.seq_len_q, self.seq_len_k, self.block_size, causal=causal, device=self.device)
         kept = (self.to_dense() & allowed).sum(dtype=torch.float64)
         return float(kept / (allowed.sum() * self.batch * self.num_heads))
 
@@ -333,9 +344,7 @@ class BlockLayout:
         if flags[0]:
             raise ValueError(f"layout.kv_num_blocks: expected counts in [0, {self.capacity}], got values outside")
         if flags[1]:
-            raise ValueError(
-                f"layout.kv_indices: expected block ids in [0, {self.num_k_blocks}), got values outside"
-            )
+            raise ValueError(f"layout.kv_indices: expected block ids in [0, {self.num_k_blocks}), got values outside")
         if flags[2]:
             raise ValueError(
                 "layout.kv_indices: expected strictly ascending block ids in each row, got a row that is not"

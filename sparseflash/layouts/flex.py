@@ -34,7 +34,6 @@ def to_flex_block_mask(layout: Any, *, causal: bool, num_heads: int | None, bloc
     """:meth:`BlockLayout.to_flex` (its docstring says what the arguments do)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-
     if num_heads is not None:
         if isinstance(num_heads, bool) or not isinstance(num_heads, int):
             raise TypeError(f"num_heads: expected a positive int (query heads) or None, got {num_heads!r}")
@@ -70,7 +69,12 @@ def to_flex_block_mask(layout: Any, *, causal: bool, num_heads: int | None, bloc
     if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
         kwargs["compute_q_blocks"] = False  # forward only: skip the transposed copy
     return BlockMask.from_kv_blocks(
-        partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=layout.block_size,
-        mask_mod=layout_mask if block_lookup else causal_only, seq_lengths=(layout.seq_len_q, layout.seq_len_k),
+        partial_num,
+        partial_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=layout.block_size,
+        mask_mod=layout_mask if block_lookup else causal_only,
+        seq_lengths=(layout.seq_len_q, layout.seq_len_k),
         **kwargs,
     )

@@ -174,15 +174,16 @@ def block_max(
         raise ValueError(f"block_max: expected one of calibration, threshold, top_k; got {given}")
     if calibration is not None:
         if not isinstance(calibration, BlockMaxCalibration):
-            raise ValueError(f"block_max: calibration: expected a BlockMaxCalibration, got "
-                             f"{type(calibration).__name__}")
+            raise ValueError(
+                f"block_max: calibration: expected a BlockMaxCalibration, got {type(calibration).__name__}"
+            )
         if tuple(calibration.block_size) != bs:
-            raise ValueError(f"block_max: block_size: expected {tuple(calibration.block_size)} (from the "
-                             f"calibration), got {bs}")
+            raise ValueError(
+                f"block_max: block_size: expected {tuple(calibration.block_size)} (from the calibration), got {bs}"
+            )
         table = calibration.thresholds
         if table.shape[0] != num_heads:
-            raise ValueError(f"block_max: calibration: expected {num_heads} query heads (from q), got "
-                             f"{table.shape[0]}")
+            raise ValueError(f"block_max: calibration: expected {num_heads} query heads (from q), got {table.shape[0]}")
     elif threshold is not None:
         table = _threshold_table(threshold, num_heads)
     maxima = block_scores(q, k, block_size=bs, mode="max", scale=scale, backend=backend)
@@ -211,5 +212,7 @@ def _threshold_table(threshold: object, num_heads: int) -> torch.Tensor:
         if threshold.dim() == 2 and threshold.shape[0] == num_heads and threshold.shape[1] >= 1:
             return threshold
     got = tuple(threshold.shape) if isinstance(threshold, torch.Tensor) else repr(threshold)
-    raise ValueError(f"block_max: threshold: expected a float logit or a float tensor ({num_heads},) or "
-                     f"({num_heads}, Qb_max), got {got}")
+    raise ValueError(
+        f"block_max: threshold: expected a float logit or a float tensor ({num_heads},) or "
+        f"({num_heads}, Qb_max), got {got}"
+    )

@@ -92,8 +92,9 @@ def _grouped_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.view(batch, num_heads, rows, y.shape[2])
 
 
-def _dense(batch: int, heads: int, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
-           device: torch.device) -> BlockLayout:
+def _dense(
+    batch: int, heads: int, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device
+) -> BlockLayout:
     mask = geo.causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)
     return sel.to_layout(mask.expand(batch, heads, *mask.shape), seq_len_q, seq_len_k, block_size)
 
@@ -186,7 +187,7 @@ def flexprefill(
     slash_blocks = torch.nn.functional.pad(slash, (0, pad)).view(batch, num_heads, num_k_blocks, block).sum(-1)
     # 4. query-aware test: pooled estimate of the last block's distribution vs the measured one
     k_mean = block_means(k, block)  # (B, Hkv, Kb, D)
-    q_last = q[:, :, seq_len_q - rows:].float().mean(2, keepdim=True) * scale  # (B, Hq, 1, D)
+    q_last = q[:, :, seq_len_q - rows :].float().mean(2, keepdim=True) * scale  # (B, Hq, 1, D)
     p_hat = torch.softmax(_grouped_dot(q_last, k_mean).squeeze(2), dim=-1)
     query_aware = sqrt_js_divergence(p_hat, vert_blocks) < tau  # (B, Hq)
     n_vert = torch.where(query_aware, min_blocks, n_vert)

@@ -82,10 +82,9 @@ def vertical_slash_indices(
     seq_len_k = k.shape[2]
     v = min(seq_len_k, max(vertical_size, MIN_VERTICAL))
     s = min(seq_len_k, max(slash_size, MIN_SLASH))
-    vert, slash = last_query_scores(q, k, num_queries=last_q, causal=True, scale=scale, slash=True,
-                                    backend=backend)
+    vert, slash = last_query_scores(q, k, num_queries=last_q, causal=True, scale=scale, slash=True, backend=backend)
     vert[..., :sink_tokens] = float("inf")
-    slash[..., max(seq_len_k - local_diagonals, 0):] = float("inf")  # slash index c is distance Sk - 1 - c
+    slash[..., max(seq_len_k - local_diagonals, 0) :] = float("inf")  # slash index c is distance Sk - 1 - c
     columns = vert.topk(v, dim=-1, sorted=False).indices
     distances = (seq_len_k - 1) - slash.topk(s, dim=-1, sorted=False).indices
     return columns, distances
@@ -185,14 +184,25 @@ def vertical_slash(
     block_size = opt.check_block_size(name, block_size)
     scale = opt.check_scale(name, scale)
     opt.check_backend_option(name, backend)
-    for option, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size),
-                          ("local_diagonals", local_diagonals)):
+    for option, value in (
+        ("last_q", last_q),
+        ("vertical_size", vertical_size),
+        ("slash_size", slash_size),
+        ("local_diagonals", local_diagonals),
+    ):
         opt.check_positive_int(f"{name}: {option}", value)
     opt.check_nonnegative_int(f"{name}: sink_tokens", sink_tokens)
     layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
     columns, distances = vertical_slash_indices(
-        q, k, last_q=last_q, vertical_size=vertical_size, slash_size=slash_size, sink_tokens=sink_tokens,
-        local_diagonals=local_diagonals, scale=scale, backend=backend,
+        q,
+        k,
+        last_q=last_q,
+        vertical_size=vertical_size,
+        slash_size=slash_size,
+        sink_tokens=sink_tokens,
+        local_diagonals=local_diagonals,
+        scale=scale,
+        backend=backend,
     )
     mask = vertical_slash_block_mask(columns, distances, seq_len_q, seq_len_k, block_size)
     mask = sel.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)

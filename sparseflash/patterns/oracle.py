@@ -62,8 +62,7 @@ def oracle(
     opt.check_backend_option("oracle", backend)
     opt.layout_heads("oracle", heads, num_heads, num_kv_heads)
     if density is not None and target_recall is not None:
-        raise ValueError(f"oracle: expected density or target_recall, not both; got {density!r} and "
-                         f"{target_recall!r}")
+        raise ValueError(f"oracle: expected density or target_recall, not both; got {density!r} and {target_recall!r}")
     mass = block_scores(q, k, block_size=bs, mode="mass", causal=causal, scale=scale, backend=backend)
     allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     forced = sel.forced_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)

@@ -149,8 +149,12 @@ def permuted(
     scale = opt.check_scale(name, scale)
     opt.check_backend_option(name, backend)
     block = block_size[0]
-    if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < block \
-            or segment_size % block:
+    if (
+        isinstance(segment_size, bool)
+        or not isinstance(segment_size, int)
+        or segment_size < block
+        or segment_size % block
+    ):
         raise ValueError(
             f"{name}: segment_size: expected a positive multiple of the block size {block}, got {segment_size!r}"
         )
@@ -160,8 +164,10 @@ def permuted(
     permute_heads = heads if permute_heads is None else permute_heads
     opt.check_choice(f"{name}: permute_heads", permute_heads, opt.HEADS_CHOICES)
     if heads == "kv" and permute_heads == "q":
-        raise ValueError(f"{name}: permute_heads: expected 'kv' with heads='kv' (one layout per KV head needs one "
-                         f"permutation per KV head), got {permute_heads!r}")
+        raise ValueError(
+            f"{name}: permute_heads: expected 'kv' with heads='kv' (one layout per KV head needs one "
+            f"permutation per KV head), got {permute_heads!r}"
+        )
     if seq_len_k != seq_len:
         raise NotImplementedError(
             f"{name}: PBS-Attn needs seq_len_q == seq_len_k (self-attention prefill), got {seq_len} and {seq_len_k}"
@@ -174,8 +180,16 @@ def permuted(
 
     # 1-2. importance from the last block of queries, permutation inside complete segments
     if num_segments:
-        vert, _ = last_query_scores(q, k, num_queries=block, num_keys=num_segments * segment_size, causal=False,
-                                    scale=scale, slash=False, backend=backend)
+        vert, _ = last_query_scores(
+            q,
+            k,
+            num_queries=block,
+            num_keys=num_segments * segment_size,
+            causal=False,
+            scale=scale,
+            slash=False,
+            backend=backend,
+        )
         if perm_heads != num_heads:
             vert = vert.view(batch, num_kv_heads, num_heads // num_kv_heads, seq_len).mean(2)
         perm = segment_permutation(vert, segment_size)
@@ -190,8 +204,10 @@ def permuted(
     if seq_len > segment_size:
         k_mean = permuted_block_means(k, perm, block)  # (B, Hp, Kb, D), no K' copy
         q_mean = block_means(q, block) * scale  # (B, Hq, Qb, D)
-        scores = torch.matmul(q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
-                              k_mean.unsqueeze(2).transpose(-1, -2)).view(batch, num_heads, num_blocks, num_blocks)
+        scores = torch.matmul(
+            q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
+            k_mean.unsqueeze(2).transpose(-1, -2),
+        ).view(batch, num_heads, num_blocks, num_blocks)
         probs = torch.softmax(scores.masked_fill(~earlier, float("-inf")), dim=-1).nan_to_num(0.0)
         mask = sel.select_by_cumulative_mass(probs, threshold, earlier)
         if force_sink:
@@ -205,4 +221,3 @@ def permuted(
     if layout_heads != num_heads:
         mask = sel.group_heads(mask, num_kv_heads)
     return PermutedLayout(sel.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
-

@@ -22,8 +22,16 @@ from sparseflash.patterns.static import _last_diagonal_block, _shared_layout
 
 
 @register("power", kind="static", heads="shared")
-def power(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128), causal: bool = True,
-          sink_blocks: int = 1, local_blocks: int = 0, max_power: int | None = None) -> BlockLayout:
+def power(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    causal: bool = True,
+    sink_blocks: int = 1,
+    local_blocks: int = 0,
+    max_power: int | None = None,
+) -> BlockLayout:
     """PowerAttention layout: row ``I`` keeps ``J = D - 2**e`` for ``e = 0, 1, ...`` plus sink and local blocks.
 
     Per row: key blocks ``0 .. sink_blocks - 1``; the diagonal block(s) and ``local_blocks`` blocks before

@@ -59,10 +59,7 @@ def get(name: str) -> PatternInfo:
 def options_of(name: str) -> dict[str, object]:
     """The keyword options of pattern ``name`` with their defaults."""
     sig = inspect.signature(get(name).fn)
-    return {
-        p.name: p.default for p in sig.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def check_options(name: str, options: dict[str, object]) -> None:

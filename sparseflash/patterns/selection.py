@@ -62,8 +62,16 @@ def force_blocks(
 ) -> torch.Tensor:
     """``mask (..., Qb, Kb)`` with the forced blocks set and everything outside the causal blocks cleared."""
     allowed = causal_block_mask(seq_len_q, seq_len_k, block_size, causal=causal, device=mask.device)
-    forced = forced_mask(seq_len_q, seq_len_k, block_size, diagonal=diagonal, sink_blocks=sink_blocks,
-                         local_blocks=local_blocks, causal=causal, device=mask.device)
+    forced = forced_mask(
+        seq_len_q,
+        seq_len_k,
+        block_size,
+        diagonal=diagonal,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        causal=causal,
+        device=mask.device,
+    )
     return (mask | forced) & allowed
 
 

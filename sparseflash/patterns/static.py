@@ -22,8 +22,9 @@ from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 
-def _shared_layout(mask: torch.Tensor, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
-                   capacity: int | None = None) -> BlockLayout:
+def _shared_layout(
+    mask: torch.Tensor, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], capacity: int | None = None
+) -> BlockLayout:
     num_k_blocks = mask.shape[-1]
     cap = None if capacity is None else max(1, min(capacity, num_k_blocks))
     return sel.to_layout(mask[None, None], seq_len_q, seq_len_k, block_size, capacity=cap)
@@ -44,8 +45,9 @@ def _token_band_blocks(
 
 
 @register("dense", kind="static", heads="shared")
-def dense(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128),
-          causal: bool = True) -> BlockLayout:
+def dense(
+    q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128), causal: bool = True
+) -> BlockLayout:
     """Every block with at least one allowed pair (all blocks when not causal). Shared by all heads.
 
     Args:
@@ -65,8 +67,15 @@ def dense(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (12
 
 
 @register("streaming", kind="static", heads="shared")
-def streaming(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128),
-              causal: bool = True, sink_tokens: int = 128, local_tokens: int = 3968) -> BlockLayout:
+def streaming(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    causal: bool = True,
+    sink_tokens: int = 128,
+    local_tokens: int = 3968,
+) -> BlockLayout:
     """StreamingLLM / MInference A-shape: each query ``p`` sees keys ``[0, sink_tokens)`` and ``(p - local_tokens, p]``.
 
     Defaults are MInference's A-shape (128 sink + 3968 local = 4K keys per query). Row ``I`` keeps the blocks
@@ -92,8 +101,14 @@ def streaming(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] =
 
 
 @register("sliding_window", kind="static", heads="shared")
-def sliding_window(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128),
-                   causal: bool = True, window: int = 4096) -> BlockLayout:
+def sliding_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    causal: bool = True,
+    window: int = 4096,
+) -> BlockLayout:
     """Sliding window (Mistral style): query ``p`` sees keys ``(p - window, p]``; the diagonal band of blocks.
 
     Shared by all heads (layout ``B = H = 1``). ``window = 4096`` is Mistral's default.
@@ -115,9 +130,16 @@ def sliding_window(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, i
 
 
 @register("strided", kind="static", heads="shared")
-def strided(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (128, 128),
-            causal: bool = True, stride: int | None = None, local_blocks: int | None = None,
-            sink_blocks: int = 0) -> BlockLayout:
+def strided(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    causal: bool = True,
+    stride: int | None = None,
+    local_blocks: int | None = None,
+    sink_blocks: int = 0,
+) -> BlockLayout:
     """Sparse Transformer's strided pattern at block level (a block-dilated layout), shared by all heads.
 
     Row ``I`` with diagonal block(s) ending at ``D`` (the key block of its last query) keeps:
@@ -154,8 +176,9 @@ def strided(q: torch.Tensor, k: torch.Tensor, *, block_size: tuple[int, int] = (
     return _shared_layout(mask, seq_len_q, seq_len_k, bs, cap)
 
 
-def _last_diagonal_block(seq_len_q: int, seq_len_k: int, block_size: tuple[int, int],
-                         device: torch.device) -> torch.Tensor:
+def _last_diagonal_block(
+    seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """Int64 ``(Qb,)``: key block of each row's last query position (negative for a row before key 0)."""
     _, last_pos = geo.row_positions(seq_len_q, seq_len_k, block_size, device=device)
     return torch.where(last_pos >= 0, last_pos // block_size[1], -1)

@@ -45,11 +45,35 @@ _BUFFER_BYTES = 1 << 30  # cap on the partial-sum buffer per launch (heads are c
 
 @triton.jit
 def _antidiag_kernel(
-    Q, K, P_OUT, M_OUT, LSE_OUT, bh_start, HQ, G, S_Q, S_K, T, KB, NUM_TILES, qk_scale,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_U: tl.constexpr, R: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    P_OUT,
+    M_OUT,
+    LSE_OUT,
+    bh_start,
+    HQ,
+    G,
+    S_Q,
+    S_K,
+    T,
+    KB,
+    NUM_TILES,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    R: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """One (strided-row tile, batch*head) program: online softmax of A over key tiles, block partial sums.
 
@@ -89,11 +113,17 @@ def _antidiag_kernel(
             q_ok = q_row < S_Q
             k_ok = k_pos < S_K
             # [BLOCK_T, BLOCK_D]
-            q = tl.load(q_base + q_row[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(
+                q_base + q_row[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
+                mask=q_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             # [BLOCK_D, BLOCK_U]
-            k = tl.load(k_base + k_pos[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
-                        mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            k = tl.load(
+                k_base + k_pos[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
+                mask=d_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             ok = q_ok[:, None] & k_ok[None, :]
             if CAUSAL:
                 ok = ok & (k_pos[None, :] <= q_row[:, None] + offset)
@@ -108,8 +138,7 @@ def _antidiag_kernel(
         part = tl.sum(tl.reshape(e, (BLOCK_T, BLOCK_U // R, R)), 2)  # [BLOCK_T, JB] per key block
         offs_j = tile * (BLOCK_U // R) + tl.arange(0, BLOCK_U // R)
         t_ok = offs_t < T
-        tl.store(P_OUT + row_base[:, None] * KB + offs_j[None, :], part,
-                 mask=t_ok[:, None] & (offs_j[None, :] < KB))
+        tl.store(P_OUT + row_base[:, None] * KB + offs_j[None, :], part, mask=t_ok[:, None] & (offs_j[None, :] < KB))
         tl.store(M_OUT + row_base * NUM_TILES + tile, m_use, mask=t_ok)
     lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(LSE_OUT + row_base, lse, mask=offs_t < T)
@@ -208,10 +237,30 @@ def xattention_scores_triton(
         n = min(chunk, bh_total - start)
         grid = (triton.cdiv(rows, block_t), n)
         _antidiag_kernel[grid](
-            q, k, part, m_tile, lse2, start, num_heads, num_heads // num_kv_heads, seq_len_q, seq_len_k,
-            rows, num_k_blocks, num_tiles, scale * LOG2E, *q.stride(), *k.stride(),
-            STRIDE=stride, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_U=block_u, R=r,
-            CAUSAL=causal, num_warps=4,
+            q,
+            k,
+            part,
+            m_tile,
+            lse2,
+            start,
+            num_heads,
+            num_heads // num_kv_heads,
+            seq_len_q,
+            seq_len_k,
+            rows,
+            num_k_blocks,
+            num_tiles,
+            scale * LOG2E,
+            *q.stride(),
+            *k.stride(),
+            STRIDE=stride,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_T=block_t,
+            BLOCK_U=block_u,
+            R=r,
+            CAUSAL=causal,
+            num_warps=4,
         )
         lse = lse2[:n, :, None]
         factor = torch.exp2(m_tile[:n][..., tile_of_block] - torch.where(torch.isfinite(lse), lse, 0.0))
@@ -219,8 +268,9 @@ def xattention_scores_triton(
         row_block = torch.arange(rows, device=q.device) // r
         ok = allowed[row_block] & torch.isfinite(lse)
         probs = torch.where(ok, part[:n] * factor, 0.0)  # (n, rows, Kb)
-        out[start:start + n] = torch.zeros(n, num_q_blocks, num_k_blocks, device=q.device).index_add_(
-            1, row_block, probs)
+        out[start : start + n] = torch.zeros(n, num_q_blocks, num_k_blocks, device=q.device).index_add_(
+            1, row_block, probs
+        )
     return out.view(batch, num_heads, num_q_blocks, num_k_blocks)
 
 
@@ -294,8 +344,9 @@ def xattention(
     est = xattention_scores(q, k, stride=stride, block_size=bs, causal=causal, scale=scale, backend=backend)
     allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     local_blocks = opt.check_nonnegative_int("xattention: local_blocks", local_blocks)
-    forced = sel.forced_mask(seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal,
-                           device=q.device)
+    forced = sel.forced_mask(
+        seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal, device=q.device
+    )
     keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced)
     if heads == "kv":
         keep = sel.group_heads(keep, num_kv_heads)

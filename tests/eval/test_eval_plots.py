@@ -19,19 +19,50 @@ def _cases():
     for method, dens in (("sdpa", 1.0), ("dense", 1.0), ("zeta", 1.0), ("alpha", 0.3)):
         for n in (1024, 4096, 16384):
             for depth in (0.0, 50.0):
-                out.append({"model": "m", "task": "passkey", "method": method, "length": n, "seed": 1,
-                            "depth": depth, "score": 1.0 if method != "alpha" else 0.5, "density": dens,
-                            "prefill_ms": n / (1 if dens == 1.0 else 3)})
+                out.append(
+                    {
+                        "model": "m",
+                        "task": "passkey",
+                        "method": method,
+                        "length": n,
+                        "seed": 1,
+                        "depth": depth,
+                        "score": 1.0 if method != "alpha" else 0.5,
+                        "density": dens,
+                        "prefill_ms": n / (1 if dens == 1.0 else 3),
+                    }
+                )
     # recall: 'alpha' only at 1024, 'zeta' only at 4096 (each panel holds a different subset)
     for method, n in (("sdpa", 1024), ("alpha", 1024), ("sdpa", 4096), ("zeta", 4096)):
-        out.append({"model": "m", "task": "recall", "method": method, "length": n, "seed": 2, "score": 1.0,
-                    "recall": 0.9, "recall_per_layer": [0.9, 0.8], "density_per_layer": [0.5, 0.5],
-                    "layers": [0, 1], "density": 0.5})
+        out.append(
+            {
+                "model": "m",
+                "task": "recall",
+                "method": method,
+                "length": n,
+                "seed": 2,
+                "score": 1.0,
+                "recall": 0.9,
+                "recall_per_layer": [0.9, 0.8],
+                "density_per_layer": [0.5, 0.5],
+                "layers": [0, 1],
+                "density": 0.5,
+            }
+        )
     # agreement: only 'zeta' besides the baseline
     for method in ("sdpa", "zeta"):
         for n in (1024, 32768):
-            out.append({"model": "m", "task": "agreement", "method": method, "length": n, "seed": 3,
-                        "kl": 0.0 if method == "sdpa" else 0.01, "top1": 1.0 if method == "sdpa" else 0.97})
+            out.append(
+                {
+                    "model": "m",
+                    "task": "agreement",
+                    "method": method,
+                    "length": n,
+                    "seed": 3,
+                    "kl": 0.0 if method == "sdpa" else 0.01,
+                    "top1": 1.0 if method == "sdpa" else 0.97,
+                }
+            )
     return out
 
 
@@ -56,15 +87,25 @@ def drawn(tmp_path_factory):
 
 def test_method_colours_are_stable():
     a = plots.method_colours(["zeta", "sdpa", "alpha", "dense"])
-    assert a == plots.method_colours(["dense", "alpha", "sdpa", "zeta"]) == plots.method_colours(
-        iter(["alpha", "zeta", "dense", "sdpa", "alpha"]))
+    assert (
+        a
+        == plots.method_colours(["dense", "alpha", "sdpa", "zeta"])
+        == plots.method_colours(iter(["alpha", "zeta", "dense", "sdpa", "alpha"]))
+    )
     assert a["sdpa"] == "#000000" and a["dense"] == "#7f7f7f" and len(set(a.values())) == 4
 
 
 def test_token_formatter():
     fmt = plots.token_formatter()
     assert [fmt(x, 0) for x in (512, 1024, 4096, 16384, 32768.0, 1536, 1 << 20)] == [
-        "512", "1K", "4K", "16K", "32K", "1.5K", "1M"]
+        "512",
+        "1K",
+        "4K",
+        "16K",
+        "32K",
+        "1.5K",
+        "1M",
+    ]
 
 
 def test_baseline_is_drawn_distinct_and_on_top():
@@ -76,16 +117,25 @@ def test_baseline_is_drawn_distinct_and_on_top():
 
 def test_check_cases_names_the_missing_keys():
     with pytest.raises(ValueError, match=r"case 2: expected keys .*missing \['length', 'seed'\]"):
-        plots.check_cases([{"model": "m", "task": "t", "method": "x", "length": 1, "seed": 0},
-                           {"model": "m", "task": "t", "method": "x"}])
+        plots.check_cases(
+            [
+                {"model": "m", "task": "t", "method": "x", "length": 1, "seed": 0},
+                {"model": "m", "task": "t", "method": "x"},
+            ]
+        )
     with pytest.raises(ValueError, match=r"case 1: length: expected an int >= 1, got '1K'"):
         plots.check_cases([{"model": "m", "task": "t", "method": "x", "length": "1K", "seed": 0}])
 
 
 def test_one_colour_per_method_in_every_panel_and_figure(drawn):
     paths, figures = drawn
-    assert {p.name for p in paths} == {"heatmap_passkey.png", "accuracy_vs_density.png", "recall_per_layer.png",
-                                       "speed_vs_length.png", "agreement.png"}
+    assert {p.name for p in paths} == {
+        "heatmap_passkey.png",
+        "accuracy_vs_density.png",
+        "recall_per_layer.png",
+        "speed_vs_length.png",
+        "agreement.png",
+    }
     expected = plots.method_colours(c["method"] for c in _cases())
     seen: dict[str, set[str]] = {}
     for fig in figures:

@@ -29,9 +29,21 @@ if TEST_METHOD not in available():
 
 
 def _case(method="sdpa", seed=1, score=1.0, **kw):
-    return {"model": "m", "task": "passkey", "task_options": {}, "method": method, "options": {}, "length": 1024,
-            "depth": 50.0, "seed": seed, "score": score, "density": 1.0 if method == "sdpa" else 0.25,
-            "prefill_ms": 10.0 if method == "sdpa" else 4.0, "baseline": "sdpa", **kw}
+    return {
+        "model": "m",
+        "task": "passkey",
+        "task_options": {},
+        "method": method,
+        "options": {},
+        "length": 1024,
+        "depth": 50.0,
+        "seed": seed,
+        "score": score,
+        "density": 1.0 if method == "sdpa" else 0.25,
+        "prefill_ms": 10.0 if method == "sdpa" else 4.0,
+        "baseline": "sdpa",
+        **kw,
+    }
 
 
 def test_store_appends_and_resumes(tmp_path):
@@ -77,8 +89,15 @@ def test_wilson_interval():
 
 
 def test_summary_pairs_methods_with_the_baseline_on_the_same_prompts(tmp_path):
-    cases = [_case("sdpa", 1, 1.0), _case("sdpa", 2, 0.0), _case("sdpa", 3, 1.0),
-             _case("x", 1, 0.0), _case("x", 2, 1.0), _case("x", 3, 1.0), _case("x", 4, 1.0)]  # seed 4: unpaired
+    cases = [
+        _case("sdpa", 1, 1.0),
+        _case("sdpa", 2, 0.0),
+        _case("sdpa", 3, 1.0),
+        _case("x", 1, 0.0),
+        _case("x", 2, 1.0),
+        _case("x", 3, 1.0),
+        _case("x", 4, 1.0),
+    ]  # seed 4: unpaired
     rows = {r["method"]: r for r in summarize(cases)}
     assert rows["sdpa"]["n"] == 3 and rows["sdpa"]["accuracy"] == pytest.approx(2 / 3)
     assert "wins" not in rows["sdpa"] and "speedup_vs_baseline" not in rows["sdpa"]
@@ -96,8 +115,12 @@ def test_summary_pairs_methods_with_the_baseline_on_the_same_prompts(tmp_path):
 
 
 def test_perplexity_rows_carry_ppl_and_the_paired_ratio():
-    cases = [_case("sdpa", 1, None, ppl=10.0, ppl_last=9.0), _case("x", 1, None, ppl=12.0, ppl_last=9.9),
-             _case("sdpa", 2, None, ppl=20.0, ppl_last=10.0), _case("x", 2, None, ppl=22.0, ppl_last=10.0)]
+    cases = [
+        _case("sdpa", 1, None, ppl=10.0, ppl_last=9.0),
+        _case("x", 1, None, ppl=12.0, ppl_last=9.9),
+        _case("sdpa", 2, None, ppl=20.0, ppl_last=10.0),
+        _case("x", 2, None, ppl=22.0, ppl_last=10.0),
+    ]
     for c in cases:
         c["task"] = "perplexity"
     rows = summarize(cases)
@@ -113,21 +136,29 @@ def test_perplexity_rows_carry_ppl_and_the_paired_ratio():
 def test_summary_fields_for_agreement_and_wins():
     cases = []
     for seed, (kl, top1) in enumerate([(0.01, 0.9), (0.03, 0.8), (0.02, 1.0)]):
-        cases.append(_case("sdpa", seed, None, task="agreement", depth=None, kl=0.0, top1=1.0, ppl_window=5.0,
-                           positions=256))
-        cases.append(_case("y", seed, None, task="agreement", depth=None, kl=kl, top1=top1, ppl_window=5.5,
-                           positions=256))
+        cases.append(
+            _case("sdpa", seed, None, task="agreement", depth=None, kl=0.0, top1=1.0, ppl_window=5.0, positions=256)
+        )
+        cases.append(
+            _case("y", seed, None, task="agreement", depth=None, kl=kl, top1=top1, ppl_window=5.5, positions=256)
+        )
     rows = {r["method"]: r for r in summarize(cases)}
     assert rows["sdpa"]["kl"] == 0.0 and rows["sdpa"]["top1"] == 1.0 and rows["sdpa"]["kl_ci95"] == [0.0, 0.0]
     y = rows["y"]
     assert y["n"] == 3 and y["kl"] == pytest.approx(0.02) and y["top1"] == pytest.approx(0.9)
     lo, hi = y["kl_ci95"]  # t interval, 2 degrees of freedom: mean +- 4.303 * sd / sqrt(3)
-    assert hi - y["kl"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3) and lo < 0.02 < hi
+    assert hi - y["kl"] == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3) and lo < 0.02 < hi
     assert y["ppl_window_ratio"] == pytest.approx(1.1) and y["positions"] == 256
     assert "accuracy" not in y and y["speedup_vs_baseline"] == pytest.approx(2.5)
     # a win is the method fully right where the baseline was not; fractional scores count as wrong
-    gen = [_case("sdpa", 1, 1.0), _case("z", 1, 0.5), _case("sdpa", 2, 0.5), _case("z", 2, 1.0),
-           _case("sdpa", 3, 0.25), _case("z", 3, 0.75)]
+    gen = [
+        _case("sdpa", 1, 1.0),
+        _case("z", 1, 0.5),
+        _case("sdpa", 2, 0.5),
+        _case("z", 2, 1.0),
+        _case("sdpa", 3, 0.25),
+        _case("z", 3, 0.75),
+    ]
     z = next(r for r in summarize(gen) if r["method"] == "z")
     assert (z["wins"], z["losses"], z["ties"]) == (1, 1, 1)
     assert t_interval([1.0]) is None and t_quantile95(1) == 12.706 and abs(t_quantile95(10**6) - 1.96) < 1e-3
@@ -154,8 +185,15 @@ def tiny():
 def test_runner_resumes_after_an_interruption(tmp_path, tiny):
     from sparseflash.eval.runner import EvalConfig, Runner
 
-    config = EvalConfig(tasks=["passkey", "niah_single"], methods=[TEST_METHOD], lengths=[512], depths=[0, 100],
-                        samples=1, seed=5, method_options={TEST_METHOD: {"dense_last_queries": 0}})
+    config = EvalConfig(
+        tasks=["passkey", "niah_single"],
+        methods=[TEST_METHOD],
+        lengths=[512],
+        depths=[0, 100],
+        samples=1,
+        seed=5,
+        method_options={TEST_METHOD: {"dense_last_queries": 0}},
+    )
     runner = Runner(tiny, ResultsStore(tmp_path), config)
     assert runner.pending() == 8
     first = runner.run()
@@ -204,8 +242,13 @@ def test_runner_perplexity_and_recall(tmp_path, tiny):
 def test_plots_from_cases(tmp_path):
     from sparseflash.eval.plots import plot_all
 
-    cases = [_case(m, s, float((s + i) % 2), depth=d, length=n)
-             for i, m in enumerate(["sdpa", "x"]) for s in (1, 2) for d in (0.0, 50.0) for n in (1024, 2048)]
+    cases = [
+        _case(m, s, float((s + i) % 2), depth=d, length=n)
+        for i, m in enumerate(["sdpa", "x"])
+        for s in (1, 2)
+        for d in (0.0, 50.0)
+        for n in (1024, 2048)
+    ]
     for c in cases:
         c["seed"] = hash((c["seed"], c["depth"], c["length"])) % 1000
     names = {p.name for p in plot_all(cases, tmp_path)}

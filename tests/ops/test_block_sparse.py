@@ -54,8 +54,7 @@ def test_density_counts_causal_blocks_only():
     assert dense.density() == pytest.approx(1.0)
     assert dense.kv_num_blocks.sum().item() == 8 * 9 // 2
     # a layout keeping every block (above the diagonal too) is still density 1 under causal counting
-    everything = sf.BlockLayout.from_dense(torch.ones(1, 1, 8, 8, dtype=torch.bool), seq_len_q=1000,
-                                           seq_len_k=1000)
+    everything = sf.BlockLayout.from_dense(torch.ones(1, 1, 8, 8, dtype=torch.bool), seq_len_q=1000, seq_len_k=1000)
     assert everything.density() == pytest.approx(1.0)
     assert everything.density(causal=False) == pytest.approx(1.0)
     diag = sf.BlockLayout.from_dense(torch.eye(8, dtype=torch.bool)[None, None], seq_len_q=1000, seq_len_k=1000)
@@ -128,8 +127,12 @@ def test_flex_runs_our_layout_like_our_kernel(gen):
     ],
 )
 def test_layout_construction_errors(kwargs, words):
-    args = {"kv_num_blocks": torch.ones(1, 1, 2, dtype=torch.int32),
-            "kv_indices": torch.zeros(1, 1, 2, 2, dtype=torch.int32), "seq_len_q": 256, "seq_len_k": 256}
+    args = {
+        "kv_num_blocks": torch.ones(1, 1, 2, dtype=torch.int32),
+        "kv_indices": torch.zeros(1, 1, 2, 2, dtype=torch.int32),
+        "seq_len_q": 256,
+        "seq_len_k": 256,
+    }
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=words.replace("(", r"\(")):
         sf.BlockLayout(**args)
@@ -152,8 +155,10 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-d{}".format(*c))
 def test_triton_matches_reference(gen, case, dtype):
     batch, hq, hkv, sq, sk, block, lb, lh, density = case
-    q, k, v = randn(gen, batch, hq, sq, 64, dtype=dtype), *(randn(gen, batch, hkv, sk, 64, dtype=dtype)
-                                                              for _ in range(2))
+    q, k, v = (
+        randn(gen, batch, hq, sq, 64, dtype=dtype),
+        *(randn(gen, batch, hkv, sk, 64, dtype=dtype) for _ in range(2)),
+    )
     layout = _layout(gen, lb, lh, sq, sk, block, density, empty_row=1)
     out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
     ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
@@ -200,8 +205,9 @@ def test_padded_batch_with_per_sequence_layouts(gen, padding_side):
     q, k, v = randn(gen, 2, 4, 150, 64), randn(gen, 2, 2, 150, 64), randn(gen, 2, 2, 150, 64)
     layout = _layout(gen, 2, 2, 150, 150, 32, 0.6)
     seq_lens = torch.tensor([150, 67], dtype=torch.int32)
-    out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, seq_lens=seq_lens,
-                                         padding_side=padding_side, backend="triton")
+    out, lse = sf.block_sparse_attention(
+        q, k, v, layout, return_lse=True, seq_lens=seq_lens, padding_side=padding_side, backend="triton"
+    )
     ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout, seq_lens=seq_lens, padding_side=padding_side)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
 
@@ -210,8 +216,9 @@ def test_longest_first_order(gen):
     from sparseflash.ops.prefill.launcher import _longest_first
 
     num = torch.tensor([[[1, 5, 3], [2, 2, 9]]], dtype=torch.int32)  # (1, 2, 3)
-    order = _longest_first(num, batch=1, num_packs=2, pack=1, layout_div=1, num_tiles=3, queries_per_tile=64,
-                           block_q=64)
+    order = _longest_first(
+        num, batch=1, num_packs=2, pack=1, layout_div=1, num_tiles=3, queries_per_tile=64, block_q=64
+    )
     work = num.reshape(-1)[order.long()]
     assert sorted(order.tolist()) == list(range(6))
     assert torch.all(work[:-1] >= work[1:])
@@ -232,8 +239,9 @@ def test_layout_errors(gen):
     bad_range = sf.BlockLayout(good.kv_num_blocks, good.kv_indices + 10, 256, 256, (64, 64))
     with pytest.raises(ValueError, match=r"kv_indices: expected block ids in \[0, 4\)"):
         sf.block_sparse_attention(q, k, v, bad_range)
-    unordered = sf.BlockLayout(torch.full_like(good.kv_num_blocks, 2), good.kv_indices.flip(-1).contiguous(),
-                               256, 256, (64, 64))
+    unordered = sf.BlockLayout(
+        torch.full_like(good.kv_num_blocks, 2), good.kv_indices.flip(-1).contiguous(), 256, 256, (64, 64)
+    )
     with pytest.raises(ValueError, match="strictly ascending"):
         sf.block_sparse_attention(q, k, v, unordered)
     too_many = sf.BlockLayout(torch.full_like(good.kv_num_blocks, 9), good.kv_indices, 256, 256, (64, 64))
@@ -272,8 +280,7 @@ def test_dropped_blocks_and_padding_are_never_read(gen, backend):
         t[1, 0, 64:80] = float("inf")
         t[1, :, 75:] = float("nan")  # padding of sequence 1
     for return_lse in (True, False):
-        res = sf.block_sparse_attention(q, kp, vp, layout, seq_lens=seq_lens, return_lse=return_lse,
-                                        backend=backend)
+        res = sf.block_sparse_attention(q, kp, vp, layout, seq_lens=seq_lens, return_lse=return_lse, backend=backend)
         out, lse = res if return_lse else (res, None)
         assert torch.isfinite(out).all()
         assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
@@ -289,12 +296,17 @@ def test_dropped_blocks_and_padding_are_never_read(gen, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES + [(2, 4, 4, 100, 100, 16, 2, 4, 0.3)],
-                         ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-d{}".format(*c))
+@pytest.mark.parametrize(
+    "case",
+    CASES + [(2, 4, 4, 100, 100, 16, 2, 4, 0.3)],
+    ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-d{}".format(*c),
+)
 def test_torch_path_matches_reference(gen, case, dtype):
     batch, hq, hkv, sq, sk, block, lb, lh, density = case
-    q, k, v = randn(gen, batch, hq, sq, 32, dtype=dtype), *(randn(gen, batch, hkv, sk, 32, dtype=dtype)
-                                                              for _ in range(2))
+    q, k, v = (
+        randn(gen, batch, hq, sq, 32, dtype=dtype),
+        *(randn(gen, batch, hkv, sk, 32, dtype=dtype) for _ in range(2)),
+    )
     layout = _layout(gen, lb, lh, sq, sk, block, density, empty_row=1)
     for causal in (True, False):
         out, lse = sf.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend="torch")
@@ -315,8 +327,9 @@ def test_torch_path_computes_kept_blocks_only(gen, monkeypatch):
     widths = []
     for owner, name in ((reference, "masked_attention"), (torch.nn.functional, "scaled_dot_product_attention")):
         real = getattr(owner, name)
-        monkeypatch.setattr(owner, name, lambda q, k, *a, _real=real, **kw: widths.append(k.shape[2]) or
-                            _real(q, k, *a, **kw))
+        monkeypatch.setattr(
+            owner, name, lambda q, k, *a, _real=real, **kw: widths.append(k.shape[2]) or _real(q, k, *a, **kw)
+        )
     q, k, v = randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32), randn(gen, 1, 2, 512, 32)
     keep = torch.eye(16, dtype=torch.bool)[None, None].clone()
     keep[..., 0] = True  # a sink and the diagonal: 2 blocks of 32 per row
@@ -331,8 +344,11 @@ def test_torch_path_computes_kept_blocks_only(gen, monkeypatch):
 
 
 def test_torch_path_is_differentiable(gen):
-    q, k, v = (randn(gen, 1, 4, 48, 16, dtype=torch.float32), randn(gen, 1, 2, 48, 16, dtype=torch.float32),
-               randn(gen, 1, 2, 48, 16, dtype=torch.float32))
+    q, k, v = (
+        randn(gen, 1, 4, 48, 16, dtype=torch.float32),
+        randn(gen, 1, 2, 48, 16, dtype=torch.float32),
+        randn(gen, 1, 2, 48, 16, dtype=torch.float32),
+    )
     layout = _layout(gen, 1, 2, 48, 48, 16, 0.7)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = sf.block_sparse_attention(*leaves, layout, backend="torch")

@@ -15,8 +15,11 @@ from sparseflash.ops.tuning import DecodeConfig, tuned
 
 
 def _cache(gen, batch, hq, hkv, sq, d, s_max, dtype):
-    return (randn(gen, batch, hq, sq, d, dtype=dtype), randn(gen, batch, hkv, s_max, d, dtype=dtype),
-            randn(gen, batch, hkv, s_max, d, dtype=dtype))
+    return (
+        randn(gen, batch, hq, sq, d, dtype=dtype),
+        randn(gen, batch, hkv, s_max, d, dtype=dtype),
+        randn(gen, batch, hkv, s_max, d, dtype=dtype),
+    )
 
 
 def _to_paged(gen, k, v, page_size, lengths, spare=3):
@@ -128,16 +131,16 @@ def _small_tiles_strided_inputs(gen):
     v = randn(gen, batch, s_max, hkv, d).transpose(1, 2)
     lengths = torch.tensor([120, 57], dtype=torch.int32)
     for splits in (1, 4):
-        out, lse = decode_attention(q, k, v, lengths, return_lse=True, num_splits=splits, backend="triton",
-                                    scale=0.3)
+        out, lse = decode_attention(q, k, v, lengths, return_lse=True, num_splits=splits, backend="triton", scale=0.3)
         _check(out, lse, decode_reference(q, k, v, lengths, scale=0.3), torch.float16)
 
 
 # --------------------------------------------------------------------------------------- paged, Triton
 @pytest.mark.interpret
 # page 16: per-key page lookup within a 64-key tile; 64 and 128: one page-table load per tile
-@pytest.mark.parametrize("page_size,hq,hkv,sq", [(16, 8, 2, 4), (64, 4, 4, 1), (128, 8, 1, 1), (32, 4, 1, 4)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "page_size,hq,hkv,sq", [(16, 8, 2, 4), (64, 4, 4, 1), (128, 8, 1, 1), (32, 4, 1, 4)], ids=lambda x: str(x)
+)
 def test_paged_triton(gen, poison_empty, page_size, hq, hkv, sq):
     batch, d, s_max = 3, 32, 200
     q, k, v = _cache(gen, batch, hq, hkv, sq, d, s_max, torch.bfloat16)
@@ -195,17 +198,24 @@ def test_sparse_paged_triton(gen, poison_empty, num_splits):
     ids = torch.tensor([[[5, 0, 2, 9, 9], [7, 6, 1, 0, 0]], [[1, 0, 3, 9, 9], [2, 6, 0, 0, 0]]], dtype=torch.int32)
     counts = torch.tensor([[3, 4], [3, 2]], dtype=torch.int32)  # slots past the count hold junk
     kwargs = dict(kv_block_indices=ids, kv_block_counts=counts, block_size=block)
-    out, lse = decode_attention(q, k_pages, v_pages, lengths, page_table=table, return_lse=True,
-                                num_splits=num_splits, backend="triton", **kwargs)
+    out, lse = decode_attention(
+        q,
+        k_pages,
+        v_pages,
+        lengths,
+        page_table=table,
+        return_lse=True,
+        num_splits=num_splits,
+        backend="triton",
+        **kwargs,
+    )
     _check(out, lse, decode_reference(q, k, v, lengths, **kwargs), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ layouts for decode
 def test_layout_to_block_lists():
     """Per-query-head layouts give each KV head the union of its group's blocks; shared ones broadcast."""
-    keep = torch.tensor(
-        [[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool
-    )
+    keep = torch.tensor([[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool)
     layout = BlockLayout.from_dense(keep[None, :, None], seq_len_q=1, seq_len_k=70, block_size=(16, 16))
     indices, counts, block = layout.to_block_lists(batch=2, num_heads=4, num_kv_heads=2)
     assert block == 16 and indices.dtype == counts.dtype == torch.int32
@@ -215,8 +225,9 @@ def test_layout_to_block_lists():
     indices, counts, _ = shared.to_block_lists(batch=1, num_heads=4, num_kv_heads=2)
     assert counts.tolist() == [[1, 1]] and indices[0, :, 0].tolist() == [4, 4]
     with pytest.raises(ValueError, match="layout: expected one query block"):
-        BlockLayout.from_dense(keep[None, :, None].expand(-1, -1, 2, -1), seq_len_q=20, seq_len_k=70,
-                               block_size=(16, 16)).to_block_lists(batch=1, num_heads=4, num_kv_heads=2)
+        BlockLayout.from_dense(
+            keep[None, :, None].expand(-1, -1, 2, -1), seq_len_q=20, seq_len_k=70, block_size=(16, 16)
+        ).to_block_lists(batch=1, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="layout: expected batch 1 or 1 and heads 1, 3 or 6"):
         layout.to_block_lists(batch=1, num_heads=6, num_kv_heads=3)
 
@@ -285,8 +296,7 @@ def _raises(exc, fn, *words):
 
 def test_bad_inputs(gen):
     q, k, v, lengths = _inputs(gen)
-    call = lambda **kw: lambda: decode_attention(**{"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": lengths,
-                                                    **kw})
+    call = lambda **kw: lambda: decode_attention(**{"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": lengths, **kw})
     _raises(ValueError, call(cache_seqlens=torch.tensor([65, 1], dtype=torch.int32)), "cache_seqlens", "65")
     _raises(ValueError, call(cache_seqlens=torch.tensor([-1, 1], dtype=torch.int32)), "cache_seqlens")
     _raises(TypeError, call(cache_seqlens=lengths.float()), "cache_seqlens", "float32")
@@ -314,8 +324,11 @@ def test_bad_inputs(gen):
 def test_bad_paged_inputs(gen):
     q, k, v, lengths = _inputs(gen)
     k_pages, v_pages, table = _to_paged(gen, k, v, 16, lengths)
-    call = lambda **kw: lambda: decode_attention(**{"q": q, "k_cache": k_pages, "v_cache": v_pages,
-                                                    "cache_seqlens": lengths, "page_table": table, **kw})
+    call = lambda **kw: (
+        lambda: decode_attention(
+            **{"q": q, "k_cache": k_pages, "v_cache": v_pages, "cache_seqlens": lengths, "page_table": table, **kw}
+        )
+    )
     decode_attention(q, k_pages, v_pages, lengths, page_table=table)  # -1 past each length is fine
     bad = table.clone()
     bad[1, 0] = k_pages.shape[0]  # sequence 1 holds 10 tokens: page slot 0 is read
@@ -331,9 +344,20 @@ def test_bad_paged_inputs(gen):
 def test_bad_sparse_inputs(gen):
     q, k, v, lengths = _inputs(gen)
     ids, counts = _block_lists(gen, 2, 2, 4, 2)
-    call = lambda **kw: lambda: decode_attention(**{"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": lengths,
-                                                    "kv_block_indices": ids, "kv_block_counts": counts,
-                                                    "block_size": 16, **kw})
+    call = lambda **kw: (
+        lambda: decode_attention(
+            **{
+                "q": q,
+                "k_cache": k,
+                "v_cache": v,
+                "cache_seqlens": lengths,
+                "kv_block_indices": ids,
+                "kv_block_counts": counts,
+                "block_size": 16,
+                **kw,
+            }
+        )
+    )
     call()()
     _raises(ValueError, call(kv_block_counts=None), "kv_block_counts")
     _raises(ValueError, lambda: decode_attention(q, k, v, lengths, block_size=16), "block_size")

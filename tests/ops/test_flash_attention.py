@@ -30,8 +30,11 @@ def _qkv(gen, shape, dtype, layout="bhsd"):
         k = randn(gen, batch, sk, hkv, d, dtype=dtype).transpose(1, 2)
         v = randn(gen, batch, sk, hkv, d, dtype=dtype).transpose(1, 2)
         return q, k, v
-    return (randn(gen, batch, hq, sq, d, dtype=dtype), randn(gen, batch, hkv, sk, d, dtype=dtype),
-            randn(gen, batch, hkv, sk, d, dtype=dtype))
+    return (
+        randn(gen, batch, hq, sq, d, dtype=dtype),
+        randn(gen, batch, hkv, sk, d, dtype=dtype),
+        randn(gen, batch, hkv, sk, d, dtype=dtype),
+    )
 
 
 @pytest.mark.interpret
@@ -67,8 +70,9 @@ def test_triton_noncontiguous_views(gen, dtype):
 def test_triton_padded_batch(gen, padding_side):
     q, k, v = _qkv(gen, (3, 4, 2, 90, 90, 64), torch.float16)
     seq_lens = torch.tensor([90, 41, 1], dtype=torch.int32)
-    out, lse = sf.flash_attention(q, k, v, return_lse=True, seq_lens=seq_lens, padding_side=padding_side,
-                                  backend="triton")
+    out, lse = sf.flash_attention(
+        q, k, v, return_lse=True, seq_lens=seq_lens, padding_side=padding_side, backend="triton"
+    )
     ref_out, ref_lse = sf.attention_reference(q, k, v, seq_lens=seq_lens, padding_side=padding_side)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
     # a padded sequence gives the same rows as that sequence alone
@@ -172,8 +176,9 @@ def test_nan_in_padding_does_not_leak(gen, backend, padding_side):
     ref_out, ref_lse = sf.attention_reference(q, k, v, seq_lens=seq_lens, padding_side=padding_side)
     qp, kp, vp = _poison(q, pad), _poison(k, pad), _poison(v, pad)
     for lse_wanted in (True, False):
-        res = sf.flash_attention(qp, kp, vp, seq_lens=seq_lens, padding_side=padding_side, return_lse=lse_wanted,
-                                 backend=backend)
+        res = sf.flash_attention(
+            qp, kp, vp, seq_lens=seq_lens, padding_side=padding_side, return_lse=lse_wanted, backend=backend
+        )
         out, lse = res if lse_wanted else (res, None)
         assert torch.isfinite(out).all()
         assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
@@ -194,16 +199,18 @@ def test_nan_in_future_keys_does_not_leak(gen, backend, sq, sk):
         out, lse = sf.flash_attention(q, kk, vv, return_lse=True, backend=backend)
         ref_out, ref_lse = sf.attention_reference(q, k, v)
         assert torch.isfinite(out[:, :, clean]).all(), "NaN reached rows that do not see the poisoned key"
-        assert_attention_close(out[:, :, clean], lse[:, :, clean], ref_out[:, :, clean], ref_lse[:, :, clean],
-                               torch.float16)
+        assert_attention_close(
+            out[:, :, clean], lse[:, :, clean], ref_out[:, :, clean], ref_lse[:, :, clean], torch.float16
+        )
         assert not torch.isfinite(out[:, :, sees_j]).any(), "rows attending a NaN value must not hide it"
 
 
 # --------------------------------------------------------------------------------------- the torch path
 @pytest.mark.parametrize("seq_lens", [None, [37, 60]], ids=["dense", "padded"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 60, 60, 64), (2, 8, 1, 20, 60, 32), (2, 4, 4, 60, 25, 16)],
-                         ids=["gqa", "mqa-sq<sk", "sq>sk"])
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 2, 60, 60, 64), (2, 8, 1, 20, 60, 32), (2, 4, 4, 60, 25, 16)], ids=["gqa", "mqa-sq<sk", "sq>sk"]
+)
 def test_torch_path_without_lse_matches_reference(gen, shape, causal, seq_lens):
     """The SDPA fast path (no lse wanted) and its fallbacks agree with the reference."""
     if seq_lens is not None and shape[3] != shape[4]:
@@ -222,8 +229,9 @@ def test_torch_path_without_lse_matches_reference(gen, shape, causal, seq_lens):
 def test_torch_path_uses_sdpa(gen, monkeypatch):
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     q, k, v = _qkv(gen, (1, 4, 2, 64, 64, 32), torch.float32)
     sf.flash_attention(q, k, v)
     sf.flash_attention(q, k, v, seq_lens=torch.tensor([30], dtype=torch.int32), padding_side="left")
@@ -239,8 +247,9 @@ def _grads(fn, *tensors):
 
 
 @pytest.mark.parametrize("return_lse", [False, True], ids=["sdpa", "chunked"])
-@pytest.mark.parametrize("kwargs", [{}, {"causal": False}, {"seq_lens": [9, 16], "padding_side": "left"}],
-                         ids=["causal", "full", "padded"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"causal": False}, {"seq_lens": [9, 16], "padding_side": "left"}], ids=["causal", "full", "padded"]
+)
 def test_torch_path_is_differentiable(gen, kwargs, return_lse):
     """backend='torch' keeps autograd: gradients match the float64 reference's."""
     kwargs = dict(kwargs)

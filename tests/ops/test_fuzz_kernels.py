@@ -64,10 +64,21 @@ def _prefill_case(draw, backend: str, *, sparse: bool) -> dict:
     head_dim = draw(st.sampled_from([16, 32, 64]))
     seq_q = draw(st.integers(1, 96))
     seq_k = seq_q if draw(st.booleans()) else draw(st.integers(1, 96))
-    case = dict(batch=batch, kv_heads=kv_heads, heads=kv_heads * group, head_dim=head_dim, seq_q=seq_q,
-                seq_k=seq_k, causal=draw(st.booleans()), dtype=_dtype(draw, backend), seed=draw(st.integers(0, 2**31)),
-                seq_lens=None, padding_side=draw(st.sampled_from(["right", "left"])),
-                return_lse=draw(st.booleans()), tail=draw(st.integers(0, 8)))
+    case = dict(
+        batch=batch,
+        kv_heads=kv_heads,
+        heads=kv_heads * group,
+        head_dim=head_dim,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        causal=draw(st.booleans()),
+        dtype=_dtype(draw, backend),
+        seed=draw(st.integers(0, 2**31)),
+        seq_lens=None,
+        padding_side=draw(st.sampled_from(["right", "left"])),
+        return_lse=draw(st.booleans()),
+        tail=draw(st.integers(0, 8)),
+    )
     if seq_q == seq_k and draw(st.booleans()):
         case["seq_lens"] = [draw(st.integers(0, seq_q)) for _ in range(batch)]
     if sparse:
@@ -98,8 +109,7 @@ def _random_layout(case: dict, gen: torch.Generator) -> tuple[sf.BlockLayout, to
     if case["causal"]:
         keep &= causal_block_mask(seq_q, seq_k, (block, block))
     capacity = max(1, int(keep.sum(-1).max()))
-    layout = sf.BlockLayout.from_dense(keep, seq_len_q=seq_q, seq_len_k=seq_k, block_size=block,
-                                       capacity=capacity)
+    layout = sf.BlockLayout.from_dense(keep, seq_len_q=seq_q, seq_len_k=seq_k, block_size=block, capacity=capacity)
     return layout, ~keep.any(2)  # (Bl, Hl, Kb)
 
 
@@ -126,8 +136,16 @@ def _attends(case, poison, layout=None) -> torch.Tensor:
     """Bool (B, Hq, Sq): rows whose mask reaches a poisoned key."""
     lens = None if case["seq_lens"] is None else torch.tensor(case["seq_lens"], dtype=torch.int32)
     block_args = {} if layout is None else {"blocks": layout.to_dense(), "block_size": layout.block_size}
-    mask = token_mask(range(case["seq_q"]), case["seq_q"], case["seq_k"], num_heads=case["heads"],
-                      causal=case["causal"], seq_lens=lens, padding_side=case["padding_side"], **block_args)
+    mask = token_mask(
+        range(case["seq_q"]),
+        case["seq_q"],
+        case["seq_k"],
+        num_heads=case["heads"],
+        causal=case["causal"],
+        seq_lens=lens,
+        padding_side=case["padding_side"],
+        **block_args,
+    )
     group = case["heads"] // case["kv_heads"]
     return (mask & poison.repeat_interleave(group, 1)[:, :, None, :]).any(-1)
 
@@ -139,10 +157,16 @@ def _run_prefill(case, backend, *, sparse):
         layout, dropped = _random_layout(case, gen)
     poison = _prefill_poison(case, dropped, case.get("block"))
     lens = None if case["seq_lens"] is None else torch.tensor(case["seq_lens"], dtype=torch.int32)
-    kwargs = dict(causal=case["causal"], seq_lens=lens, padding_side=case["padding_side"],
-                  return_lse=case["return_lse"], backend=backend)
-    ref_out, ref_lse = sf.attention_reference(q, k, v, causal=case["causal"], layout=layout, seq_lens=lens,
-                                              padding_side=case["padding_side"])
+    kwargs = dict(
+        causal=case["causal"],
+        seq_lens=lens,
+        padding_side=case["padding_side"],
+        return_lse=case["return_lse"],
+        backend=backend,
+    )
+    ref_out, ref_lse = sf.attention_reference(
+        q, k, v, causal=case["causal"], layout=layout, seq_lens=lens, padding_side=case["padding_side"]
+    )
     kp, vp = _poisoned(k, poison, gen), _poisoned(v, poison, gen)
     if lens is not None:  # padded query rows too
         pos = torch.arange(case["seq_q"])
@@ -182,12 +206,21 @@ def _decode_case(draw, backend: str) -> dict:
     batch = draw(st.integers(1, 3))
     kv_heads = draw(st.integers(1, 2))
     s_max = draw(st.integers(1, 96))
-    case = dict(batch=batch, kv_heads=kv_heads, heads=kv_heads * draw(st.sampled_from([1, 2, 4])),
-                seq_q=draw(st.integers(1, 4)), head_dim=draw(st.sampled_from([16, 32, 64])), s_max=s_max,
-                lengths=[draw(st.integers(0, s_max)) for _ in range(batch)], dtype=_dtype(draw, backend),
-                seed=draw(st.integers(0, 2**31)), page_size=draw(st.sampled_from([None, 16, 32])),
-                block=draw(st.sampled_from([None, 16, 32])), num_splits=draw(st.sampled_from([None, 1, 3])),
-                as_list=draw(st.booleans()))
+    case = dict(
+        batch=batch,
+        kv_heads=kv_heads,
+        heads=kv_heads * draw(st.sampled_from([1, 2, 4])),
+        seq_q=draw(st.integers(1, 4)),
+        head_dim=draw(st.sampled_from([16, 32, 64])),
+        s_max=s_max,
+        lengths=[draw(st.integers(0, s_max)) for _ in range(batch)],
+        dtype=_dtype(draw, backend),
+        seed=draw(st.integers(0, 2**31)),
+        page_size=draw(st.sampled_from([None, 16, 32])),
+        block=draw(st.sampled_from([None, 16, 32])),
+        num_splits=draw(st.sampled_from([None, 1, 3])),
+        as_list=draw(st.booleans()),
+    )
     return case
 
 
@@ -215,8 +248,9 @@ def _run_decode(case, backend):
     if case["page_size"] is not None:
         kp, vp, kwargs["page_table"] = _paged(kp, vp, case["page_size"], lengths, gen)
     cache_seqlens = case["lengths"] if case["as_list"] else lengths.long()
-    out, lse = sf.decode_attention(q, kp, vp, cache_seqlens, return_lse=True, num_splits=case["num_splits"],
-                                   backend=backend, **kwargs)
+    out, lse = sf.decode_attention(
+        q, kp, vp, cache_seqlens, return_lse=True, num_splits=case["num_splits"], backend=backend, **kwargs
+    )
     group = case["heads"] // kv_heads
     attends = (mask & poison[:, :, None, :]).any(-1).repeat_interleave(group, 1)  # (B, Hq, Sq)
     _check_rows(out, lse, ref_out, ref_lse, attends, case["dtype"])

@@ -28,9 +28,13 @@ def _rows_reference(q, k, v, rows: range, heads: range, *, causal=True, layout=N
             per = q.shape[1] // layout.num_heads
             blocks["blocks"] = blocks["blocks"][:, heads.start // per : (heads.stop - 1) // per + 1]
     mask = token_mask(rows, q.shape[2], k.shape[2], num_heads=len(heads), causal=causal, device=q.device, **blocks)
-    return masked_attention(q[:, heads.start : heads.stop, rows.start : rows.stop].float(),
-                            k[:, kv.start : kv.stop].float(), v[:, kv.start : kv.stop].float(), mask,
-                            q.shape[-1] ** -0.5)
+    return masked_attention(
+        q[:, heads.start : heads.stop, rows.start : rows.stop].float(),
+        k[:, kv.start : kv.stop].float(),
+        v[:, kv.start : kv.stop].float(),
+        mask,
+        q.shape[-1] ** -0.5,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -68,8 +72,9 @@ def test_large_block_sparse(poison_empty, layout_heads):
         ref, _ = _rows_reference(q, k, v, rows, range(4, 8), layout=layout)
         assert rel_err(out[:, 4:8, rows.start : rows.stop], ref) <= REL_TOL[torch.bfloat16]
     dense_layout = sf.dense_layout(seq, seq, device="cuda")
-    torch.testing.assert_close(sf.block_sparse_attention(q, k, v, dense_layout), sf.flash_attention(q, k, v),
-                               atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        sf.block_sparse_attention(q, k, v, dense_layout), sf.flash_attention(q, k, v), atol=2e-2, rtol=0
+    )
 
 
 def test_int32_overflowing_batch_offsets(poison_empty):

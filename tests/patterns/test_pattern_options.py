@@ -20,13 +20,18 @@ def test_unknown_method_lists_the_known_ones():
 
 @pytest.mark.parametrize("name", patterns.available())
 def test_unknown_option_lists_the_accepted_ones(name):
-    with pytest.raises(ValueError, match=rf"{name}: unknown option\(s\) \['bogus'\]; expected some of \[.*"
-                                         r"'block_size'.*\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: unknown option\(s\) \['bogus'\]; expected some of \[.*"
+        r"'block_size'.*\]",
+    ):
         patterns.select(name, Q, K, bogus=1)
 
 
-@pytest.mark.parametrize("name,option", [("xattention", "threshold"), ("xattention", "target_recall"),
-                                         ("oracle", "density"), ("oracle", "target_recall")])
+@pytest.mark.parametrize(
+    "name,option",
+    [("xattention", "threshold"), ("xattention", "target_recall"), ("oracle", "density"), ("oracle", "target_recall")],
+)
 @pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, True, "0.9"])
 def test_fractions_outside_zero_one(name, option, value):
     with pytest.raises(ValueError, match=rf"{option}: expected a float in \(0, 1\], got {value!r}"):
@@ -83,16 +88,19 @@ def test_block_max_options():
         calibrate_block_max([])
 
 
-@pytest.mark.parametrize("name,option,value,msg", [
-    ("streaming", "local_tokens", 0, r"local_tokens: expected an int >= 1, got 0"),
-    ("streaming", "sink_tokens", -1, r"sink_tokens: expected an int >= 0, got -1"),
-    ("sliding_window", "window", 0, r"window: expected an int >= 1, got 0"),
-    ("power", "max_power", -1, r"max_power: expected an int >= 0, got -1"),
-    ("oracle", "heads", "group", r"heads: expected one of \('q', 'kv'\), got 'group'"),
-    ("xattention", "heads", "all", r"heads: expected one of \('q', 'kv'\), got 'all'"),
-    ("streaming", "causal", False, r"streaming: only causal prefill is supported"),
-    ("dense", "causal", "yes", r"causal: expected True or False, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "name,option,value,msg",
+    [
+        ("streaming", "local_tokens", 0, r"local_tokens: expected an int >= 1, got 0"),
+        ("streaming", "sink_tokens", -1, r"sink_tokens: expected an int >= 0, got -1"),
+        ("sliding_window", "window", 0, r"window: expected an int >= 1, got 0"),
+        ("power", "max_power", -1, r"max_power: expected an int >= 0, got -1"),
+        ("oracle", "heads", "group", r"heads: expected one of \('q', 'kv'\), got 'group'"),
+        ("xattention", "heads", "all", r"heads: expected one of \('q', 'kv'\), got 'all'"),
+        ("streaming", "causal", False, r"streaming: only causal prefill is supported"),
+        ("dense", "causal", "yes", r"causal: expected True or False, got 'yes'"),
+    ],
+)
 def test_other_options(name, option, value, msg):
     err = NotImplementedError if "only causal" in msg else ValueError
     with pytest.raises(err, match=msg):
@@ -145,6 +153,9 @@ def test_a_valid_scale_is_taken(name):
 @pytest.mark.parametrize("name", WITH_BACKEND)
 @pytest.mark.parametrize("value", ["cuda", "", None, 1])
 def test_backend_must_be_a_known_one(name, value):
-    with pytest.raises(ValueError, match=rf"{name}: backend: expected one of \('auto', 'triton', 'torch'\), "
-                                         rf"got {value!r}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: backend: expected one of \('auto', 'triton', 'torch'\), "
+        rf"got {value!r}",
+    ):
         patterns.select(name, Q, K, block_size=(16, 16), backend=value)

@@ -42,8 +42,14 @@ KNOBS = {
     "vertical_slash": ("slash_size", [400, 200, 100, 50]),
 }
 # option that makes key block 0 part of every row
-SINK = {"streaming": {"sink_tokens": 1}, "power": {"sink_blocks": 1}, "strided": {"sink_blocks": 1},
-        "xattention": {}, "vertical_slash": {"sink_tokens": 30}, "permuted": {"force_sink": True}}
+SINK = {
+    "streaming": {"sink_tokens": 1},
+    "power": {"sink_blocks": 1},
+    "strided": {"sink_blocks": 1},
+    "xattention": {},
+    "vertical_slash": {"sink_tokens": 30},
+    "permuted": {"force_sink": True},
+}
 
 
 @st.composite
@@ -142,8 +148,7 @@ def test_density_falls_with_the_knob(name, shape):
             assert not bool((small.to_dense() & ~big.to_dense()).any())
 
 
-@pytest.mark.parametrize("name", [n for n in patterns.available()
-                                  if "target_recall" in patterns.options_of(n)])
+@pytest.mark.parametrize("name", [n for n in patterns.available() if "target_recall" in patterns.options_of(n)])
 @SETTINGS
 @given(shape=shapes(chunked=False))
 def test_density_falls_with_target_recall(name, shape):

@@ -22,8 +22,9 @@ from sparseflash.patterns import selection as sel
 from sparseflash.patterns.block_max import BlockMaxCalibration, calibrate_block_max, row_thresholds
 from sparseflash.patterns.xattention import xattention_scores_reference, xattention_scores_triton
 
-needs_triton = pytest.mark.skipif(not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(
+    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
+)
 
 
 def _dense_probs(q, k, causal=True):
@@ -50,6 +51,7 @@ def _block_reduce(x, bs, fn):
 
 # ----------------------------------------------------------------------------------------- xattention
 
+
 def _antidiag_naive(q, k, stride, block, causal=True):
     """The definition, one sub-tile at a time (tiny shapes only)."""
     b, hq, sq, d = q.shape
@@ -75,8 +77,9 @@ def _antidiag_naive(q, k, stride, block, causal=True):
     return pad.view(b, hq, qb, r, kb, r).sum((3, 5))
 
 
-@pytest.mark.parametrize("sq,sk,stride,block,causal", [(37, 37, 4, 16, True), (20, 45, 2, 16, True),
-                                                       (30, 30, 8, 16, False)])
+@pytest.mark.parametrize(
+    "sq,sk,stride,block,causal", [(37, 37, 4, 16, True), (20, 45, 2, 16, True), (30, 30, 8, 16, False)]
+)
 def test_xattention_reference_matches_definition(gen, sq, sk, stride, block, causal):
     q, k = randn(gen, 1, 2, sq, 8, dtype=torch.float32), randn(gen, 1, 1, sk, 8, dtype=torch.float32)
     est = xattention_scores_reference(q, k, stride=stride, block_size=block, causal=causal)
@@ -84,12 +87,15 @@ def test_xattention_reference_matches_definition(gen, sq, sk, stride, block, cau
 
 
 @needs_triton
-@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,stride,block,causal,dtype", [
-    (1, 4, 2, 150, 233, 32, 4, 32, True, torch.float32),   # chunked prefill, GQA, ragged
-    (2, 2, 1, 70, 70, 24, 8, 16, True, torch.float16),     # ragged, head_dim not a power of two
-    (1, 1, 1, 64, 64, 16, 16, 32, False, torch.float32),   # non-causal, r = 2 < 16
-    (1, 2, 2, 90, 40, 16, 2, 16, True, torch.bfloat16),    # Sq > Sk: leading rows see nothing
-])
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,d,stride,block,causal,dtype",
+    [
+        (1, 4, 2, 150, 233, 32, 4, 32, True, torch.float32),  # chunked prefill, GQA, ragged
+        (2, 2, 1, 70, 70, 24, 8, 16, True, torch.float16),  # ragged, head_dim not a power of two
+        (1, 1, 1, 64, 64, 16, 16, 32, False, torch.float32),  # non-causal, r = 2 < 16
+        (1, 2, 2, 90, 40, 16, 2, 16, True, torch.bfloat16),  # Sq > Sk: leading rows see nothing
+    ],
+)
 def test_xattention_triton_matches_reference(gen, b, hq, hkv, sq, sk, d, stride, block, causal, dtype):
     q, k = randn(gen, b, hq, sq, d, dtype=dtype), randn(gen, b, hkv, sk, d, dtype=dtype)
     ref = xattention_scores_reference(q, k, stride=stride, block_size=block, causal=causal)
@@ -146,8 +152,9 @@ def test_xattention_per_head_thresholds_and_kv_union(gen):
             forced = sel.forced_mask(256, 256, (32, 32), sink_blocks=1)
             assert torch.equal(per[0, h], forced)  # 0: sink + diagonal only
         else:
-            one = patterns.select("xattention", q[:, h:h + 1], k[:, h // 2:h // 2 + 1], block_size=(32, 32),
-                                  stride=4, threshold=tau).to_dense()
+            one = patterns.select(
+                "xattention", q[:, h : h + 1], k[:, h // 2 : h // 2 + 1], block_size=(32, 32), stride=4, threshold=tau
+            ).to_dense()
             assert torch.equal(per[0, h], one[0, 0])
     kv = patterns.select("xattention", q, k, block_size=(32, 32), stride=4, threshold=taus, heads="kv")
     assert kv.num_heads == 2
@@ -156,8 +163,11 @@ def test_xattention_per_head_thresholds_and_kv_union(gen):
 
 # ---------------------------------------------------------------------------------------- block scores
 
-@pytest.mark.parametrize("sq,sk,bs,causal", [(70, 70, (16, 32), True), (33, 90, (16, 16), True),
-                                             (50, 30, (32, 16), True), (40, 40, (16, 16), False)])
+
+@pytest.mark.parametrize(
+    "sq,sk,bs,causal",
+    [(70, 70, (16, 32), True), (33, 90, (16, 16), True), (50, 30, (32, 16), True), (40, 40, (16, 16), False)],
+)
 def test_block_scores_reference_matches_brute_force(gen, sq, sk, bs, causal):
     q, k = randn(gen, 2, 4, sq, 16, dtype=torch.float32), randn(gen, 2, 2, sk, 16, dtype=torch.float32)
     probs, logits = _dense_probs(q, k, causal)
@@ -168,12 +178,15 @@ def test_block_scores_reference_matches_brute_force(gen, sq, sk, bs, causal):
 
 
 @needs_triton
-@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,bs,causal,dtype", [
-    (1, 4, 2, 100, 150, 32, (32, 16), True, torch.float32),
-    (1, 2, 1, 45, 45, 24, (16, 32), True, torch.float16),
-    (1, 1, 1, 40, 33, 16, (16, 16), False, torch.float32),
-    (1, 2, 2, 60, 30, 16, (16, 16), True, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,d,bs,causal,dtype",
+    [
+        (1, 4, 2, 100, 150, 32, (32, 16), True, torch.float32),
+        (1, 2, 1, 45, 45, 24, (16, 32), True, torch.float16),
+        (1, 1, 1, 40, 33, 16, (16, 16), False, torch.float32),
+        (1, 2, 2, 60, 30, 16, (16, 16), True, torch.bfloat16),
+    ],
+)
 def test_block_scores_triton_matches_reference(gen, b, hq, hkv, sq, sk, d, bs, causal, dtype):
     q, k = randn(gen, b, hq, sq, d, dtype=dtype), randn(gen, b, hkv, sk, d, dtype=dtype)
     lse = dense_lse_reference(q, k, causal=causal)
@@ -187,6 +200,7 @@ def test_block_scores_triton_matches_reference(gen, b, hq, hkv, sq, sk, d, bs, c
 
 
 # ------------------------------------------------------------------------------------------- block_max
+
 
 def test_block_max_rule_and_thresholds(gen):
     q, k = randn(gen, 1, 2, 256, 16, dtype=torch.float32), randn(gen, 1, 1, 256, 16, dtype=torch.float32)
@@ -209,8 +223,10 @@ def test_block_max_rule_and_thresholds(gen):
 
 def test_calibrate_block_max_fits_mean_midpoints(gen):
     bs = (32, 16)
-    samples = [(randn(gen, 2, 2, 192, 16, dtype=torch.float32), randn(gen, 2, 1, 192, 16, dtype=torch.float32)),
-               (randn(gen, 1, 2, 128, 16, dtype=torch.float32), randn(gen, 1, 1, 128, 16, dtype=torch.float32))]
+    samples = [
+        (randn(gen, 2, 2, 192, 16, dtype=torch.float32), randn(gen, 2, 1, 192, 16, dtype=torch.float32)),
+        (randn(gen, 1, 2, 128, 16, dtype=torch.float32), randn(gen, 1, 1, 128, 16, dtype=torch.float32)),
+    ]
     cal = calibrate_block_max(samples, top_k=2, block_size=bs)
     assert isinstance(cal, BlockMaxCalibration) and cal.num_samples == 3 and cal.thresholds.shape == (2, 6)
     per = []
@@ -245,6 +261,7 @@ def test_row_thresholds_keeps_all_when_few_blocks():
 
 
 # ---------------------------------------------------------------------------------------------- oracle
+
 
 def test_oracle_density_one_is_recall_one(gen):
     q, k = randn(gen, 1, 4, 200, 16, dtype=torch.float32), randn(gen, 1, 2, 200, 16, dtype=torch.float32)
@@ -295,6 +312,7 @@ def test_oracle_beats_dynamic_methods_at_equal_density(gen):
 
 # ------------------------------------------------------------------------------------- shared selectors
 
+
 @pytest.mark.parametrize("tau", [0.05, 0.5, 0.9, 1.0])
 def test_select_by_cumulative_mass_is_the_smallest_prefix(gen, tau):
     scores = torch.rand(3, 5, 12, generator=gen) ** 4
@@ -337,8 +355,9 @@ def test_xattention_local_blocks_forces_the_previous_blocks():
     q = torch.randn(1, 4, 512, 32, generator=gen)
     k = torch.randn(1, 2, 512, 32, generator=gen)
     for local in (1, 2):
-        keep = patterns.select("xattention", q, k, block_size=(64, 64), threshold=[0.0] * 4,
-                               local_blocks=local).to_dense()[0]
+        keep = patterns.select(
+            "xattention", q, k, block_size=(64, 64), threshold=[0.0] * 4, local_blocks=local
+        ).to_dense()[0]
         rows = torch.arange(8)
         for back in range(1, local + 1):
             ok = rows >= back

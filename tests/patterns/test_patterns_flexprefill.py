@@ -38,10 +38,10 @@ def _flexprefill_loop(q, k, block, gamma, tau, min_budget, max_budget):
     for b in range(batch):
         for h in range(heads):
             qq, kk = q[b, h].float(), k[b, h // group].float()
-            last = qq[n - block:] / math.sqrt(d)
+            last = qq[n - block :] / math.sqrt(d)
             s = last @ kk.T
             for i in range(block):
-                s[i, n - block + i + 1:] = float("-inf")
+                s[i, n - block + i + 1 :] = float("-inf")
             p = torch.softmax(s, -1)
             vertical = p.mean(0)
             slash = torch.zeros(n)
@@ -95,8 +95,7 @@ def _flexprefill_loop(q, k, block, gamma, tau, min_budget, max_budget):
 )
 def test_matches_flexprefill_loop(gen, n, block, gamma, tau, min_budget):
     q, k = _qk(gen, 1, 4, 2, n, n, 32)
-    layout = flexprefill(q, k, block_size=(block, block), gamma=gamma, tau=tau, min_budget=min_budget,
-                            backend="torch")
+    layout = flexprefill(q, k, block_size=(block, block), gamma=gamma, tau=tau, min_budget=min_budget, backend="torch")
     expected = _flexprefill_loop(q, k, block, gamma, tau, min_budget, None)
     assert torch.equal(layout.to_dense(), expected)
     assert 0 < layout.density() < 1 or tau == 10.0
@@ -110,14 +109,17 @@ def test_query_aware_branch_adds_blocks(gen):
     assert not torch.equal(vs_only, aware)
 
 
-@pytest.mark.parametrize("shape, block", [((1, 4, 2, 333, 333, 32), 32), ((2, 2, 1, 130, 390, 32), 32)],
-                         ids=["gqa", "chunked"])
+@pytest.mark.parametrize(
+    "shape, block", [((1, 4, 2, 333, 333, 32), 32), ((2, 2, 1, 130, 390, 32), 32)], ids=["gqa", "chunked"]
+)
 def test_properties(gen, shape, block):
     batch, hq, hkv, sq, sk, d = shape
     q, k = _qk(gen, batch, hq, hkv, sq, sk, d)
     bs = (block, block)
-    masks = [registry.select("flexprefill", q, k, block_size=bs, gamma=g, min_budget=block, backend="torch")
-             for g in (0.3, 0.6, 0.9, 0.99)]
+    masks = [
+        registry.select("flexprefill", q, k, block_size=bs, gamma=g, min_budget=block, backend="torch")
+        for g in (0.3, 0.6, 0.9, 0.99)
+    ]
     allowed = causal_block_mask(sq, sk, bs)
     diag = diagonal_mask(sq, sk, bs)
     for layout in masks:
@@ -134,8 +136,7 @@ def test_properties(gen, shape, block):
     same = registry.select("flexprefill", q, k, block_size=bs, target_recall=0.6, min_budget=block, backend="torch")
     assert torch.equal(same.to_dense(), masks[1].to_dense())
     # per-KV-head layout: union over the group
-    kv = registry.select("flexprefill", q, k, block_size=bs, gamma=0.6, min_budget=block, heads="kv",
-                         backend="torch")
+    kv = registry.select("flexprefill", q, k, block_size=bs, gamma=0.6, min_budget=block, heads="kv", backend="torch")
     dense = masks[1].to_dense()
     assert torch.equal(kv.to_dense(), dense.view(batch, hkv, hq // hkv, *dense.shape[2:]).any(2))
 

@@ -35,13 +35,13 @@ def _brute_scores(q, k, last_q, num_keys, causal):
     slash = torch.zeros(batch, heads, seq_k, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
-            qq = q[b, h, seq_q - rows:].double()
+            qq = q[b, h, seq_q - rows :].double()
             kk = k[b, h // group, :num_keys].double()
             s = qq @ kk.T * dim**-0.5
             for i in range(rows):
                 pos = seq_k - rows + i
                 if causal:
-                    s[i, pos + 1:] = float("-inf")
+                    s[i, pos + 1 :] = float("-inf")
             p = torch.softmax(s, -1)
             vert[b, h, :num_keys] = p.sum(0)
             for i in range(rows):
@@ -79,8 +79,9 @@ def test_score_kernel_matches_reference(gen, case, dtype):
     if num_keys is not None:
         assert torch.all(vert[..., num_keys:] == 0)
     # without slash the second pass skips the skew
-    vert2, none = last_query_scores(q, k, num_queries=last_q, num_keys=num_keys, causal=causal, slash=False,
-                                    backend="triton")
+    vert2, none = last_query_scores(
+        q, k, num_queries=last_q, num_keys=num_keys, causal=causal, slash=False, backend="triton"
+    )
     assert none is None and torch.equal(vert2, vert)
 
 
@@ -161,12 +162,15 @@ def _qk(gen, shape, dtype=torch.float32, hot=range(100, 120)):
     q, k = randn(gen, batch, hq, sq, d), randn(gen, batch, hkv, sk, d)
     u = randn(gen, d)
     u = u / u.norm() * 4
-    k[:, :, hot.start:hot.stop] += u
+    k[:, :, hot.start : hot.stop] += u
     return (q + u).to(dtype), k.to(dtype)
 
 
-@pytest.mark.parametrize("shape, block_size", [((1, 4, 2, 333, 333, 32), (16, 16)),
-                                               ((2, 2, 1, 150, 400, 32), (16, 32))], ids=["gqa", "chunked"])
+@pytest.mark.parametrize(
+    "shape, block_size",
+    [((1, 4, 2, 333, 333, 32), (16, 16)), ((2, 2, 1, 150, 400, 32), (16, 32))],
+    ids=["gqa", "chunked"],
+)
 def test_pattern_properties(gen, shape, block_size):
     q, k = _qk(gen, shape)
     sq, sk = shape[3], shape[4]
@@ -181,8 +185,14 @@ def test_pattern_properties(gen, shape, block_size):
     assert (dense[..., 0] | ~allowed[:, 0]).all(), "the sink column is missing"
     assert layout.density() < 1.0
     # larger budgets keep a superset of blocks (same scores, longer top-k)
-    big = registry.select("vertical_slash", q, k, block_size=block_size, backend="torch",
-                          **{**small, "vertical_size": 90, "slash_size": 150})
+    big = registry.select(
+        "vertical_slash",
+        q,
+        k,
+        block_size=block_size,
+        backend="torch",
+        **{**small, "vertical_size": 90, "slash_size": 150},
+    )
     assert not (dense & ~big.to_dense()).any() and big.density() >= layout.density()
     # per-KV-head layout: the union over each group
     kv = registry.select("vertical_slash", q, k, block_size=block_size, backend="torch", heads="kv", **small)

@@ -37,12 +37,13 @@ def _pbs_loop(q, k, block, segment, threshold):
         for h in range(heads):
             qq, kk = q[b, h].float(), k[b, h // group].float()
             if num_segments:
-                p = torch.softmax(qq[n - block:] @ kk[: num_segments * segment].T / math.sqrt(d), -1)
+                p = torch.softmax(qq[n - block :] @ kk[: num_segments * segment].T / math.sqrt(d), -1)
                 u = p.mean(0)
                 for s in range(num_segments):
-                    part = u[s * segment:(s + 1) * segment]
-                    perms[b, h, s * segment:(s + 1) * segment] = s * segment + part.argsort(descending=True,
-                                                                                            stable=True)
+                    part = u[s * segment : (s + 1) * segment]
+                    perms[b, h, s * segment : (s + 1) * segment] = s * segment + part.argsort(
+                        descending=True, stable=True
+                    )
             perm = perms[b, h]
             kp = kk[perm]
             counts = torch.tensor([min(block, n - i * block) for i in range(nb)], dtype=torch.float32)[:, None]
@@ -69,12 +70,14 @@ def _pbs_loop(q, k, block, segment, threshold):
     return perms, mask
 
 
-@pytest.mark.parametrize("n, block, segment, threshold", [(333, 32, 64, 0.9), (256, 32, 128, 0.7), (200, 16, 32, 0.5)],
-                         ids=["ragged-tail", "aligned", "small-blocks"])
+@pytest.mark.parametrize(
+    "n, block, segment, threshold",
+    [(333, 32, 64, 0.9), (256, 32, 128, 0.7), (200, 16, 32, 0.5)],
+    ids=["ragged-tail", "aligned", "small-blocks"],
+)
 def test_matches_release_loop(gen, n, block, segment, threshold):
     q, k, _ = _qkv(gen, 1, 4, 2, n, 32)
-    layout = pbs.permuted(q, k, block_size=(block, block), segment_size=segment, threshold=threshold,
-                          backend="torch")
+    layout = pbs.permuted(q, k, block_size=(block, block), segment_size=segment, threshold=threshold, backend="torch")
     perm, mask = _pbs_loop(q, k, block, segment, threshold)
     assert torch.equal(layout.perm, perm)
     assert torch.equal(layout.blocks.to_dense(), mask)
@@ -87,7 +90,7 @@ def test_segment_permutation():
     assert torch.equal(perm.sort(-1).values, torch.arange(300).expand(2, 3, 300))
     assert torch.equal(perm[..., 256:], torch.arange(256, 300).expand(2, 3, -1))  # the tail stays
     for s in range(2):
-        part = perm[..., s * 128:(s + 1) * 128]
+        part = perm[..., s * 128 : (s + 1) * 128]
         assert torch.all((part >= s * 128) & (part < (s + 1) * 128))
         u = importance.gather(-1, part)
         assert torch.all(u[..., :-1] >= u[..., 1:])
@@ -107,8 +110,20 @@ def test_permuted_block_means_match_gather():
 def test_properties(gen, heads, permute_heads):
     q, k, _ = _qkv(gen, 2, 4, 2, 333, 32)
     bs, segment = (32, 32), 64
-    layouts = [registry.select("permuted", q, k, block_size=bs, segment_size=segment, threshold=t, heads=heads,
-                               permute_heads=permute_heads, backend="torch") for t in (0.3, 0.6, 0.9, 1.0)]
+    layouts = [
+        registry.select(
+            "permuted",
+            q,
+            k,
+            block_size=bs,
+            segment_size=segment,
+            threshold=t,
+            heads=heads,
+            permute_heads=permute_heads,
+            backend="torch",
+        )
+        for t in (0.3, 0.6, 0.9, 1.0)
+    ]
     allowed = causal_block_mask(333, 333, bs)
     diag = diagonal_mask(333, 333, bs)
     seg = torch.arange(allowed.shape[0]) // (segment // bs[0])
@@ -129,8 +144,17 @@ def test_properties(gen, heads, permute_heads):
     for low, high in zip(layouts, layouts[1:], strict=False):
         assert not (low.blocks.to_dense() & ~high.blocks.to_dense()).any()
     assert layouts[0].density() < layouts[2].density() <= layouts[3].density() == 1.0
-    same = registry.select("permuted", q, k, block_size=bs, segment_size=segment, target_recall=0.6, heads=heads,
-                           permute_heads=permute_heads, backend="torch")
+    same = registry.select(
+        "permuted",
+        q,
+        k,
+        block_size=bs,
+        segment_size=segment,
+        target_recall=0.6,
+        heads=heads,
+        permute_heads=permute_heads,
+        backend="torch",
+    )
     assert torch.equal(same.blocks.to_dense(), layouts[1].blocks.to_dense())
     assert torch.equal(same.perm, layouts[1].perm)
 
@@ -169,8 +193,17 @@ def _permuted_space_reference(q, k, v, layout):
 def test_permuted_attention_matches_token_mask(gen, shape, block, segment, heads, permute_heads, dtype, backend):
     batch, hq, hkv, n, d = shape
     q, k, v = _qkv(gen, batch, hq, hkv, n, d, dtype=dtype)
-    layout = registry.select("permuted", q, k, block_size=(block, block), segment_size=segment, threshold=0.6,
-                             heads=heads, permute_heads=permute_heads, backend="torch")
+    layout = registry.select(
+        "permuted",
+        q,
+        k,
+        block_size=(block, block),
+        segment_size=segment,
+        threshold=0.6,
+        heads=heads,
+        permute_heads=permute_heads,
+        backend="torch",
+    )
     assert layout.density() < 1
     out, lse = sf.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     mask = layout.token_mask()
@@ -192,8 +225,9 @@ def test_permuted_attention_matches_token_mask(gen, shape, block, segment, heads
 @pytest.mark.parametrize("n, segment", [(300, 128), (100, 128)], ids=["all-blocks", "one-segment"])
 def test_all_blocks_is_dense(gen, n, segment, backend):
     q, k, v = _qkv(gen, 1, 4, 2, n, 32, dtype=torch.float16)
-    layout = registry.select("permuted", q, k, block_size=(64, 64), segment_size=segment, threshold=1.0,
-                             backend="torch")
+    layout = registry.select(
+        "permuted", q, k, block_size=(64, 64), segment_size=segment, threshold=1.0, backend="torch"
+    )
     assert layout.density() == 1.0
     out, lse = sf.permuted_block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     ref_out, ref_lse = sf.attention_reference(q, k, v, causal=True)

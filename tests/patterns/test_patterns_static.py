@@ -114,8 +114,7 @@ def test_strided_matches_block_rule(seq_len_q, seq_len_k, bs, stride, local, sin
 @pytest.mark.parametrize("sink,local,max_power", [(1, 0, None), (0, 0, None), (2, 3, None), (1, 0, 2)])
 def test_power_matches_block_rule(seq_len_q, seq_len_k, bs, sink, local, max_power):
     q, k = _qk(seq_len_q, seq_len_k)
-    layout = patterns.select("power", q, k, block_size=bs, sink_blocks=sink, local_blocks=local,
-                             max_power=max_power)
+    layout = patterns.select("power", q, k, block_size=bs, sink_blocks=sink, local_blocks=local, max_power=max_power)
     powers = [2**e for e in range(0, 20 if max_power is None else max_power + 1)]
 
     def rule(j, diag):

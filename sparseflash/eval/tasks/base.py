@@ -76,12 +76,18 @@ class Task:
         """``options`` merged over the defaults; ``ValueError`` naming unknown ones."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ValueError(f"task {self.name}: unknown option(s) {unknown}; expected some of "
-                             f"{sorted(self.options)}")
+            raise ValueError(f"task {self.name}: unknown option(s) {unknown}; expected some of {sorted(self.options)}")
         return {**self.options, **options}
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         raise NotImplementedError
 
     def score(self, prediction: str, sample: Sample) -> float:
@@ -148,8 +154,9 @@ def insert_at_depths(sentences: Sequence[str], needles: Sequence[tuple[float, st
     return out
 
 
-def fit_to_budget(render: Callable[[int], str], tokenizer: Tokenizer, budget: int,
-                  unit_chars: float) -> tuple[int, str, int]:
+def fit_to_budget(
+    render: Callable[[int], str], tokenizer: Tokenizer, budget: int, unit_chars: float
+) -> tuple[int, str, int]:
     """The largest haystack size whose rendered prompt fits ``budget`` tokens (binary search, as RULER does).
 
     Args:
@@ -165,8 +172,10 @@ def fit_to_budget(render: Callable[[int], str], tokenizer: Tokenizer, budget: in
     """
     base = count_tokens(tokenizer, render(0))
     if base > budget:
-        raise ValueError(f"length: expected room for the task's own text ({base} tokens), got a budget of "
-                         f"{budget} tokens; ask for a longer length")
+        raise ValueError(
+            f"length: expected room for the task's own text ({base} tokens), got a budget of "
+            f"{budget} tokens; ask for a longer length"
+        )
     hi = max(8, int(budget * 6 / max(unit_chars, 1.0)))  # ~6 characters per token or more on prose
     while count_tokens(tokenizer, render(hi)) <= budget:
         hi *= 2

@@ -43,8 +43,15 @@ class _Niah(Task):
     num_queries = 1  # keys asked for
     options = {"value_type": "numbers", "haystack": "essay", "text_source": "auto"}
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         opts = self.check_options(options)
         check_length_depth(length, depth, True)
         if opts["haystack"] not in ("essay", "noise"):
@@ -70,20 +77,25 @@ class _Niah(Task):
                     vals.append(val)
             values[key] = vals
         queried = keys[: self.num_queries]
-        distractors = keys[self.num_queries:]
+        distractors = keys[self.num_queries :]
 
         plural = len(queried) * self.num_values > 1
         type_v = value_type if plural else _SINGULAR[value_type]
-        needle_of = {(key, val): f"One of the special magic {value_type} for {key} is: {val}."
-                     for key in keys for val in values[key]}
+        needle_of = {
+            (key, val): f"One of the special magic {value_type} for {key} is: {val}."
+            for key in keys
+            for val in values[key]
+        }
         real = [needle_of[(key, val)] for key in queried for val in values[key]]
         step = (100.0 - depth) / len(real)
         needles = [(depth + i * step, s) for i, s in enumerate(real)]
         needles += [(rng.uniform(0, 100), needle_of[(key, val)]) for key in distractors for val in values[key]]
 
         query = _join_keys(queried)
-        prefix = (f"Some special magic {value_type} are hidden within the following text. Make sure to "
-                  f"memorize them. I will quiz you about the {value_type} afterwards.\n")
+        prefix = (
+            f"Some special magic {value_type} are hidden within the following text. Make sure to "
+            f"memorize them. I will quiz you about the {value_type} afterwards.\n"
+        )
         if plural:
             question = f"\nWhat are all the special magic {value_type} for {query} mentioned in the provided text?"
             answer_prefix = f" The special magic {value_type} for {query} mentioned in the provided text are"
@@ -103,10 +115,25 @@ class _Niah(Task):
         hay = haystack(n)
         placed = [{"needle": s, "depth": d, "actual_depth": 100 * depth_fraction(hay, s)} for d, s in needles]
         references = [val for key in queried for val in values[key]]
-        return Sample(task=self.name, length=length, depth=depth, seed=seed, prompt=prompt,
-                      references=references, metric="all", max_new_tokens=max_new, num_tokens=num_tokens,
-                      meta={"needles": placed, "haystack": corpus.name, "haystack_sentences": n,
-                            "keys": keys, "queried": queried, "options": opts})
+        return Sample(
+            task=self.name,
+            length=length,
+            depth=depth,
+            seed=seed,
+            prompt=prompt,
+            references=references,
+            metric="all",
+            max_new_tokens=max_new,
+            num_tokens=num_tokens,
+            meta={
+                "needles": placed,
+                "haystack": corpus.name,
+                "haystack_sentences": n,
+                "keys": keys,
+                "queried": queried,
+                "options": opts,
+            },
+        )
 
 
 @register_task

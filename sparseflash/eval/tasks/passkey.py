@@ -25,8 +25,10 @@ from sparseflash.eval.tasks.base import (
 )
 from sparseflash.eval.text import load_corpus, noise_corpus
 
-PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-          "I will quiz you about the important information there.\n")
+PREFIX = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 QUESTION = "\nWhat is the pass key?"
 ANSWER_PREFIX = " The pass key is"
 
@@ -37,8 +39,15 @@ class Passkey(Task):
     description = "a 5-digit pass key in filler text at the asked depth (Landmark Attention)"
     options = {"haystack": "noise", "text_source": "auto"}
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         opts = self.check_options(options)
         check_length_depth(length, depth, True)
         if opts["haystack"] not in ("essay", "noise"):
@@ -59,8 +68,20 @@ class Passkey(Task):
         avg = corpus.num_chars / len(corpus.sentences)
         n, prompt, num_tokens = fit_to_budget(render, tokenizer, length - max_new - 1, avg)
         hay = haystack(n)
-        return Sample(task=self.name, length=length, depth=depth, seed=seed, prompt=prompt, references=[key],
-                      metric="passkey", max_new_tokens=max_new, num_tokens=num_tokens,
-                      meta={"needles": [{"needle": needle, "depth": depth,
-                                         "actual_depth": 100 * depth_fraction(hay, needle)}],
-                            "haystack": corpus.name, "haystack_sentences": n, "options": opts})
+        return Sample(
+            task=self.name,
+            length=length,
+            depth=depth,
+            seed=seed,
+            prompt=prompt,
+            references=[key],
+            metric="passkey",
+            max_new_tokens=max_new,
+            num_tokens=num_tokens,
+            meta={
+                "needles": [{"needle": needle, "depth": depth, "actual_depth": 100 * depth_fraction(hay, needle)}],
+                "haystack": corpus.name,
+                "haystack_sentences": n,
+                "options": opts,
+            },
+        )

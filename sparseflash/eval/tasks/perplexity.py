@@ -23,8 +23,9 @@ from sparseflash.eval.tasks.base import (
 from sparseflash.eval.text import load_corpus
 
 
-def corpus_window(tokenizer: Tokenizer, length: int, seed: int, text_source: str = "auto",
-                  last_tokens: int = 0) -> tuple[str, dict[str, Any]]:
+def corpus_window(
+    tokenizer: Tokenizer, length: int, seed: int, text_source: str = "auto", last_tokens: int = 0
+) -> tuple[str, dict[str, Any]]:
     """A seeded window of the corpus with at least ``length`` tokens (the runner cuts it to exactly ``length``).
 
     Returns:
@@ -58,9 +59,26 @@ class Perplexity(Task):
     options = {"text_source": "auto", "last_tokens": 0}
     metric = "ppl"
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         opts = self.check_options(options)
         text, meta = corpus_window(tokenizer, length, seed, opts["text_source"], int(opts["last_tokens"]))
-        return Sample(task=self.name, length=length, depth=None, seed=seed, prompt=text, references=[],
-                      metric=self.metric, max_new_tokens=0, num_tokens=length, meta=meta)
+        return Sample(
+            task=self.name,
+            length=length,
+            depth=None,
+            seed=seed,
+            prompt=text,
+            references=[],
+            metric=self.metric,
+            max_new_tokens=0,
+            num_tokens=length,
+            meta=meta,
+        )

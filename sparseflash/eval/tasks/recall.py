@@ -23,8 +23,15 @@ class Recall(Task):
     description = "per-layer attention recall and density of each method on the model's own q/k"
     options = {"text_source": "auto", "layers": "all"}
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         opts = self.check_options(options)
         sample = NiahSingle().build(tokenizer, length, 50.0, seed, fmt, text_source=opts["text_source"])
         sample.task, sample.depth, sample.metric, sample.max_new_tokens = self.name, None, "recall", 0

@@ -41,8 +41,11 @@ def _chain(rng: random.Random, name_len: int, value: int) -> tuple[list[str], li
 
 def _context(rng: random.Random, chain_lines: list[str], num_noise: int) -> str:
     noise = [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(num_noise)]
-    positions = sorted(rng.sample(range(num_noise + 1), len(chain_lines))) if num_noise + 1 >= len(chain_lines) \
+    positions = (
+        sorted(rng.sample(range(num_noise + 1), len(chain_lines)))
+        if num_noise + 1 >= len(chain_lines)
         else list(range(len(chain_lines)))
+    )
     out: list[str] = []
     j = 0
     for i in range(num_noise + 1):
@@ -57,8 +60,10 @@ def _context(rng: random.Random, chain_lines: list[str], num_noise: int) -> str:
 
 def _question(value: int) -> tuple[str, str]:
     question = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
-    answer = (f" Answer: According to the chain(s) of variable assignment in the text above, {HOPS + 1} "
-              f"variables are assigned the value {value}, they are:")
+    answer = (
+        f" Answer: According to the chain(s) of variable assignment in the text above, {HOPS + 1} "
+        f"variables are assigned the value {value}, they are:"
+    )
     return question, answer
 
 
@@ -69,8 +74,15 @@ class VariableTracking(Task):
     description = "follow a 4-hop chain of variable assignments in filler (RULER vt)"
     options = {}
 
-    def build(self, tokenizer: Tokenizer, length: int, depth: float | None, seed: int,
-              fmt: PromptFormat = plain_format, **options: Any) -> Sample:
+    def build(
+        self,
+        tokenizer: Tokenizer,
+        length: int,
+        depth: float | None,
+        seed: int,
+        fmt: PromptFormat = plain_format,
+        **options: Any,
+    ) -> Sample:
         self.check_options(options)
         check_length_depth(length, None, False)
         rng = rng_for(seed)
@@ -91,6 +103,15 @@ class VariableTracking(Task):
 
         avg = sum(len(s) + 1 for s in NOISE_SENTENCES) / len(NOISE_SENTENCES)
         n, prompt, num_tokens = fit_to_budget(render, tokenizer, length - max_new - 1, avg)
-        return Sample(task=self.name, length=length, depth=None, seed=seed, prompt=prompt, references=names,
-                      metric="all", max_new_tokens=max_new, num_tokens=num_tokens,
-                      meta={"chain": lines, "noise_lines": n, "example_answer": ex_names})
+        return Sample(
+            task=self.name,
+            length=length,
+            depth=None,
+            seed=seed,
+            prompt=prompt,
+            references=names,
+            metric="all",
+            max_new_tokens=max_new,
+            num_tokens=num_tokens,
+            meta={"chain": lines, "noise_lines": n, "example_answer": ex_names},
+        )

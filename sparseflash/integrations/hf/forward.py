@@ -47,13 +47,7 @@ def _mask_with_padding(*args: Any, **kwargs: Any) -> torch.Tensor | None:
         and _is_zero(kwargs.get("q_offset", 0))
         and _is_zero(kwargs.get("kv_offset", 0))
     )
-    if (
-        isinstance(mask, torch.Tensor)
-        and plain
-        and isinstance(pad, torch.Tensor)
-        and pad.ndim == 2
-        and q_len == kv_len
-    ):
+    if isinstance(mask, torch.Tensor) and plain and isinstance(pad, torch.Tensor) and pad.ndim == 2 and q_len == kv_len:
         pad = prepare_padding_mask(pad, kv_len, 0)
         if pad is not None and tuple(pad.shape) == (mask.shape[0], kv_len):
             setattr(mask, _PAD_ATTR, pad.to(torch.bool))
@@ -216,7 +210,14 @@ def _prefill(
         from sparseflash.ops.prefill.dropped_blocks import dropped_block_attention
 
         out, lse = block_sparse_attention(
-            q, k, v, layout, causal=True, scale=scaling, check_indices=False, return_lse=True,
+            q,
+            k,
+            v,
+            layout,
+            causal=True,
+            scale=scaling,
+            check_indices=False,
+            return_lse=True,
             backend=state.backend,
         )
         out, _ = merge_attention_states(out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling))
@@ -228,9 +229,7 @@ def _prefill(
     if tail > 0:
         # the last rows (the question and the answer prefix, whose hidden states give the first answer token)
         # attend every key exactly: O(tail * N) work, bottom-right causal over the whole prompt
-        out[:, :, -tail:] = flash_attention(
-            q[:, :, -tail:], k, v, causal=True, scale=scaling, backend=state.backend
-        )
+        out[:, :, -tail:] = flash_attention(q[:, :, -tail:], k, v, causal=True, scale=scaling, backend=state.backend)
     if state.on_prefill is not None:
         state.on_prefill(plan.layer_idx, _work_density(layout, tail))
     return out
@@ -258,12 +257,7 @@ def _decode(
     """One new token per sequence over the whole cache (batch rows all of length seq_len_k)."""
     from sparseflash.ops.decode.api import decode_attention as kernel
 
-    sparse = (
-        state.decode == "sparse"
-        and plan.method != DENSE
-        and window is None
-        and k.shape[2] >= state.min_sparse_len
-    )
+    sparse = state.decode == "sparse" and plan.method != DENSE and window is None and k.shape[2] >= state.min_sparse_len
     lens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     if sparse:
         state.calls["decode_sparse"] += 1

@@ -17,9 +17,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "sparseflash.patch needs transformers: pip install 'transformers>=5.17' accelerate"
-        ) from err
+        raise ImportError("sparseflash.patch needs transformers: pip install 'transformers>=5.17' accelerate") from err
     return transformers
 
 
@@ -34,9 +32,7 @@ def _check_model(model: Any) -> None:
         )
     causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if not any(cls.__name__ in causal_names for cls in type(model).__mro__):
-        raise TypeError(
-            f"model: expected a transformers causal LM (*ForCausalLM), got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected a transformers causal LM (*ForCausalLM), got {type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(

@@ -227,7 +227,7 @@ def _build_state(
 
     settings = _patch_settings(method, options)
     dense_layers, layer_options = settings["dense_layers"], settings["layer_options"]
-    from sparseflash.calibration import apply_calibration, pop_calibration
+    from sparseflash.calibration_file import apply_calibration, pop_calibration
 
     calibration = pop_calibration(method, options)
     if calibration is not None:  # its per-layer values become layer_options
@@ -309,8 +309,7 @@ def _dry_run(modules: Mapping[int, torch.nn.Module], state: PatchState) -> None:
                 _select(probe, qq, k, getattr(module, "scaling", None), "torch")
             except (ValueError, TypeError, NotImplementedError) as err:
                 raise ValueError(
-                    f"method {plan.method!r} (layer {idx}, {what}) rejected its options "
-                    f"{dict(plan.options)}: {err}"
+                    f"method {plan.method!r} (layer {idx}, {what}) rejected its options {dict(plan.options)}: {err}"
                 ) from None
 
 
@@ -320,5 +319,3 @@ def _register() -> None:
 
     AttentionInterface.register(ATTN_NAME, attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, _mask_with_padding)
-
-

@@ -36,8 +36,14 @@ _CONFIG_ATTR = "_sparseflash_configs"  # on the model: [(module, its original co
 _PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
 _LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
 _PATCH_KEYS = (
-    "dense_layers", "min_sparse_len", "dense_last_queries", "approximate_dropped", "decode", "layer_options",
-    "backend", "calibration",
+    "dense_layers",
+    "min_sparse_len",
+    "dense_last_queries",
+    "approximate_dropped",
+    "decode",
+    "layer_options",
+    "backend",
+    "calibration",
 )
 
 
@@ -108,9 +114,7 @@ def _check_pattern_options(method: str, options: Mapping[str, Any], where: str) 
             raise ValueError(f"{where}: method 'dense' takes no options, got {sorted(options)}")
         return {}
     if "causal" in options:
-        raise ValueError(
-            f"{where}: option 'causal' is fixed to True for a causal LM, got causal={options['causal']!r}"
-        )
+        raise ValueError(f"{where}: option 'causal' is fixed to True for a causal LM, got causal={options['causal']!r}")
     try:
         check_options(method, dict(options))
     except ValueError as err:
@@ -134,9 +138,7 @@ def _layer_index(name: str, value: object, num_layers: int) -> int:
     return value % num_layers
 
 
-def check_patch_options(
-    method: str, options: Mapping[str, Any] | None = None, num_layers: int | None = None
-) -> None:
+def check_patch_options(method: str, options: Mapping[str, Any] | None = None, num_layers: int | None = None) -> None:
     """Check ``patch(model, method, **options)``'s method and options without a model: the checks :func:`patch`
     runs, plus each pattern's own option checks on a small random CPU input.
 
@@ -155,14 +157,16 @@ def check_patch_options(
         raise TypeError(f"options: expected a dict of options, got {type(options).__name__}")
     opts = with_safe_options(method, options or {})
     settings = _patch_settings(method, opts)
-    from sparseflash.calibration import pop_calibration
+    from sparseflash.calibration_file import pop_calibration
 
     given = opts.get("calibration")
     try:
         pop_calibration(method, opts)  # loads and checks the file; its per-layer values are applied by patch
     except OSError as err:
-        raise ValueError(f"calibration: expected a readable file written by `sparseflash calibrate`, got "
-                         f"{str(given)!r} ({err.strerror or err})") from None
+        raise ValueError(
+            f"calibration: expected a readable file written by `sparseflash calibrate`, got "
+            f"{str(given)!r} ({err.strerror or err})"
+        ) from None
     global_options = _check_pattern_options(method, opts, method)
     overrides = _layer_overrides(
         method, global_options, settings["dense_layers"], settings["layer_options"], num_layers
@@ -186,8 +190,10 @@ def probe_qk(heads: int, kv_heads: int, head_dim: int, block_size: object) -> tu
     sizes = [b for b in (block_size if isinstance(block_size, tuple | list) else [block_size]) if isinstance(b, int)]
     length = max([256] + [2 * b for b in sizes if 0 < b <= 1024])
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(1, heads, length, head_dim, generator=gen),
-            torch.randn(1, kv_heads, length, head_dim, generator=gen))
+    return (
+        torch.randn(1, heads, length, head_dim, generator=gen),
+        torch.randn(1, kv_heads, length, head_dim, generator=gen),
+    )
 
 
 def _probe_pattern(method: str, options: Mapping[str, Any], where: str) -> None:
@@ -236,17 +242,24 @@ def _patch_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
     )
     approximate_dropped = options.pop("approximate_dropped", DEFAULT_APPROXIMATE_DROPPED)
     if not isinstance(approximate_dropped, bool):
-        raise TypeError(f"approximate_dropped: expected a bool, got {type(approximate_dropped).__name__} "
-                        f"{approximate_dropped!r}")
+        raise TypeError(
+            f"approximate_dropped: expected a bool, got {type(approximate_dropped).__name__} {approximate_dropped!r}"
+        )
     backend = options.pop("backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     layer_options = options.pop("layer_options", None) or {}
     if not isinstance(layer_options, Mapping):
         raise TypeError(f"layer_options: expected a dict {{layer: method or options}}, got {layer_options!r}")
-    return {"dense_layers": dense_layers, "min_sparse_len": min_sparse_len, "decode": decode,
-            "dense_last_queries": dense_last_queries, "approximate_dropped": approximate_dropped,
-            "backend": backend, "layer_options": layer_options}
+    return {
+        "dense_layers": dense_layers,
+        "min_sparse_len": min_sparse_len,
+        "decode": decode,
+        "dense_last_queries": dense_last_queries,
+        "approximate_dropped": approximate_dropped,
+        "backend": backend,
+        "layer_options": layer_options,
+    }
 
 
 def _layer_overrides(

@@ -157,8 +157,9 @@ def decode_attention(
         kv_block_indices, kv_block_counts, block_size = _layout_block_lists(
             layout, q, k_cache, kv_block_indices, kv_block_counts, block_size
         )
-    dims = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, page_table, kv_block_indices, kv_block_counts,
-                               block_size, num_splits)
+    dims = check_decode_inputs(
+        q, k_cache, v_cache, cache_seqlens, page_table, kv_block_indices, kv_block_counts, block_size, num_splits
+    )
     scale = check_scale(scale, dims.head_dim)
     backend = check_backend(backend, q.device)
     check_grad(backend, q=q, k_cache=k_cache, v_cache=v_cache)
@@ -166,18 +167,42 @@ def decode_attention(
         raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
     lengths = as_int32_lengths(cache_seqlens, dims, q.device)  # a list's values are checked here
     if check_values:  # an int64 tensor is checked before its int32 copy is used
-        check_decode_values(dims, cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else lengths, page_table,
-                            kv_block_indices, kv_block_counts)
+        check_decode_values(
+            dims,
+            cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else lengths,
+            page_table,
+            kv_block_indices,
+            kv_block_counts,
+        )
     cache_seqlens = lengths
     if backend == "torch":
-        out, lse = decode_reference(q, k_cache, v_cache, cache_seqlens, scale=scale, page_table=page_table,
-                                    kv_block_indices=kv_block_indices, kv_block_counts=kv_block_counts,
-                                    block_size=block_size, dtype=torch.float32)
+        out, lse = decode_reference(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            scale=scale,
+            page_table=page_table,
+            kv_block_indices=kv_block_indices,
+            kv_block_counts=kv_block_counts,
+            block_size=block_size,
+            dtype=torch.float32,
+        )
         out = out.to(q.dtype)
     else:
-        out, lse = decode_forward(q, k_cache, v_cache, cache_seqlens, dims, scale=scale, page_table=page_table,
-                                  kv_block_indices=kv_block_indices, kv_block_counts=kv_block_counts,
-                                  num_splits=num_splits, return_lse=return_lse)
+        out, lse = decode_forward(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            dims,
+            scale=scale,
+            page_table=page_table,
+            kv_block_indices=kv_block_indices,
+            kv_block_counts=kv_block_counts,
+            num_splits=num_splits,
+            return_lse=return_lse,
+        )
     return (out, lse) if return_lse else out
 
 
@@ -191,9 +216,7 @@ def _layout_block_lists(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``layout`` as the decode kernel's block lists (checked: a BlockLayout, no block lists given as well)."""
     if kv_block_indices is not None or kv_block_counts is not None or block_size is not None:
-        raise ValueError(
-            "layout: expected either layout or kv_block_indices/kv_block_counts/block_size, got both"
-        )
+        raise ValueError("layout: expected either layout or kv_block_indices/kv_block_counts/block_size, got both")
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a sparseflash.BlockLayout, got {type(layout).__name__}")
     check_tensor("q", q, ndim=4)

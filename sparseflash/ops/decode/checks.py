@@ -73,8 +73,9 @@ def _check_lengths(cache_seqlens: object, batch: int, device: torch.device) -> N
         raise ValueError(f"cache_seqlens: expected device {device} (from q), got {cache_seqlens.device}")
 
 
-def as_int32_lengths(cache_seqlens: torch.Tensor | list[int] | tuple[int, ...], dims: DecodeDims,
-                     device: torch.device) -> torch.Tensor:
+def as_int32_lengths(
+    cache_seqlens: torch.Tensor | list[int] | tuple[int, ...], dims: DecodeDims, device: torch.device
+) -> torch.Tensor:
     """``cache_seqlens`` (checked by :func:`check_decode_inputs`) as an int32 tensor on ``device``.
 
     A list's values are on the host already, so they are always checked against ``[0, capacity]``; a tensor's
@@ -179,16 +180,22 @@ def check_decode_inputs(
             raise ValueError(f"block_size: expected a power of two >= 16, got {block_size}")
         check_tensor("kv_block_indices", kv_block_indices, ndim=3)
         list_capacity, block = kv_block_indices.shape[2], block_size
-        _int32("kv_block_indices", kv_block_indices, (batch, num_kv_heads, list_capacity), device,
-               "batch, num_kv_heads, slots")
+        _int32(
+            "kv_block_indices",
+            kv_block_indices,
+            (batch, num_kv_heads, list_capacity),
+            device,
+            "batch, num_kv_heads, slots",
+        )
         _int32("kv_block_counts", kv_block_counts, (batch, num_kv_heads), device, "batch, num_kv_heads")
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int):
             raise TypeError(f"num_splits: expected an int or None, got {type(num_splits).__name__}")
         if not 1 <= num_splits <= 4096:
             raise ValueError(f"num_splits: expected an int in [1, 4096], got {num_splits}")
-    return DecodeDims(batch, num_heads, num_kv_heads, seq_len_q, head_dim, capacity, page_size, num_pages,
-                      block, list_capacity)
+    return DecodeDims(
+        batch, num_heads, num_kv_heads, seq_len_q, head_dim, capacity, page_size, num_pages, block, list_capacity
+    )
 
 
 def check_decode_values(

@@ -15,10 +15,23 @@ from sparseflash.ops.triton_common import LN2
 
 @triton.jit
 def decode_combine_kernel(
-    O_PART, LSE_PART, O, LSE,
-    stride_ob, stride_oh, stride_os, stride_od,
-    NUM_KV_HEADS, G, S_Q, ROWS, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    O,
+    LSE,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    NUM_KV_HEADS,
+    G,
+    S_Q,
+    ROWS,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr,
 ):
     """Merge the NUM_SPLITS partials of one (batch, KV head, row) by log-sum-exp into O and LSE.
@@ -53,12 +66,16 @@ def decode_combine_kernel(
         part = base + (first + offs_c).to(tl.int64) * ROWS  # [SPLIT_CHUNK]
         lse_c = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
         w = tl.math.exp2(lse_c - lse_tot)  # 0 for empty splits
-        o_c = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                      other=0.0)  # [SPLIT_CHUNK, BLOCK_D]
+        o_c = tl.load(
+            O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [SPLIT_CHUNK, BLOCK_D]
         acc += tl.sum(w[:, None] * o_c, 0)
     acc = tl.where(empty, 0.0, acc)
-    tl.store(O + b64 * stride_ob + head * stride_oh + t * stride_os + offs_d * stride_od,
-             acc.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(
+        O + b64 * stride_ob + head * stride_oh + t * stride_os + offs_d * stride_od,
+        acc.to(O.dtype.element_ty),
+        mask=d_ok,
+    )
     if RETURN_LSE:
         lse = tl.where(empty, float("-inf"), lse_tot * LN2)
         tl.store(LSE + (b64 * NUM_KV_HEADS * G + head) * S_Q + t, lse)

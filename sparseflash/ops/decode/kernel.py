@@ -43,11 +43,32 @@ from sparseflash.ops.triton_common import LN2, guarded_pv
 
 @triton.jit
 def _attend(
-    acc, l_i, m_i, q,
-    K_h, V_h, PT_row, start_n, kv_ok, tile_live, q_pos, qk_scale,
-    stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_ptp,
-    MASK: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_h,
+    V_h,
+    PT_row,
+    start_n,
+    kv_ok,
+    tile_live,
+    q_pos,
+    qk_scale,
+    stride_kp,
+    stride_ks,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vd,
+    stride_ptp,
+    MASK: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One BLOCK_N-key step of the online softmax over keys ``start_n + [0, BLOCK_N)``.
 
@@ -118,20 +139,57 @@ def _attend(
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, PAGE_TABLE, BLOCK_IDX, BLOCK_CNT,
-    O, LSE, O_PART, LSE_PART,
+    Q,
+    K,
+    V,
+    SEQLENS,
+    PAGE_TABLE,
+    BLOCK_IDX,
+    BLOCK_CNT,
+    O,
+    LSE,
+    O_PART,
+    LSE_PART,
     qk_scale,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ptb, stride_ptp,
-    stride_ib, stride_ih, stride_ic,
-    stride_cb, stride_ch,
-    stride_ob, stride_oh, stride_os, stride_od,
-    NUM_KV_HEADS, G, S_Q, ROWS, NUM_ROW_TILES, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ptb,
+    stride_ptp,
+    stride_ib,
+    stride_ih,
+    stride_ic,
+    stride_cb,
+    stride_ch,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    NUM_KV_HEADS,
+    G,
+    S_Q,
+    ROWS,
+    NUM_ROW_TILES,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SPARSE: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     """Partial (SPLIT) or final attention of one (split, row tile, batch, KV head).
 
@@ -160,8 +218,11 @@ def decode_split_kernel(
     seq_len = tl.load(SEQLENS + b)
     q_pos = seq_len - S_Q + t  # position of the row's token in its sequence
 
-    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qs
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if PAGED:
         K_h = K + h64 * stride_kh
         V_h = V + h64 * stride_vh
@@ -192,17 +253,65 @@ def decode_split_kernel(
             live = blk < tail_first
             kv_ok = (offs_n < BLOCK_N) & live
             acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, live, q_pos, qk_scale,
-                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
-                1, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_h,
+                V_h,
+                PT_row,
+                start_n,
+                kv_ok,
+                live,
+                q_pos,
+                qk_scale,
+                stride_kb,
+                stride_ks,
+                stride_kd,
+                stride_vb,
+                stride_vs,
+                stride_vd,
+                stride_ptp,
+                1,
+                PAGED,
+                PAGE_SIZE,
+                PAGE_ALIGNED,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+            )
         # the tail: causal mask and sequence end
         for it in range(tl.maximum(item_lo, count) * SUBS, item_hi * SUBS):
             start_n = (tail_first + it // SUBS - count) * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
             kv_ok = start_n + offs_n < seq_len
             acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, start_n < seq_len, q_pos, qk_scale,
-                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
-                2, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_h,
+                V_h,
+                PT_row,
+                start_n,
+                kv_ok,
+                start_n < seq_len,
+                q_pos,
+                qk_scale,
+                stride_kb,
+                stride_ks,
+                stride_kd,
+                stride_vb,
+                stride_vs,
+                stride_vd,
+                stride_ptp,
+                2,
+                PAGED,
+                PAGE_SIZE,
+                PAGE_ALIGNED,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+            )
     else:
         chunk = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = split * chunk
@@ -211,15 +320,63 @@ def decode_split_kernel(
         full_hi = lo + tl.maximum(all_see - lo, 0) // BLOCK_N * BLOCK_N
         for start_n in range(lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, offs_n < BLOCK_N, True, q_pos, qk_scale,
-                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
-                0, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_h,
+                V_h,
+                PT_row,
+                start_n,
+                offs_n < BLOCK_N,
+                True,
+                q_pos,
+                qk_scale,
+                stride_kb,
+                stride_ks,
+                stride_kd,
+                stride_vb,
+                stride_vs,
+                stride_vd,
+                stride_ptp,
+                0,
+                PAGED,
+                PAGE_SIZE,
+                PAGE_ALIGNED,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+            )
         for start_n in range(full_hi, hi, BLOCK_N):
             kv_ok = start_n + offs_n < hi
             acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, K_h, V_h, PT_row, start_n, kv_ok, start_n < hi, q_pos, qk_scale,
-                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_ptp,
-                2, PAGED, PAGE_SIZE, PAGE_ALIGNED, HEAD_DIM, BLOCK_D, BLOCK_N)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_h,
+                V_h,
+                PT_row,
+                start_n,
+                kv_ok,
+                start_n < hi,
+                q_pos,
+                qk_scale,
+                stride_kb,
+                stride_ks,
+                stride_kd,
+                stride_vb,
+                stride_vs,
+                stride_vd,
+                stride_ptp,
+                2,
+                PAGED,
+                PAGE_SIZE,
+                PAGE_ALIGNED,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+            )
 
     empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
     l_safe = tl.where(empty, 1.0, l_i)
@@ -227,11 +384,13 @@ def decode_split_kernel(
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     if SPLIT:
         part_row = (bh.to(tl.int64) * NUM_SPLITS + split) * ROWS + rows  # [BLOCK_M] int64
-        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], out,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE_PART + part_row, lse2, mask=row_ok)
     else:
-        tl.store(O + b64 * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_os
-                 + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            O + b64 * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_os + offs_d[None, :] * stride_od,
+            out.to(O.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
         if RETURN_LSE:
             tl.store(LSE + (b64 * NUM_KV_HEADS * G + head) * S_Q + t, lse2 * LN2, mask=row_ok)

@@ -108,8 +108,9 @@ def decode_forward(
         if sparse:
             tail = triton.cdiv(dims.seq_len_q - 1, dims.block_size) + 1
             work = min(work, (dims.list_capacity + tail) * dims.block_size)
-        num_splits = choose_num_splits(dims.batch, dims.num_kv_heads, work, num_sms(q.device), block_n=block_n,
-                                       row_tiles=row_tiles)
+        num_splits = choose_num_splits(
+            dims.batch, dims.num_kv_heads, work, num_sms(q.device), block_n=block_n, row_tiles=row_tiles
+        )
     split = num_splits > 1
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -117,10 +118,10 @@ def decode_forward(
     dummy_f = torch.empty(1, dtype=torch.float32, device=q.device)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=q.device)
     if split:
-        o_part = torch.empty(dims.batch, dims.num_kv_heads, num_splits, rows, dims.head_dim, dtype=torch.float32,
-                             device=q.device)
-        lse_part = torch.empty(dims.batch, dims.num_kv_heads, num_splits, rows, dtype=torch.float32,
-                               device=q.device)
+        o_part = torch.empty(
+            dims.batch, dims.num_kv_heads, num_splits, rows, dims.head_dim, dtype=torch.float32, device=q.device
+        )
+        lse_part = torch.empty(dims.batch, dims.num_kv_heads, num_splits, rows, dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = dummy_f
     paged = page_table is not None
@@ -136,24 +137,61 @@ def decode_forward(
 
     grid = (num_splits * row_tiles * dims.batch * dims.num_kv_heads,)
     decode_split_kernel[grid](
-        q, k_cache, v_cache, cache_seqlens, pt, idx, cnt,
-        out, lse if lse is not None else dummy_f, o_part, lse_part,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        pt,
+        idx,
+        cnt,
+        out,
+        lse if lse is not None else dummy_f,
+        o_part,
+        lse_part,
         scale * LOG2E,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *pt_strides, *i_strides, *c_strides, *out.stride(),
-        dims.num_kv_heads, dims.group_size, dims.seq_len_q, rows, row_tiles, num_splits,
-        HEAD_DIM=dims.head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGED=paged, PAGE_SIZE=max(dims.page_size, 1), SPARSE=sparse, SPARSE_BLOCK=max(dims.block_size, 1),
-        SPLIT=split, RETURN_LSE=return_lse,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *pt_strides,
+        *i_strides,
+        *c_strides,
+        *out.stride(),
+        dims.num_kv_heads,
+        dims.group_size,
+        dims.seq_len_q,
+        rows,
+        row_tiles,
+        num_splits,
+        HEAD_DIM=dims.head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PAGED=paged,
+        PAGE_SIZE=max(dims.page_size, 1),
+        SPARSE=sparse,
+        SPARSE_BLOCK=max(dims.block_size, 1),
+        SPLIT=split,
+        RETURN_LSE=return_lse,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if split:
         splits_pow2 = triton.next_power_of_2(num_splits)
         decode_combine_kernel[(dims.batch * dims.num_kv_heads * rows,)](
-            o_part, lse_part, out, lse if lse is not None else dummy_f,
+            o_part,
+            lse_part,
+            out,
+            lse if lse is not None else dummy_f,
             *out.stride(),
-            dims.num_kv_heads, dims.group_size, dims.seq_len_q, rows, num_splits,
-            HEAD_DIM=dims.head_dim, BLOCK_D=block_d, SPLITS_POW2=splits_pow2, SPLIT_CHUNK=min(16, splits_pow2),
+            dims.num_kv_heads,
+            dims.group_size,
+            dims.seq_len_q,
+            rows,
+            num_splits,
+            HEAD_DIM=dims.head_dim,
+            BLOCK_D=block_d,
+            SPLITS_POW2=splits_pow2,
+            SPLIT_CHUNK=min(16, splits_pow2),
             RETURN_LSE=return_lse,
             num_warps=4,
         )

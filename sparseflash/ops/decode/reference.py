@@ -117,8 +117,14 @@ def decode_reference(
     if page_table is not None:
         k_cache, v_cache = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
     capacity = k_cache.shape[2]
-    mask = decode_key_mask(cache_seqlens, seq_len_q, capacity, kv_block_indices=kv_block_indices,
-                           kv_block_counts=kv_block_counts, block_size=block_size)
+    mask = decode_key_mask(
+        cache_seqlens,
+        seq_len_q,
+        capacity,
+        kv_block_indices=kv_block_indices,
+        kv_block_counts=kv_block_counts,
+        block_size=block_size,
+    )
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=dtype, device=q.device)
     for b, length in enumerate(cache_seqlens.tolist()):

@@ -136,6 +136,17 @@ def block_sparse_attention(
     layout.validate(q, k, check_indices=check_indices)
     backend = check_backend(backend, q.device)
     check_grad(backend, q=q, k=k, v=v)
-    out, lse = sparse_forward(q, k, v, layout, causal=causal, scale=scale, seq_lens=seq_lens,
-                              padding_side=padding_side, return_lse=return_lse, pack_gqa=pack_gqa, backend=backend)
+    out, lse = sparse_forward(
+        q,
+        k,
+        v,
+        layout,
+        causal=causal,
+        scale=scale,
+        seq_lens=seq_lens,
+        padding_side=padding_side,
+        return_lse=return_lse,
+        pack_gqa=pack_gqa,
+        backend=backend,
+    )
     return (out, lse) if return_lse else out

@@ -108,18 +108,23 @@ def flash_attention(
     backend = check_backend(backend, q.device)
     check_grad(backend, q=q, k=k, v=v)
     if backend == "torch":
-        out = None if return_lse else sdpa_attention(q, k, v, causal=causal, scale=scale, seq_lens=seq_lens,
-                                                     padding_side=padding_side)
+        out = (
+            None
+            if return_lse
+            else sdpa_attention(q, k, v, causal=causal, scale=scale, seq_lens=seq_lens, padding_side=padding_side)
+        )
         if out is None:
-            out, lse = attention_torch(q, k, v, causal=causal, scale=scale, seq_lens=seq_lens,
-                                       padding_side=padding_side)
+            out, lse = attention_torch(
+                q, k, v, causal=causal, scale=scale, seq_lens=seq_lens, padding_side=padding_side
+            )
     else:
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
         from sparseflash.ops.prefill.launcher import prefill_forward
 
-        out, lse = prefill_forward(q, k, v, causal=causal, scale=scale, seq_lens=seq_lens,
-                                   padding_side=padding_side, return_lse=return_lse)
+        out, lse = prefill_forward(
+            q, k, v, causal=causal, scale=scale, seq_lens=seq_lens, padding_side=padding_side, return_lse=return_lse
+        )
     return (out, lse) if return_lse else out
 
 
@@ -157,8 +162,9 @@ def sdpa_attention(
             mask = mask & torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=q.device).tril()
         kwargs = {"attn_mask": mask}
     elif causal and seq_len_q < seq_len_k:
-        kwargs = {"attn_mask": torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=q.device).tril(
-            seq_len_k - seq_len_q)}
+        kwargs = {
+            "attn_mask": torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=q.device).tril(seq_len_k - seq_len_q)
+        }
     if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
         return None
     out = torch.nn.functional.scaled_dot_product_attention(

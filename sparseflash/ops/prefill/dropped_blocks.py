@@ -137,9 +137,14 @@ def dropped_block_attention_reference(
                 blocks = dropped[min(b, dropped.shape[0] - 1), h, i // bq].nonzero().flatten().tolist()
                 if not blocks:
                     continue
-                logit = torch.stack([q[b, h, i].double() @ kh[j * bk:(j + 1) * bk].mean(0) * scale
-                                     + math.log(kh[j * bk:(j + 1) * bk].shape[0]) for j in blocks])
+                logit = torch.stack(
+                    [
+                        q[b, h, i].double() @ kh[j * bk : (j + 1) * bk].mean(0) * scale
+                        + math.log(kh[j * bk : (j + 1) * bk].shape[0])
+                        for j in blocks
+                    ]
+                )
                 p = torch.softmax(logit, 0)
-                out[b, h, i] = sum(p[n] * vh[j * bk:(j + 1) * bk].mean(0) for n, j in enumerate(blocks))
+                out[b, h, i] = sum(p[n] * vh[j * bk : (j + 1) * bk].mean(0) for n, j in enumerate(blocks))
                 lse[b, h, i] = torch.logsumexp(logit, 0)
     return out, lse

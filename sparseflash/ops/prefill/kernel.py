@@ -26,13 +26,32 @@ from sparseflash.ops.triton_common import LN2, guarded_pv
 
 @triton.jit
 def _attend_tile(
-    acc, l_i, m_i, q,
-    K_head, V_head, start_n,
-    q_pos, row_ok, seq_lo, seq_hi, guard_from,
-    stride_ks, stride_kd, stride_vs, stride_vd,
-    S_K, causal_offset, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, OFFS_64: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_head,
+    V_head,
+    start_n,
+    q_pos,
+    row_ok,
+    seq_lo,
+    seq_hi,
+    guard_from,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    S_K,
+    causal_offset,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    OFFS_64: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -49,8 +68,11 @@ def _attend_tile(
     else:
         kv_ok = offs_n < BLOCK_N
     # [BLOCK_D, BLOCK_N]
-    k = tl.load(K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
-                mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
+    k = tl.load(
+        K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
+        mask=d_ok[:, None] & kv_ok[None, :],
+        other=0.0,
+    )
     qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
     if MASKED:
         ok = kv_ok[None, :] & row_ok[:, None]
@@ -68,8 +90,11 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     # [BLOCK_N, BLOCK_D]
-    v = tl.load(V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(
+        V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=kv_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if MASKED:
         if start_n + BLOCK_N > guard_from:
             # a key some stored row of the tile does not attend (past its causal horizon, or any key for a
@@ -85,21 +110,61 @@ def _attend_tile(
 
 @triton.jit
 def prefill_fwd_kernel(
-    Q, K, V, O, LSE,
-    KV_NUM, KV_IDX, WORK_ORDER, SEQ_LO, SEQ_HI,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KV_NUM,
+    KV_IDX,
+    WORK_ORDER,
+    SEQ_LO,
+    SEQ_HI,
     qk_scale,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_nb, stride_nh, stride_nm,
-    stride_ib, stride_ih, stride_im, stride_ik,
-    HQ, G, LAYOUT_DIV, S_Q, S_K, NUM_TILES, NUM_BH,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
-    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BLOCK_Q: tl.constexpr, LAYOUT_BLOCK_K: tl.constexpr,
-    CAPACITY_POW2: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    OFFS_64: tl.constexpr, PREFETCH: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    stride_nb,
+    stride_nh,
+    stride_nm,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    stride_ik,
+    HQ,
+    G,
+    LAYOUT_DIV,
+    S_Q,
+    S_K,
+    NUM_TILES,
+    NUM_BH,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SPARSE: tl.constexpr,
+    LAYOUT_BLOCK_Q: tl.constexpr,
+    LAYOUT_BLOCK_K: tl.constexpr,
+    CAPACITY_POW2: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    OFFS_64: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // PACK
     pid = tl.program_id(0)
@@ -143,8 +208,9 @@ def prefill_fwd_kernel(
         q_row = q_pos
         head_row = head
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b64 * stride_qb + head_row[:, None] * stride_qh + q_row[:, None] * stride_qs \
-        + offs_d[None, :] * stride_qd
+    q_ptrs = (
+        Q + b64 * stride_qb + head_row[:, None] * stride_qh + q_row[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     K_head = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -187,15 +253,63 @@ def prefill_fwd_kernel(
             else:
                 start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
-                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
-                False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_head,
+                V_head,
+                start_n,
+                q_pos,
+                row_ok,
+                seq_lo,
+                seq_hi,
+                guard_from,
+                stride_ks,
+                stride_kd,
+                stride_vs,
+                stride_vd,
+                S_K,
+                causal_offset,
+                qk_scale,
+                False,
+                CAUSAL,
+                HAS_SEQ_LENS,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                OFFS_64,
+            )
         for it in range(n_iter, n_blocks * SUBS):
             start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
-                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
-                True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_head,
+                V_head,
+                start_n,
+                q_pos,
+                row_ok,
+                seq_lo,
+                seq_hi,
+                guard_from,
+                stride_ks,
+                stride_kd,
+                stride_vs,
+                stride_vd,
+                S_K,
+                causal_offset,
+                qk_scale,
+                True,
+                CAUSAL,
+                HAS_SEQ_LENS,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                OFFS_64,
+            )
     else:
         lo = 0
         hi = any_see
@@ -206,25 +320,73 @@ def prefill_fwd_kernel(
             full_hi = lo
         for start_n in range(lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
-                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
-                False, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_head,
+                V_head,
+                start_n,
+                q_pos,
+                row_ok,
+                seq_lo,
+                seq_hi,
+                guard_from,
+                stride_ks,
+                stride_kd,
+                stride_vs,
+                stride_vd,
+                S_K,
+                causal_offset,
+                qk_scale,
+                False,
+                CAUSAL,
+                HAS_SEQ_LENS,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                OFFS_64,
+            )
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, K_head, V_head, start_n, q_pos, row_ok, seq_lo, seq_hi, guard_from,
-                stride_ks, stride_kd, stride_vs, stride_vd, S_K, causal_offset, qk_scale,
-                True, CAUSAL, HAS_SEQ_LENS, HEAD_DIM, BLOCK_D, BLOCK_N, OFFS_64)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_head,
+                V_head,
+                start_n,
+                q_pos,
+                row_ok,
+                seq_lo,
+                seq_hi,
+                guard_from,
+                stride_ks,
+                stride_kd,
+                stride_vs,
+                stride_vd,
+                S_K,
+                causal_offset,
+                qk_scale,
+                True,
+                CAUSAL,
+                HAS_SEQ_LENS,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                OFFS_64,
+            )
 
     # every real (query, head) row is written, padded ones too (0 and -inf)
     store_ok = (offs_m < QPT * PACK) & (q_pos < S_Q)
     empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b64 * stride_ob + head_row[:, None] * stride_oh + q_row[:, None] * stride_os \
-        + offs_d[None, :] * stride_od
+    o_ptrs = (
+        O + b64 * stride_ob + head_row[:, None] * stride_oh + q_row[:, None] * stride_os + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         lse_ptrs = LSE + (b64 * HQ + head_row) * S_Q + q_row
         tl.store(lse_ptrs, lse, mask=store_ok)
-

@@ -68,12 +68,31 @@ def sparse_forward(
     (fp16/bf16 only). Returns ``(out, lse)``, lse None without ``return_lse``.
     """
     if backend == "torch":
-        return block_sparse_torch(q, k, v, layout, causal=causal, scale=scale, seq_lens=seq_lens,
-                                  padding_side=padding_side, return_lse=return_lse)
+        return block_sparse_torch(
+            q,
+            k,
+            v,
+            layout,
+            causal=causal,
+            scale=scale,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            return_lse=return_lse,
+        )
     if q.dtype not in GPU_DTYPES:
         raise TypeError(f"q: expected float16 or bfloat16 for the Triton kernel, got {q.dtype}")
-    return prefill_forward(q, k, v, causal=causal, scale=scale, layout=layout, seq_lens=seq_lens,
-                           padding_side=padding_side, return_lse=return_lse, pack_gqa=pack_gqa)
+    return prefill_forward(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        seq_lens=seq_lens,
+        padding_side=padding_side,
+        return_lse=return_lse,
+        pack_gqa=pack_gqa,
+    )
 
 
 def prefill_forward(
@@ -142,8 +161,9 @@ def prefill_forward(
         n_strides = (num.stride(0) if layout.batch > 1 else 0, num.stride(1), num.stride(2))
         i_strides = (idx.stride(0) if layout.batch > 1 else 0, idx.stride(1), idx.stride(2), idx.stride(3))
         capacity_pow2 = triton.next_power_of_2(layout.capacity)
-        work_order = _longest_first(num, batch, num_packs, pack, layout_div, num_tiles, queries_per_tile,
-                                    layout.block_size[0])
+        work_order = _longest_first(
+            num, batch, num_packs, pack, layout_div, num_tiles, queries_per_tile, layout.block_size[0]
+        )
         layout_block = layout.block_size
     else:
         num = idx = work_order = dummy
@@ -151,18 +171,46 @@ def prefill_forward(
 
     grid = (num_tiles * num_bh,)
     prefill_fwd_kernel[grid](
-        q, k, v, out, lse if lse is not None else dummy,
-        num, idx, work_order, seq_lo, seq_hi,
+        q,
+        k,
+        v,
+        out,
+        lse if lse is not None else dummy,
+        num,
+        idx,
+        work_order,
+        seq_lo,
+        seq_hi,
         scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *n_strides, *i_strides,
-        num_heads, group, layout_div, seq_len_q, seq_len_k, num_tiles, num_bh,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack,
-        CAUSAL=causal, SPARSE=sparse, LAYOUT_BLOCK_Q=layout_block[0], LAYOUT_BLOCK_K=layout_block[1],
-        CAPACITY_POW2=capacity_pow2, HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse,
-        OFFS_64=_needs_int64(q, k, v, out), PREFETCH=tuning.sparse_prefetch,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *n_strides,
+        *i_strides,
+        num_heads,
+        group,
+        layout_div,
+        seq_len_q,
+        seq_len_k,
+        num_tiles,
+        num_bh,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PACK=pack,
+        CAUSAL=causal,
+        SPARSE=sparse,
+        LAYOUT_BLOCK_Q=layout_block[0],
+        LAYOUT_BLOCK_K=layout_block[1],
+        CAPACITY_POW2=capacity_pow2,
+        HAS_SEQ_LENS=seq_lens is not None,
+        RETURN_LSE=return_lse,
+        OFFS_64=_needs_int64(q, k, v, out),
+        PREFETCH=tuning.sparse_prefetch,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out, lse
 

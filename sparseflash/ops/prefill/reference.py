@@ -159,8 +159,15 @@ def attention_reference(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = token_mask(
-        range(q.shape[2]), q.shape[2], k.shape[2], num_heads=q.shape[1], causal=causal,
-        **_block_args(layout), seq_lens=seq_lens, padding_side=padding_side, device=q.device,
+        range(q.shape[2]),
+        q.shape[2],
+        k.shape[2],
+        num_heads=q.shape[1],
+        causal=causal,
+        **_block_args(layout),
+        seq_lens=seq_lens,
+        padding_side=padding_side,
+        device=q.device,
     )
     return masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)
 
@@ -187,8 +194,14 @@ def attention_torch(
     for start in range(0, seq_len_q, chunk_rows):
         rows = range(start, min(start + chunk_rows, seq_len_q))
         mask = token_mask(
-            rows, seq_len_q, seq_len_k, num_heads=q.shape[1], causal=causal, seq_lens=seq_lens,
-            padding_side=padding_side, device=q.device,
+            rows,
+            seq_len_q,
+            seq_len_k,
+            num_heads=q.shape[1],
+            causal=causal,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            device=q.device,
         )
         o, l = masked_attention(q[:, :, rows.start : rows.stop].float(), k32, v32, mask, scale)
         outs.append(o.to(q.dtype))
@@ -227,8 +240,7 @@ def block_sparse_torch(
     # K/V as rows of whole key blocks (B * Hkv * Kb, block_k * D), the last block zero-padded: a gather copies
     # whole blocks (index_select of contiguous rows)
     pad = layout.num_k_blocks * block_k - k.shape[2]
-    k_blocks, v_blocks = (torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(-1, block_k * t.shape[3])
-                          for t in (k, v))
+    k_blocks, v_blocks = (torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(-1, block_k * t.shape[3]) for t in (k, v))
     outs, lses = [], []
     first = 0
     while first < len(widths):
@@ -239,9 +251,21 @@ def block_sparse_torch(
             if n * wider * per_block > max_scores or sum(widths[first : last + 1]) < 0.75 * n * wider:
                 break
             last, width = last + 1, wider
-        out, lse = _query_block_run(q, k_blocks, v_blocks, k.shape, layout, first, last, width, causal=causal,
-                                    scale=scale, seq_lens=seq_lens, padding_side=padding_side,
-                                    return_lse=return_lse)
+        out, lse = _query_block_run(
+            q,
+            k_blocks,
+            v_blocks,
+            k.shape,
+            layout,
+            first,
+            last,
+            width,
+            causal=causal,
+            scale=scale,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            return_lse=return_lse,
+        )
         outs.append(out)
         lses.append(lse)
         first = last
@@ -297,8 +321,10 @@ def _query_block_run(
     b_idx = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     h_idx = (torch.arange(heads, device=device) * num_kv_heads // heads).view(1, -1, 1, 1)
     flat = fold((b_idx * num_kv_heads + h_idx) * layout.num_k_blocks + ids)
-    k_sel, v_sel = (t.index_select(0, flat.flatten()).view(batch * n, heads, width * block_k, head_dim)
-                    for t in (k_blocks, v_blocks))
+    k_sel, v_sel = (
+        t.index_select(0, flat.flatten()).view(batch * n, heads, width * block_k, head_dim)
+        for t in (k_blocks, v_blocks)
+    )
     rows = q[:, :, first * block_q : last * block_q]
     rows = fold(torch.nn.functional.pad(rows, (0, 0, 0, n * block_q - rows.shape[2])).unflatten(2, (n, block_q)))
     mask = fold(mask)

@@ -31,11 +31,30 @@ _CHUNK_ELEMS = 1 << 26  # logits per chunk in the reference
 
 @triton.jit
 def _block_scores_kernel(
-    Q, K, LSE, OUT, HQ, G, S_Q, S_K, KB, qk_scale,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, MASS: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    OUT,
+    HQ,
+    G,
+    S_Q,
+    S_K,
+    KB,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASS: tl.constexpr,
 ):
     """Program (query block I, batch*head): OUT[bh, I, J] for J up to the causal end of the block."""
     pid_m = tl.program_id(0)
@@ -48,8 +67,15 @@ def _block_scores_kernel(
     m_ok = offs_m < S_Q
     d_ok = offs_d < HEAD_DIM
     offset = S_K - S_Q
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
-                + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qs
+        + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     if MASS:
         lse = tl.load(LSE + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("-inf")) * _LOG2E
@@ -63,8 +89,11 @@ def _block_scores_kernel(
     for j in range(0, tl.cdiv(key_end, BLOCK_N)):
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S_K
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        k = tl.load(
+            k_base + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         ok = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
@@ -81,13 +110,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, block_size: object, mode: str, lse:
     bs = opt.check_block_size("block_scores", block_size)
     opt.check_choice("mode", mode, ("max", "mass"))
     if mode == "mass" and lse is not None and (lse.shape != q.shape[:3] or lse.device != q.device):
-        raise ValueError(f"lse: expected shape {tuple(q.shape[:3])} on {q.device} (from q), "
-                         f"got {tuple(lse.shape)} on {lse.device}")
+        raise ValueError(
+            f"lse: expected shape {tuple(q.shape[:3])} on {q.device} (from q), got {tuple(lse.shape)} on {lse.device}"
+        )
     return dims, bs
 
 
-def dense_lse_reference(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
-                        scale: float | None = None) -> torch.Tensor:
+def dense_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
     """Float32 ``(B, Hq, Sq)`` natural-log row log-sum-exp of the dense attention, in query chunks."""
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim = check_qk("dense_lse", q, k)
     scale = head_dim**-0.5 if scale is None else scale
@@ -131,7 +162,8 @@ def block_scores_reference(
         float32 ``(B, Hq, Qb, Kb)``; ``-inf`` (max) or 0 (mass) where a block holds no allowed pair.
     """
     (batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim), (block_q, block_k) = _check(
-        q, k, block_size, mode, lse)
+        q, k, block_size, mode, lse
+    )
     scale = head_dim**-0.5 if scale is None else scale
     if mode == "mass" and lse is None:
         lse = dense_lse_reference(q, k, causal=causal, scale=scale)
@@ -179,7 +211,8 @@ def block_scores_triton(
     With ``mode="mass"`` and no ``lse``, the lse comes from :func:`sparseflash.flash_attention` (a dense pass).
     """
     (batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, head_dim), (block_q, block_k) = _check(
-        q, k, block_size, mode, lse)
+        q, k, block_size, mode, lse
+    )
     scale = head_dim**-0.5 if scale is None else scale
     if mode == "mass" and lse is None:
         from sparseflash.ops.prefill.dense import flash_attention
@@ -191,10 +224,25 @@ def block_scores_triton(
     lse_arg = lse.float().contiguous() if mode == "mass" else out
     grid = (num_q_blocks, batch * num_heads)
     _block_scores_kernel[grid](
-        q, k, lse_arg, out, num_heads, num_heads // num_kv_heads, seq_len_q, seq_len_k, num_k_blocks,
-        scale * LOG2E, *q.stride(), *k.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_q, BLOCK_N=block_k,
-        CAUSAL=causal, MASS=mode == "mass", num_warps=4 if block_q * block_k <= 8192 else 8,
+        q,
+        k,
+        lse_arg,
+        out,
+        num_heads,
+        num_heads // num_kv_heads,
+        seq_len_q,
+        seq_len_k,
+        num_k_blocks,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        CAUSAL=causal,
+        MASS=mode == "mass",
+        num_warps=4 if block_q * block_k <= 8192 else 8,
     )
     return out
 

@@ -28,16 +28,36 @@ import triton
 import triton.language as tl
 
 from sparseflash._validate import check_backend, check_tensor
+from sparseflash.ops.scores.last_queries_reference import _check, last_query_scores_reference  # noqa: F401
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _qk_tile(
-    Q, K, bh, t, HQ, G, S_K, L, N_KEYS, q_start, qk_scale,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    bh,
+    t,
+    HQ,
+    G,
+    S_K,
+    L,
+    N_KEYS,
+    q_start,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
     """Scores in log2 units ``[BLOCK_L, BLOCK_N]`` of key tile ``t``, -inf where not allowed, and the mask."""
@@ -53,11 +73,25 @@ def _qk_tile(
     key_ok = k_pos < N_KEYS
     b64 = b.to(tl.int64)
     # [BLOCK_L, BLOCK_D]
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + offs_l[:, None]) * stride_qs
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q
+        + b64 * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + (q_start + offs_l[:, None]) * stride_qs
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     # [BLOCK_D, BLOCK_N]
-    k = tl.load(K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_pos[None, :].to(tl.int64) * stride_ks
-                + offs_d[:, None] * stride_kd, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+    k = tl.load(
+        K
+        + b64 * stride_kb
+        + kv_head.to(tl.int64) * stride_kh
+        + k_pos[None, :].to(tl.int64) * stride_ks
+        + offs_d[:, None] * stride_kd,
+        mask=d_ok[:, None] & key_ok[None, :],
+        other=0.0,
+    )
     s = tl.dot(q, k) * qk_scale  # [BLOCK_L, BLOCK_N] fp32
     ok = row_ok[:, None] & key_ok[None, :]
     if CAUSAL:
@@ -68,18 +102,61 @@ def _qk_tile(
 
 @triton.jit
 def _row_stats_kernel(
-    Q, K, M_OUT, L_OUT, HQ, G, S_K, L, N_KEYS, q_start, qk_scale, num_tiles,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    M_OUT,
+    L_OUT,
+    HQ,
+    G,
+    S_K,
+    L,
+    N_KEYS,
+    q_start,
+    qk_scale,
+    num_tiles,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
     """Pass 1: per (batch*head, key tile) the row max and row sum of exp2 (log2 units) of the tile."""
     bh = tl.program_id(0)
     t = tl.program_id(1)
-    s, ok = _qk_tile(Q, K, bh, t, HQ, G, S_K, L, N_KEYS, q_start, qk_scale,
-                     stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-                     HEAD_DIM, BLOCK_D, BLOCK_L, BLOCK_N, CAUSAL)
+    s, ok = _qk_tile(
+        Q,
+        K,
+        bh,
+        t,
+        HQ,
+        G,
+        S_K,
+        L,
+        N_KEYS,
+        q_start,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_L,
+        BLOCK_N,
+        CAUSAL,
+    )
     m = tl.max(s, 1)  # [BLOCK_L]
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(tl.where(ok, tl.math.exp2(s - m_use[:, None]), 0.0), 1)
@@ -91,18 +168,63 @@ def _row_stats_kernel(
 
 @triton.jit
 def _line_sums_kernel(
-    Q, K, LSE2, VERT, SLASH_PART, HQ, G, S_K, L, N_KEYS, q_start, qk_scale, num_tiles,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SLASH: tl.constexpr,
+    Q,
+    K,
+    LSE2,
+    VERT,
+    SLASH_PART,
+    HQ,
+    G,
+    S_K,
+    L,
+    N_KEYS,
+    q_start,
+    qk_scale,
+    num_tiles,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SLASH: tl.constexpr,
 ):
     """Pass 2: probabilities of the tile, their column sums and their sums along each diagonal."""
     bh = tl.program_id(0)
     t = tl.program_id(1)
-    s, ok = _qk_tile(Q, K, bh, t, HQ, G, S_K, L, N_KEYS, q_start, qk_scale,
-                     stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-                     HEAD_DIM, BLOCK_D, BLOCK_L, BLOCK_N, CAUSAL)
+    s, ok = _qk_tile(
+        Q,
+        K,
+        bh,
+        t,
+        HQ,
+        G,
+        S_K,
+        L,
+        N_KEYS,
+        q_start,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_L,
+        BLOCK_N,
+        CAUSAL,
+    )
     offs_l = tl.arange(0, BLOCK_L)
     offs_n = tl.arange(0, BLOCK_N)
     lse = tl.load(LSE2 + bh.to(tl.int64) * BLOCK_L + offs_l)  # [BLOCK_L], log2 units
@@ -118,75 +240,6 @@ def _line_sums_kernel(
         skewed = tl.gather(p, tl.minimum(tl.maximum(src, 0), BLOCK_N - 1), 1)
         part = tl.sum(tl.where(hit, skewed, 0.0), 0)  # [2 * BLOCK_N]
         tl.store(SLASH_PART + (bh.to(tl.int64) * num_tiles + t) * (2 * BLOCK_N) + offs_e, part)
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, num_queries: int, num_keys: int | None) -> tuple[int, int]:
-    check_tensor("q", q, ndim=4)
-    check_tensor("k", k, ndim=4)
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"k: expected shape ({q.shape[0]}, num_kv_heads dividing {q.shape[1]}, seq_len_k, {q.shape[3]}) "
-            f"(from q), got {tuple(k.shape)}"
-        )
-    if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
-        raise ValueError(f"num_queries: expected a positive int, got {num_queries!r}")
-    seq_len_k = k.shape[2]
-    num_keys = seq_len_k if num_keys is None else num_keys
-    if isinstance(num_keys, bool) or not isinstance(num_keys, int) or not 0 <= num_keys <= seq_len_k:
-        raise ValueError(f"num_keys: expected an int in [0, {seq_len_k}], got {num_keys!r}")
-    return min(num_queries, q.shape[2]), num_keys
-
-
-def last_query_scores_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    num_queries: int,
-    num_keys: int | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    slash: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain-PyTorch vertical and slash sums of the last ``num_queries`` softmax rows (module docstring).
-
-    Args:
-        q: (batch, num_heads, seq_len_q, head_dim). k: (batch, num_kv_heads, seq_len_k, head_dim).
-        num_queries: rows scored (clipped to ``seq_len_q``).
-        num_keys: keys inside the softmax, ``[0, num_keys)`` (default all).
-        causal: mask keys after each query (bottom-right aligned).
-        scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        slash: also return the diagonal sums.
-
-    Returns:
-        ``vert`` float32 (batch, num_heads, seq_len_k) and ``slash`` float32 (batch, num_heads, seq_len_k) or None.
-    """
-    rows, num_keys = _check(q, k, num_queries, num_keys)
-    batch, num_heads, seq_len_q, head_dim = q.shape
-    num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    group = num_heads // num_kv_heads
-    vert = torch.zeros(batch, num_heads, seq_len_k, dtype=torch.float32, device=q.device)
-    slash_out = torch.zeros_like(vert) if slash else None
-    if num_keys == 0:
-        return vert, slash_out
-    q_last = q[:, :, seq_len_q - rows:].float().reshape(batch, num_kv_heads, group, rows, head_dim)
-    k_used = k[:, :, :num_keys].float().unsqueeze(2)
-    scores = torch.matmul(q_last, k_used.transpose(-1, -2)) * scale  # (B, Hkv, G, L, nk)
-    i = torch.arange(rows, device=q.device)
-    j = torch.arange(num_keys, device=q.device)
-    if causal:
-        scores = scores.masked_fill(j[None, :] > (seq_len_k - rows + i)[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key: all zero
-    probs = probs.reshape(batch, num_heads, rows, num_keys)
-    vert[..., :num_keys] = probs.sum(-2)
-    if slash:
-        # slash[c] = sum_i P[i, c - (L - 1 - i)]
-        c = torch.arange(seq_len_k, device=q.device)
-        src = c[None, :] - (rows - 1 - i)[:, None]  # (L, Sk)
-        hit = (src >= 0) & (src < num_keys)
-        gathered = probs.gather(-1, src.clamp(0, num_keys - 1).expand(batch, num_heads, rows, seq_len_k))
-        slash_out = torch.where(hit, gathered, 0.0).sum(-2)
-    return vert, slash_out
 
 
 def last_query_scores_triton(
@@ -217,10 +270,26 @@ def last_query_scores_triton(
     num_tiles = triton.cdiv(num_keys, block_n)
     bh = batch * num_heads
     grid = (bh, num_tiles)
-    args = (num_heads, num_heads // num_kv_heads, seq_len_k, rows, num_keys, seq_len_q - rows,
-            scale * LOG2E, num_tiles, *q.stride(), *k.stride())
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=block_n, CAUSAL=causal,
-                num_warps=4 if block_l <= 64 else 8)
+    args = (
+        num_heads,
+        num_heads // num_kv_heads,
+        seq_len_k,
+        rows,
+        num_keys,
+        seq_len_q - rows,
+        scale * LOG2E,
+        num_tiles,
+        *q.stride(),
+        *k.stride(),
+    )
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_L=block_l,
+        BLOCK_N=block_n,
+        CAUSAL=causal,
+        num_warps=4 if block_l <= 64 else 8,
+    )
     m_part = torch.empty(bh, num_tiles, block_l, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _row_stats_kernel[grid](q, k, m_part, l_part, *args, **meta)
@@ -263,8 +332,9 @@ def last_query_scores(
     """
     check_tensor("q", q, ndim=4)
     if check_backend(backend, q.device) == "triton":
-        return last_query_scores_triton(q, k, num_queries=num_queries, num_keys=num_keys, causal=causal,
-                                        scale=scale, slash=slash)
-    return last_query_scores_reference(q, k, num_queries=num_queries, num_keys=num_keys, causal=causal,
-                                       scale=scale, slash=slash)
-
+        return last_query_scores_triton(
+            q, k, num_queries=num_queries, num_keys=num_keys, causal=causal, scale=scale, slash=slash
+        )
+    return last_query_scores_reference(
+        q, k, num_queries=num_queries, num_keys=num_keys, causal=causal, scale=scale, slash=slash
+    )
