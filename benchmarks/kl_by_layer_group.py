@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose_recall import text_ids  # noqa: E402
 
 import sparseflash as sf  # noqa: E402
+from sparseflash.eval.engine import kl_per_row  # noqa: E402
 from sparseflash.eval.model import load_model  # noqa: E402
 from sparseflash.integrations.hf.patching import patch_state  # noqa: E402
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             lp = log_probs()
         finally:
             sf.unpatch(model)
-        kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+        kl = float(kl_per_row(ref, lp).mean())
         sparse = [d for layer, d in densities if layer in sparse_layers]
         print(
             f"{name:<8} KL {kl:.5f}  density of the sparse layers {sum(sparse) / max(len(sparse), 1):.3f}"

@@ -334,7 +334,7 @@ class Engine:
             nll_sum += float(-logp.gather(-1, targets[s:e, None]).double().sum())
             if reference is not None:
                 ref = reference[s:e]
-                kl_rows[s:e] = _kl_rows(ref, logp).double()
+                kl_rows[s:e] = kl_per_row(ref, logp).double()
                 agree_rows[s:e] = (ref.argmax(-1) == logp.argmax(-1)).double()
             if kept is not None:
                 kept[s:e] = logp
@@ -365,7 +365,7 @@ class Engine:
         return 1000 * (time.perf_counter() - t0)
 
 
-def _kl_rows(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def kl_per_row(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(ref || logp) per row, in nats: ``sum_v p_ref * (log p_ref - log p)``.
 
     Args:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from sparseflash._validate import check_backend, check_tensor
-from sparseflash.ops.scores.last_queries_reference import _check, last_query_scores_reference  # noqa: F401
+from sparseflash.ops.scores.last_queries_reference import check_last_query_args, last_query_scores_reference  # noqa: F401
 
 LOG2E = 1.4426950408889634
 
@@ -257,7 +257,7 @@ def last_query_scores_triton(
     Two launches over a ``(batch * num_heads, ceil(num_keys / BLOCK_N))`` grid; the per-tile statistics
     (``O(L * Sk / BLOCK_N)``) and the diagonal partial sums (``2 * Sk`` per head) are the only temporaries.
     """
-    rows, num_keys = _check(q, k, num_queries, num_keys)
+    rows, num_keys = check_last_query_args(q, k, num_queries, num_keys)
     batch, num_heads, seq_len_q, head_dim = q.shape
     num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

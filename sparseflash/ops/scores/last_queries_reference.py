@@ -8,7 +8,9 @@ import torch
 from sparseflash._validate import check_tensor
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, num_queries: int, num_keys: int | None) -> tuple[int, int]:
+def check_last_query_args(q: torch.Tensor, k: torch.Tensor, num_queries: int, num_keys: int | None) -> tuple[int, int]:
+    """Checks q/k and the counts of :func:`last_query_scores_reference` (and its Triton twin); returns
+    ``(rows scored, num_keys)``: ``num_queries`` clipped to ``Sq``, ``num_keys`` defaulting to ``Sk``."""
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
@@ -48,7 +50,7 @@ def last_query_scores_reference(
     Returns:
         ``vert`` float32 (batch, num_heads, seq_len_k) and ``slash`` float32 (batch, num_heads, seq_len_k) or None.
     """
-    rows, num_keys = _check(q, k, num_queries, num_keys)
+    rows, num_keys = check_last_query_args(q, k, num_queries, num_keys)
     batch, num_heads, seq_len_q, head_dim = q.shape
     num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
