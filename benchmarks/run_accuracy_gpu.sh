@@ -11,6 +11,7 @@
 #   bash benchmarks/run_accuracy_gpu.sh setup q15 q05   # reassemble + SHA-256 + HF folders (carry .stash/site)
 #   bash benchmarks/run_accuracy_gpu.sh diagnose    # recall per layer/head vs the oracle at equal density
 #   bash benchmarks/run_accuracy_gpu.sh calibrate   # per-layer/head thresholds at target recalls
+#   bash benchmarks/run_accuracy_gpu.sh klcal       # per-layer thresholds for next-token KL budgets
 #   bash benchmarks/run_accuracy_gpu.sh sweep       # variants on tuning prompts -> $SF/chosen.json
 #   bash benchmarks/run_accuracy_gpu.sh grid        # the grid with the chosen setting (n >= 50), both models
 # Results: $OUT/<stage>.tgz (copy into benchmarks/results/ and commit, naming the GPU).
@@ -56,6 +57,19 @@ case "$stage" in
         --out "$SF/results/calibrate_$key/${method}_r${r}.json" 2>&1 | tail -4 | tee -a "$SF/results/calibrate_$key/log.txt"
     done
     pack "calibrate_$key" ;;
+  klcal)
+    # klcal q15|q05 LENGTH VALUES TARGETS: one KL calibration (the sensitivity table, measured once at the first
+    # target) and its re-allocation for every other target -> $SF/results/klcal_KEY/kl_T.json
+    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/klcal_$key"; mkdir -p "$dir"
+    IFS=, read -r -a targets <<< "$4"
+    timeout "${CAL_TIMEOUT:-330}" "${SFCLI[@]}" calibrate --model "$model" --method xattention --length "$2" \
+      --kl-values "$3" --target-kl "${targets[0]}" --seed "${CAL_SEED:-7}" --out "$dir/kl_${targets[0]}.json" 2>&1 \
+      | grep -v "^Loading" | tee -a "$dir/log.txt"
+    for t in "${targets[@]:1}"; do
+      "${SFCLI[@]}" calibrate --method xattention --target-kl "$t" --reallocate "$dir/kl_${targets[0]}.json" \
+        --out "$dir/kl_$t.json" 2>&1 | tee -a "$dir/log.txt"
+    done
+    pack "klcal_$key" ;;
   sweep)
     # sweep q15|q05 VARIANTS.json LENGTHS SAMPLES TASKS: {SF} in the variants file becomes $SF
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/sweep_$key"; mkdir -p "$dir"
@@ -74,14 +88,19 @@ case "$stage" in
 c=(json.load(open(p)) if os.path.isfile(p) else None) or {'method': 'xattention', 'options': {}}; print(c['method'])
 for k, v in c['options'].items(): print('-O'); print(c['method'] + '.' + k + '=' + json.dumps(v, separators=(',', ':')))" "$chosen")
     method="${opts[0]}"; opts=("${opts[@]:1}")
-    timeout "${KL_TIMEOUT:-150}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 \
+    # PRELOAD=cases.jsonl: its sdpa cases are copied in first (same prompts: the grid reruns only the method)
+    [ -n "${PRELOAD:-}" ] && [ ! -s "$dir/cases.jsonl" ] && python3 -c "import json,sys
+rows=[l for l in open(sys.argv[1]) if l.strip() and json.loads(l)['method']=='sdpa']
+open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')" "$PRELOAD" "$dir/cases.jsonl"
+    # KL_TIMEOUT=0 skips the KL/perplexity part (the sweep measured it)
+    [ "${KL_TIMEOUT:-150}" != 0 ] && timeout "${KL_TIMEOUT:-150}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress --no-plots --batch-size 1 \
       --lengths "$2" --samples "${KL_SAMPLES:-3}" --depths 10,30,50,70,90 --methods "dense,$method" "${opts[@]}" --tasks agreement,perplexity \
       2>&1 | tail -3 | tee -a "$dir/log.txt"
     timeout "${STAGE_TIMEOUT:-540}" "${SFCLI[@]}" eval --model "$model" --out "$dir" --no-progress \
       --batch-size "${BATCH:-1}" \
       --lengths "$2" --samples "$3" \
       --depths 10,30,50,70,90 --methods "$method" "${opts[@]}" \
-      --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking \
+      --tasks "${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking}" \
       2>&1 | grep -v "^\[" | tail -40 | tee -a "$dir/log.txt"
     pack "final_$key" ;;
   eval)
@@ -91,5 +110,5 @@ for k, v in c['options'].items(): print('-O'); print(c['method'] + '.' + k + '='
     "${SFCLI[@]}" eval --model "$model" --out "$SF/results/$name" --no-progress "$@" \
       2>&1 | tee -a "$SF/results/$name/log.txt"
     pack "$name" ;;
-  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, sweep, eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, eval)"; exit 2 ;;
 esac

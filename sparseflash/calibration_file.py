@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "sparseflash-calibration"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added the KL objective (``objective``, ``dense_layers``, a layer's ``kl``)
 CALIBRATED = {"xattention": ("threshold", True), "flexprefill": ("gamma", False), "permuted": ("threshold", False)}
 """method -> (the option calibrated, whether it is calibrated per query head)"""
 _SYNONYM = "target_recall"  # every calibrated option has this synonym in its pattern
@@ -26,13 +27,15 @@ _MODEL_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 @dataclass
 class LayerCalibration:
     """One layer: ``value`` (float, or one float per query head), the ``recall`` and ``density`` it gave
-    (same shape as ``value``), and ``reached``: False where even 1.0 missed the target (``value`` is then 1.0)."""
+    (same shape as ``value``), and ``reached``: False where even 1.0 missed the target (``value`` is then 1.0).
+    Files of the KL objective give ``kl`` (the next-token KL this layer alone added) and no ``recall``."""
 
     layer: int
     value: float | list[float]
-    recall: float | list[float]
+    recall: float | list[float] | None
     density: float | list[float]
     reached: bool | list[bool]
+    kl: float | None = None
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Calibration:
     method: str
     option: str
     per_head: bool
-    target_recall: float
+    target_recall: float | None
     model: dict[str, Any]
     calibration_text: dict[str, Any]
     block_size: tuple[int, int]
@@ -50,6 +53,10 @@ class Calibration:
     options: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     sparseflash_version: str = ""
+    dense_layers: list[int] = field(default_factory=list)
+    objective: dict[str, Any] = field(default_factory=dict)
+    """``{}`` for the recall objective; for the KL objective (:mod:`sparseflash.calibration_kl`) ``kind: "kl"``,
+    the ``target_kl`` and the measured per-layer sensitivity table it was allocated from."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (``format`` and ``version`` first)."""
@@ -114,7 +121,7 @@ def _bool(name: str, value: object) -> bool:
 
 
 def _parse_layer(
-    where: str, entry: object, per_head: bool, model: Mapping[str, int], seen: set[int]
+    where: str, entry: object, per_head: bool, model: Mapping[str, int], seen: set[int], kl_objective: bool
 ) -> LayerCalibration:
     if not isinstance(entry, dict):
         raise _fail(where, "an object", entry)
@@ -124,7 +131,9 @@ def _parse_layer(
     seen.add(idx)
     value_lo = 0.0 if per_head else 2.0**-30  # per-head thresholds may be 0 (sink + diagonal only)
     fields = [
-        _per_value(f"{where}.{key}", entry.get(key), per_head, heads, check)
+        None
+        if key == "recall" and kl_objective and entry.get(key) is None
+        else _per_value(f"{where}.{key}", entry.get(key), per_head, heads, check)
         for key, check in (
             ("value", lambda n, v: _number(n, v, value_lo)),
             ("recall", _number),
@@ -132,15 +141,21 @@ def _parse_layer(
             ("reached", _bool),
         )
     ]
-    return LayerCalibration(idx, *fields)
+    kl = entry.get("kl")
+    if kl_objective:
+        kl = _number(f"{where}.kl", kl, 0.0, float("inf"))
+    elif kl is not None:
+        raise _fail(f"{where}.kl", "null (only files of the KL objective give it)", kl)
+    return LayerCalibration(idx, *fields, kl=kl)
 
 
 def _parse(data: object) -> Calibration:
     if not isinstance(data, dict):
         raise _fail("file", "a JSON object", type(data).__name__)
-    for key, want in (("format", FORMAT), ("version", VERSION)):
-        if data.get(key) != want:
-            raise _fail(key, repr(want), data.get(key))
+    if data.get("format") != FORMAT:
+        raise _fail("format", repr(FORMAT), data.get("format"))
+    if data.get("version") not in READABLE_VERSIONS:
+        raise _fail("version", f"one of {list(READABLE_VERSIONS)}", data.get("version"))
     method = data.get("method")
     if method not in CALIBRATED:
         raise _fail("method", f"one of {sorted(CALIBRATED)}", method)
@@ -151,7 +166,17 @@ def _parse(data: object) -> Calibration:
             f"{option!r}/{per_head} for method {method!r}",
             (data.get("option"), data.get("per_head")),
         )
-    target = _number("target_recall", data.get("target_recall"))
+    objective = data.get("objective", {})
+    if not isinstance(objective, dict) or objective.get("kind", "kl") != "kl":
+        raise _fail("objective", "{} (recall) or an object with kind 'kl'", objective)
+    kl_objective = bool(objective)
+    if kl_objective:
+        _number("objective.target_kl", objective.get("target_kl"), 0.0, float("inf"))
+        if data.get("target_recall") is not None:
+            raise _fail("target_recall", "null in a file of the KL objective", data.get("target_recall"))
+        target = None
+    else:
+        target = _number("target_recall", data.get("target_recall"))
     model = data.get("model")
     if not isinstance(model, dict):
         raise _fail("model", "an object", model)
@@ -165,7 +190,15 @@ def _parse(data: object) -> Calibration:
         if not isinstance(data.get(key, kind()), kind):
             raise _fail(key, f"a JSON {'array' if kind is list else 'object'}", data.get(key))
     seen: set[int] = set()
-    layers = [_parse_layer(f"layers[{i}]", e, per_head, model, seen) for i, e in enumerate(data.get("layers", []))]
+    layers = [
+        _parse_layer(f"layers[{i}]", e, per_head, model, seen, kl_objective)
+        for i, e in enumerate(data.get("layers", []))
+    ]
+    dense = data.get("dense_layers", [])
+    if not isinstance(dense, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < model["num_layers"] or i in seen for i in dense
+    ):
+        raise _fail("dense_layers", f"a list of uncalibrated layer indices in [0, {model['num_layers']})", dense)
     return Calibration(
         method,
         option,
@@ -178,6 +211,8 @@ def _parse(data: object) -> Calibration:
         dict(data.get("options", {})),
         str(data.get("created", "")),
         str(data.get("sparseflash_version", "")),
+        sorted(set(dense)),
+        dict(objective),
     )
 
 
@@ -243,7 +278,9 @@ def apply_calibration(
     """``(layer_options with {option: value} added for every calibrated layer, dense_layers)`` (``patch``'s
     helper; ``dense_layers`` comes back as a tuple when it was an iterator, which this reads).
 
-    Layers in ``dense_layers`` or given another method in ``layer_options`` stay as the user set them.
+    Layers in ``dense_layers`` or given another method in ``layer_options`` stay as the user set them; the
+    file's own ``dense_layers`` (a KL calibration's choice) become ``"dense"`` in ``layer_options`` unless the
+    user set that layer there.
 
     Raises:
         ValueError: the calibration does not match (method, model shape), or the user sets the calibrated
@@ -280,6 +317,9 @@ def apply_calibration(
                     f"{entry.layer}; give one or the other"
                 )
             merged[raw] = {**spec, option: entry.value}
+    for layer in calibration.dense_layers:
+        if layer not in dense and layer not in raw_of:
+            merged[layer] = "dense"
     return merged, dense_layers
 
 

@@ -186,7 +186,7 @@ def _edit(data, path, value):
 @pytest.mark.parametrize(
     "path,value,message",
     [
-        (("version",), 2, r"calibration: version: expected 1, got 2"),
+        (("version",), 3, r"calibration: version: expected one of \[1, 2\], got 3"),
         (("format",), "other", r"calibration: format: expected 'sparseflash-calibration'"),
         (("method",), "bogus", r"calibration: method: expected one of"),
         (("option",), "gamma", r"calibration: option/per_head: expected 'threshold'/True for method 'xattention'"),

@@ -29,10 +29,8 @@ from sparseflash.cli.args import (
     _check_model,
     _check_option_values,
     _check_out_dir,
-    _check_out_file,
     _check_tasks,
     _device_kind,
-    _parse_length,
     parse_depths,
     parse_lengths,
     parse_method_options,
@@ -259,67 +257,3 @@ def cmd_models(args: argparse.Namespace) -> int:
     _console().print(table)
     print("--model also takes a local Hugging Face model folder or a .gguf file.")
     return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from sparseflash.calibration import CALIBRATED, DEFAULT_LENGTH
-
-    if args.method not in CALIBRATED:
-        raise UsageError(f"--method: expected one of {sorted(CALIBRATED)}, got {args.method!r}")
-    if not 0 < args.target_recall < 1:
-        raise UsageError(f"--target-recall: expected a float in (0, 1), got {args.target_recall}")
-    _check_device(args.device)
-    kind = _device_kind(args.device)
-    length = _parse_length(args.length) if args.length is not None else DEFAULT_LENGTH[kind]
-    if args.iterations < 1:
-        raise UsageError(f"--iterations: expected >= 1, got {args.iterations}")
-    model_tag = _sanitize(Path(args.model).name.removesuffix(".gguf"))
-    out = Path(args.out or f"results/calibration_{model_tag}_{args.method}_r{args.target_recall:g}.json")
-    _check_out_file(out)
-    _check_model(args.model)
-
-    from sparseflash.calibration import calibrate
-    from sparseflash.eval.model import load_model
-
-    console = _console()
-    with console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if loaded.max_positions and length > loaded.max_positions:
-        raise UsageError(f"--length: expected <= the model's context {loaded.max_positions}, got {length}")
-    console.print(
-        f"[bold]sparseflash calibrate[/]: {loaded.name}, method {args.method}, target recall "
-        f"{args.target_recall}, {length} tokens, block {args.block_size}"
-    )
-
-    def show(e: Any) -> None:
-        vals = e.value if isinstance(e.value, list) else [e.value]
-        recs = e.recall if isinstance(e.recall, list) else [e.recall]
-        dens = e.density if isinstance(e.density, list) else [e.density]
-        missed = "" if all(e.reached if isinstance(e.reached, list) else [e.reached]) else "  (1.0 misses the target)"
-        console.print(
-            f"layer {e.layer:3d}: value {min(vals):.4f}..{max(vals):.4f}  recall {min(recs):.4f}  "
-            f"density {sum(dens) / len(dens):.3f}{missed}"
-        )
-
-    cal = calibrate(
-        loaded.model,
-        loaded.tokenizer,
-        args.method,
-        target_recall=args.target_recall,
-        length=length,
-        seed=args.seed,
-        text_source=args.text_source,
-        block_size=args.block_size,
-        iterations=args.iterations,
-        name=loaded.name,
-        on_layer=show,
-    )
-    path = cal.save(out)
-    console.print(
-        f"calibration: {path}  (use: sparseflash eval -O {args.method}.calibration={path}, "
-        f"or sparseflash.patch(model, {args.method!r}, calibration=...))"
-    )
-    return 0
-
-
-# ---------------------------------------------------------------------------- parser

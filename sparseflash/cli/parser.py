@@ -6,6 +6,7 @@ import argparse
 
 from sparseflash.cli.args import ALL_TASKS, PREFERRED_METHODS
 from sparseflash.cli.bench import cmd_bench
+from sparseflash.cli.calibrate import cmd_calibrate
 from sparseflash.cli.commands import (
     CPU_BATCH,
     CPU_DEPTHS,
@@ -14,7 +15,6 @@ from sparseflash.cli.commands import (
     GPU_BATCH,
     GPU_DEPTHS,
     GPU_LENGTHS,
-    cmd_calibrate,
     cmd_eval,
     cmd_models,
     cmd_plot,
@@ -173,11 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal = sub.add_parser(
         "calibrate",
         formatter_class=fmt,
-        help="per-layer / per-head thresholds for a recall",
+        help="per-layer / per-head thresholds for a recall or an output KL budget",
         description="Find, per layer (per query head for xattention), the smallest threshold "
         "whose layout keeps --target-recall of the exact attention mass on a "
-        "calibration text; write them as JSON for patch(calibration=...) and "
-        "`sparseflash eval -O METHOD.calibration=PATH`.",
+        "calibration text, or (--target-kl) the per-layer thresholds of least density within a "
+        "budget of next-token KL to exact attention; write them as JSON for patch(calibration=...) "
+        "and `sparseflash eval -O METHOD.calibration=PATH`.",
     )
     p_cal.add_argument(
         "--model",
@@ -203,6 +204,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.95,
         help="attention recall each layer (each head for xattention) must reach, in (0, 1)",
+    )
+    p_cal.add_argument(
+        "--target-kl",
+        type=float,
+        default=None,
+        help="calibrate by output sensitivity instead of recall: measure each layer's next-token KL to exact "
+        "attention at each of --kl-values, then choose per-layer values (or dense) of least mean density "
+        "whose summed KL stays <= this (e.g. 0.003). --target-recall is then unused",
+    )
+    p_cal.add_argument(
+        "--kl-values",
+        default="0.6,0.8,0.9,0.95,0.98",
+        help="with --target-kl: comma-separated candidate values of the method's threshold, in (0, 1]",
+    )
+    p_cal.add_argument(
+        "--kl-window", type=int, default=1024, help="with --target-kl: KL over the last this many positions"
+    )
+    p_cal.add_argument(
+        "--reallocate",
+        default=None,
+        metavar="FILE",
+        help="with --target-kl: re-allocate the sensitivity table stored in FILE (a --target-kl file) for the "
+        "new target, without loading the model",
     )
     p_cal.add_argument(
         "--length",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparseflash.integrations import hf
-from sparseflash.integrations.hf.plan import _PATCH_KEYS
+from sparseflash.integrations.hf.plan import PATCH_KEYS
 from sparseflash.patterns.registry import available, check_options
 
 DENSE = "dense"  # sparseflash's exact kernels: patch(model, "dense")
@@ -55,7 +55,7 @@ def check_method(name: str, options: dict[str, Any] | None = None) -> None:
 
 
 # options that belong to the patching, not to the pattern: the patch's own list
-_PATCH_OPTIONS = _PATCH_KEYS
+_PATCH_OPTIONS = PATCH_KEYS
 
 
 @dataclass

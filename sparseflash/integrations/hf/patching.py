@@ -230,7 +230,8 @@ def _build_state(
     from sparseflash.calibration_file import apply_calibration, pop_calibration
 
     calibration = pop_calibration(method, options)
-    if calibration is not None:  # its per-layer values become layer_options
+    if calibration is not None:  # its per-layer values become layer_options, its other options the defaults
+        options = {**calibration.options, **options}
         layer_options, dense_layers = apply_calibration(
             calibration, model, method, layer_options, options, dense_layers, num_layers
         )

@@ -35,7 +35,7 @@ _LAYER_ATTR = "_sparseflash_layer"  # on each attention module: (PatchState, Lay
 _CONFIG_ATTR = "_sparseflash_configs"  # on the model: [(module, its original config)] swapped for private copies
 _PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
 _LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
-_PATCH_KEYS = (
+PATCH_KEYS = (
     "dense_layers",
     "min_sparse_len",
     "dense_last_queries",
@@ -118,7 +118,7 @@ def _check_pattern_options(method: str, options: Mapping[str, Any], where: str) 
     try:
         check_options(method, dict(options))
     except ValueError as err:
-        raise ValueError(f"{where}: {err} (patch options: {list(_PATCH_KEYS)})") from None
+        raise ValueError(f"{where}: {err} (patch options: {list(PATCH_KEYS)})") from None
     return dict(options)
 
 

@@ -1,0 +1,271 @@
+"""Per-layer thresholds by output sensitivity: the sparsest layers that keep the next-token distribution.
+
+Recall calibration (:mod:`sparseflash.calibration`) gives every layer the same attention recall, but layers differ
+in how much a lost fraction of mass moves the model's output: on Qwen2.5-Coder a few middle layers carry most of
+the KL to dense (``benchmarks/results/kl_by_layer_group_cpu.txt``). This module measures that directly and spends
+a KL budget where it buys the most density:
+
+1. :func:`measure_sensitivity`: for each layer alone sparse (every other layer on sparseflash's exact kernel) and
+   each candidate value of the method's threshold, the mean KL(exact || patched) of the next-token distributions
+   over the last ``window`` positions of a calibration text, and that layer's density. The KL of several sparse
+   layers is close to the sum of their single-layer KLs (measured: 0.0258 summed over six groups against 0.0256
+   all together, same file), which the allocation relies on.
+2. :func:`allocate`: per layer, a candidate value or dense, minimising the mean density subject to the sum of
+   the layers' KLs <= ``target_kl`` (exact dynamic programme over KL rounded up to ``target_kl / 2000``).
+3. :func:`calibrate_kl`: both, as a :class:`~sparseflash.calibration_file.Calibration` with ``objective.kind ==
+   "kl"``; :func:`reallocate` re-runs step 2 on a file's stored table for another budget without the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparseflash.calibration_file import CALIBRATED, Calibration, LayerCalibration, model_info
+
+DEFAULT_VALUES = (0.6, 0.8, 0.9, 0.95, 0.98)
+DEFAULT_WINDOW = 1024
+_STEPS = 2000  # KL resolution of the allocation: target_kl / _STEPS
+
+
+@dataclass
+class Sensitivity:
+    """What :func:`measure_sensitivity` measured: ``kl[i][j]`` and ``density[i][j]`` for ``layers[i]`` alone
+    sparse at ``values[j]``; ``dense_kl``: KL(exact || exact) of the reference run against itself (0 unless the
+    kernels are not deterministic)."""
+
+    layers: list[int]
+    values: list[float]
+    kl: list[list[float]]
+    density: list[list[float]]
+    window: int
+    dense_kl: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Sensitivity:
+        """``ValueError`` naming the field on a malformed table (as stored in a calibration file)."""
+        try:
+            table = cls(
+                [int(i) for i in data["layers"]],
+                [float(v) for v in data["values"]],
+                [[float(x) for x in row] for row in data["kl"]],
+                [[float(x) for x in row] for row in data["density"]],
+                int(data["window"]),
+                float(data.get("dense_kl", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"calibration: objective: expected a sensitivity table, got a bad field ({err})") from None
+        shape = (len(table.layers), len(table.values))
+        for name, rows in (("kl", table.kl), ("density", table.density)):
+            if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
+                raise ValueError(f"calibration: objective.{name}: expected {shape[0]} rows of {shape[1]} values")
+        return table
+
+
+def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
+    """Per layer of ``table``: the value to use, or None for dense; the mean density is minimal among choices
+    whose summed single-layer KL stays <= ``target_kl`` (KL rounded up to ``target_kl / 2000``, so the bound
+    holds exactly on the table).
+
+    Raises:
+        ValueError: ``target_kl`` is not a positive finite number.
+    """
+    if isinstance(target_kl, bool) or not isinstance(target_kl, int | float) or not 0 < target_kl < math.inf:
+        raise ValueError(f"target_kl: expected a positive number, got {target_kl!r}")
+    unit = target_kl / _STEPS
+    # best[s] = (summed density, choices) using KL budget s units; dense (None) costs 0 units, density 1
+    best: list[tuple[float, list[float | None]]] = [(0.0, [])] * (_STEPS + 1)
+    for kls, dens in zip(table.kl, table.density, strict=True):
+        options = [(0, 1.0, None)] + [
+            (math.ceil(k / unit - 1e-9), d, v) for k, d, v in zip(kls, dens, table.values, strict=True)
+        ]
+        nxt: list[tuple[float, list[float | None]]] = []
+        for s in range(_STEPS + 1):
+            cands = [(best[s - cost][0] + d, best[s - cost][1] + [v]) for cost, d, v in options if cost <= s]
+            nxt.append(min(cands, key=lambda c: c[0]))
+        best = nxt
+    return best[_STEPS][1]
+
+
+def _log_probs(model: Any, ids: torch.Tensor, window: int) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=window).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def measure_sensitivity(
+    model: Any,
+    ids: torch.Tensor,
+    method: str,
+    values: Sequence[float] = DEFAULT_VALUES,
+    *,
+    options: Mapping[str, Any] | None = None,
+    layers: Sequence[int] | None = None,
+    window: int = DEFAULT_WINDOW,
+    on_layer: Callable[[int, list[float], list[float]], None] | None = None,
+) -> Sensitivity:
+    """Step 1 of the module docstring on one text.
+
+    Args:
+        model: a transformers causal LM :func:`sparseflash.patch` supports (not patched).
+        ids: (1, S) int64 token ids on the model's device.
+        method: a key of :data:`~sparseflash.calibration_file.CALIBRATED`; ``values`` are its option's candidates.
+        options: other patch and pattern options of every run (default: none).
+        layers: the layers to measure (default all; the others stay dense in the result).
+        window: KL over the next-token distributions of the last ``window`` positions.
+        on_layer: called with (layer, kl per value, density per value) as each layer is done.
+    """
+    from sparseflash.eval.engine import kl_per_row
+    from sparseflash.integrations.hf.patching import patch, patch_state, unpatch
+
+    num_layers = model.config.num_hidden_layers
+    option = CALIBRATED[method][0]
+    layers = list(range(num_layers)) if layers is None else [int(i) for i in layers]
+    common = {**dict(options or {}), "min_sparse_len": 0}
+    patch(model, "dense")
+    try:
+        ref = _log_probs(model, ids, window)
+        dense_kl = float(kl_per_row(ref, _log_probs(model, ids, window)).mean())
+    finally:
+        unpatch(model)
+    kl_table, density_table = [], []
+    for layer in layers:
+        kls, dens = [], []
+        for value in values:
+            seen: list[float] = []
+            patch(model, method, dense_layers=[i for i in range(num_layers) if i != layer], **common, **{option: value})
+            patch_state(model).on_prefill = lambda idx, d, acc=seen, want=layer: acc.append(d) if idx == want else None
+            try:
+                kls.append(float(kl_per_row(ref, _log_probs(model, ids, window)).mean()))
+            finally:
+                unpatch(model)
+            dens.append(sum(seen) / len(seen) if seen else 1.0)
+        kl_table.append(kls)
+        density_table.append(dens)
+        if on_layer is not None:
+            on_layer(layer, kls, dens)
+    return Sensitivity(layers, [float(v) for v in values], kl_table, density_table, int(window), dense_kl)
+
+
+def _from_allocation(base: Calibration, table: Sensitivity, target_kl: float, skipped: Sequence[int]) -> Calibration:
+    """``base`` (model, text, options) with the layers and objective of ``allocate(table, target_kl)``."""
+    choice = allocate(table, target_kl)
+    heads = base.model["num_heads"]
+    layers, dense = [], sorted(set(skipped))
+    for i, layer in enumerate(table.layers):
+        if choice[i] is None:
+            dense.append(layer)
+            continue
+        j = table.values.index(choice[i])
+        value, density = choice[i], table.density[i][j]
+        layers.append(
+            LayerCalibration(
+                layer,
+                [value] * heads if base.per_head else value,
+                None,
+                [density] * heads if base.per_head else density,
+                [True] * heads if base.per_head else True,
+                kl=table.kl[i][j],
+            )
+        )
+    objective = {**base.objective, "kind": "kl", "target_kl": float(target_kl), **table.to_dict()}
+    return dataclasses.replace(base, target_recall=None, layers=layers, dense_layers=sorted(dense), objective=objective)
+
+
+def reallocate(calibration: Calibration, target_kl: float) -> Calibration:
+    """The same KL calibration for another ``target_kl``, from the sensitivity table stored in the file."""
+    if calibration.objective.get("kind") != "kl":
+        raise ValueError("calibration: expected a file of the KL objective (sparseflash calibrate --target-kl)")
+    table = Sensitivity.from_dict(calibration.objective)
+    measured = set(table.layers)
+    skipped = [i for i in calibration.dense_layers if i not in measured]
+    return _from_allocation(calibration, table, target_kl, skipped)
+
+
+def calibrate_kl(
+    model: Any,
+    ids: torch.Tensor,
+    method: str = "xattention",
+    *,
+    target_kl: float,
+    values: Sequence[float] = DEFAULT_VALUES,
+    options: Mapping[str, Any] | None = None,
+    dense_layers: Sequence[int] = (),
+    window: int = DEFAULT_WINDOW,
+    text: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    on_layer: Callable[[int, list[float], list[float]], None] | None = None,
+) -> Calibration:
+    """Measure the sensitivity table and allocate ``target_kl`` (module docstring).
+
+    Args:
+        ids: (1, S) int64 ids of the calibration text. options: pattern options of every run (default: patch's
+            safe options for ``method``), stored in the file and applied by ``patch`` with it; patch options
+            among them (e.g. ``dense_last_queries``) are used while measuring and recorded in ``objective``.
+        values: candidate values of the method's option, each in (0, 1]. dense_layers: layers left dense
+            (sliding-window layers always are). text: what ``ids`` are (stored in the file).
+    """
+    from sparseflash.integrations.hf.model import _attention_modules, _check_model
+    from sparseflash.integrations.hf.plan import PATCH_KEYS, SAFE_OPTIONS
+
+    _check_model(model)
+    if method not in CALIBRATED:
+        raise ValueError(f"method: expected one of {sorted(CALIBRATED)}, got {method!r}")
+    allocate(Sensitivity([], [], [], [], window), target_kl)  # checks target_kl before any work
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1]
+    if not values or bad or len(set(values)) != len(values):
+        raise ValueError(f"values: expected distinct numbers in (0, 1], got {list(values)!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= ids.shape[-1]:
+        raise ValueError(f"window: expected an int in [1, {ids.shape[-1]}], got {window!r}")
+    option, per_head = CALIBRATED[method]
+    safe = {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != option}
+    opts = dict(safe if options is None else options)
+    clash = sorted({option, "target_recall", "calibration", "dense_layers", "layer_options"} & set(opts))
+    if clash:
+        raise ValueError(f"options: expected none of {clash} (the calibration sets them), got {opts}")
+    patch_options = {k: opts.pop(k) for k in list(opts) if k in PATCH_KEYS}
+    block = opts.get("block_size", 128)
+    block = (block, block) if isinstance(block, int) else tuple(block)
+    modules = _attention_modules(model)
+    skipped = {int(i) % len(modules) for i in dense_layers}
+    skipped |= {i for i, m in modules.items() if getattr(m, "sliding_window", None) is not None}
+    measured = [i for i in sorted(modules) if i not in skipped]
+    table = measure_sensitivity(
+        model,
+        ids.reshape(1, -1),
+        method,
+        values,
+        options={**opts, **patch_options},
+        layers=measured,
+        window=window,
+        on_layer=on_layer,
+    )
+    import sparseflash
+
+    info = model_info(model)
+    info["name"] = name or info["name"]
+    base = Calibration(
+        method,
+        option,
+        per_head,
+        None,
+        info,
+        dict(text or {"source": "ids", "tokens": int(ids.shape[-1]), "seed": None}),
+        block,
+        [],
+        opts,
+        datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        sparseflash.__version__,
+    )
+    calibration = _from_allocation(base, table, target_kl, sorted(skipped))
+    calibration.objective["patch_options"] = patch_options
+    return calibration

@@ -1,0 +1,179 @@
+"""KL calibration: the allocation is the exact optimum of its table, files of the KL objective round-trip and
+patch as they say (per-layer values, dense layers, the options they were measured with), the stored table
+re-allocates, ``sparseflash calibrate --target-kl`` checks its input before loading anything."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+import sparseflash
+from sparseflash.calibration_file import Calibration
+from sparseflash.calibration_kl import Sensitivity, allocate, calibrate_kl, reallocate
+from sparseflash.cli import main
+from sparseflash.eval.engine import kl_per_row
+from sparseflash.integrations.hf import patch_state
+
+BLOCK = 32
+OPTIONS = {"block_size": BLOCK, "local_blocks": 1, "stride": 4, "dense_last_queries": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from sparseflash.eval.tiny import tiny_random_model
+
+    return tiny_random_model()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 250, (1, 512), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def cal(tiny, ids):
+    model, _ = tiny
+    return calibrate_kl(model, ids, "xattention", target_kl=1.0, values=[0.3, 0.9], options=OPTIONS, window=64)
+
+
+def _brute(table: Sensitivity, target: float) -> float:
+    best = float("inf")
+    for pick in itertools.product(range(len(table.values) + 1), repeat=len(table.layers)):
+        kl = sum(0.0 if j == 0 else table.kl[i][j - 1] for i, j in enumerate(pick))
+        if kl <= target:
+            best = min(best, sum(1.0 if j == 0 else table.density[i][j - 1] for i, j in enumerate(pick)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_the_optimum_of_its_table(seed):
+    rng = random.Random(seed)
+    layers, values = rng.randint(1, 4), [0.5, 0.8, 0.95]
+    kl = [sorted((rng.uniform(0, 0.01) for _ in values), reverse=True) for _ in range(layers)]
+    dens = [sorted(rng.uniform(0.05, 0.9) for _ in values) for _ in range(layers)]
+    table = Sensitivity(list(range(layers)), values, kl, dens, 64)
+    target = rng.uniform(0.001, 0.02)
+    choice = allocate(table, target)
+    spent = sum(0.0 if v is None else kl[i][values.index(v)] for i, v in enumerate(choice))
+    mean = sum(1.0 if v is None else dens[i][values.index(v)] for i, v in enumerate(choice))
+    assert spent <= target
+    # the KL is rounded up to target/2000 units: the optimum may only be missed by what that rounding excludes
+    assert mean <= _brute(table, target * (1 - layers / 2000)) + 1e-12
+    assert mean >= _brute(table, target) - 1e-12
+
+
+def test_allocation_extremes_and_bad_target():
+    table = Sensitivity([3, 5], [0.5, 0.9], [[0.2, 0.1], [0.3, 0.05]], [[0.2, 0.4], [0.1, 0.3]], 64)
+    assert allocate(table, 1e-6) == [None, None]
+    assert allocate(table, 10.0) == [0.5, 0.5]
+    assert allocate(table, 0.16) == [0.9, 0.9]
+    assert allocate(table, 0.26) == [0.5, 0.9]
+    for bad in (0, -1.0, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="target_kl: expected a positive number"):
+            allocate(table, bad)
+
+
+def test_measured_kl_is_that_of_the_layer_alone(tiny, ids, cal):
+    model, _ = tiny
+    table = Sensitivity.from_dict(cal.objective)
+    assert table.layers == [0, 1] and table.values == [0.3, 0.9] and table.dense_kl == 0.0
+    assert all(0 < d <= 1 for row in table.density for d in row)
+
+    def log_probs():
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=ids, use_cache=False, logits_to_keep=64).logits[0].float(), -1)
+
+    with sparseflash.patched(model, "dense"):
+        ref = log_probs()
+    opts = {k: v for k, v in OPTIONS.items()}
+    with sparseflash.patched(model, "xattention", dense_layers=[0], min_sparse_len=0, threshold=0.3, **opts):
+        kl = float(kl_per_row(ref, log_probs()).mean())
+    assert kl == pytest.approx(table.kl[1][0], rel=1e-5, abs=1e-9)
+
+
+def test_file_round_trip_and_patch_applies_values_dense_layers_and_options(tiny, cal, tmp_path):
+    model, _ = tiny
+    assert cal.target_recall is None and cal.objective["kind"] == "kl"
+    assert cal.objective["patch_options"] == {"dense_last_queries": 16}
+    assert cal.options == {"block_size": BLOCK, "local_blocks": 1, "stride": 4} and cal.block_size == (BLOCK, BLOCK)
+    assert all(e.recall is None and e.kl is not None for e in cal.layers)
+    path = cal.save(tmp_path / "kl.json")
+    loaded = sparseflash.load_calibration(path)
+    assert loaded.to_dict() == json.loads(json.dumps(cal.to_dict()))
+    one = reallocate(loaded, min(r[0] for r in loaded.objective["kl"]) * 1.0001)  # one layer at 0.3
+    assert len(one.layers) == 1 and len(one.dense_layers) == 1
+    with sparseflash.patched(model, "xattention", calibration=one, min_sparse_len=0):
+        plans = patch_state(model).plans
+        layer = one.layers[0].layer
+        assert plans[one.dense_layers[0]].method == "dense"
+        assert plans[layer].options["threshold"] == one.layers[0].value
+        assert plans[layer].options["stride"] == 4 and plans[layer].options["block_size"] == BLOCK
+    with sparseflash.patched(model, "xattention", calibration=one, layer_options={one.dense_layers[0]: {}}):
+        assert patch_state(model).plans[one.dense_layers[0]].method == "xattention"
+
+
+def test_recall_calibrations_do_not_reallocate_and_fields_are_checked(cal, tmp_path):
+    data = cal.to_dict()
+    bad = {**data, "target_recall": 0.9}
+    with pytest.raises(ValueError, match="target_recall: expected null in a file of the KL objective"):
+        Calibration.from_dict(json.loads(json.dumps(bad)))
+    bad = json.loads(json.dumps({**data, "dense_layers": [cal.layers[0].layer]}))
+    with pytest.raises(ValueError, match="dense_layers: expected a list of uncalibrated layer indices"):
+        Calibration.from_dict(bad)
+    bad = json.loads(json.dumps({**data, "objective": {**data["objective"], "kl": [[0.1]]}}))
+    with pytest.raises(ValueError, match="objective.kl: expected 2 rows of 2 values"):
+        reallocate(Calibration.from_dict(bad), 0.1)
+    recall = json.loads(json.dumps({**data, "objective": {}, "target_recall": 0.9}))
+    for layer in recall["layers"]:
+        layer["recall"], layer["kl"] = layer["density"], None
+    parsed = Calibration.from_dict(recall)
+    with pytest.raises(ValueError, match="expected a file of the KL objective"):
+        reallocate(parsed, 0.1)
+    recall["layers"][0]["kl"] = 0.1
+    with pytest.raises(ValueError, match=r"layers\[0\].kl: expected null"):
+        Calibration.from_dict(recall)
+    recall["layers"][0]["kl"] = None
+    assert Calibration.from_dict({**recall, "version": 1}).target_recall == 0.9
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model must not load before the arguments are checked")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--target-kl", "0"], "--target-kl: expected a positive number, got 0.0"),
+        (["--target-kl", "0.1", "--kl-values", "0.5,x"], "--kl-values: expected comma-separated numbers"),
+        (["--target-kl", "0.1", "--kl-values", "0.5,1.5"], "--kl-values: expected distinct numbers in (0, 1]"),
+        (["--target-kl", "0.1", "--kl-window", "0", "--length", "512"], "--kl-window: expected an int in [1, "),
+        (["--target-kl", "0.1", "--reallocate", "/no/such.json"], "--reallocate: "),
+        (["--reallocate", "x.json"], "--reallocate: expected --target-kl with it"),
+    ],
+)
+def test_calibrate_kl_bad_input_exits_2_before_loading(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sparseflash.eval.model.load_model", _no_model)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "tiny-random", "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_kl_command_and_reallocation(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "kl.json"
+    argv = ["calibrate", "--model", "tiny-random", "--device", "cpu", "--length", "256", "--block-size", "32"]
+    argv += ["--target-kl", "1.0", "--kl-values", "0.5,0.9", "--kl-window", "32", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "layer   1: 0.5: KL" in text and "mean density" in text
+    cal = sparseflash.load_calibration(out)
+    assert cal.calibration_text["tokens"] == 256 and cal.objective["window"] == 32
+    monkeypatch.setattr("sparseflash.eval.model.load_model", _no_model)
+    again = tmp_path / "tight.json"
+    assert main(["calibrate", "--target-kl", "1e-12", "--reallocate", str(out), "--out", str(again)]) == 0
+    tight = sparseflash.load_calibration(again)
+    assert tight.layers == [] and tight.dense_layers == [0, 1] and tight.objective["target_kl"] == 1e-12
