@@ -148,9 +148,8 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
 
 
 def _kl_options(method: str, block: int) -> dict[str, Any]:
-    from sparseflash.integrations.hf.plan import SAFE_OPTIONS
-
     from sparseflash.calibration_file import CALIBRATED
+    from sparseflash.integrations.hf.plan import SAFE_OPTIONS
 
     safe = {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != CALIBRATED[method][0]}
     return {**safe, "block_size": block}
