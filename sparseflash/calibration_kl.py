@@ -7,11 +7,16 @@ a KL budget where it buys the most density:
 
 1. :func:`measure_sensitivity`: for each layer alone sparse (every other layer on sparseflash's exact kernel) and
    each candidate value of the method's threshold, the mean KL(exact || patched) of the next-token distributions
-   over the last ``window`` positions of a calibration text, and that layer's density. The KL of several sparse
-   layers is close to the sum of their single-layer KLs (measured: 0.0258 summed over six groups against 0.0256
-   all together, same file), which the allocation relies on.
+   over the last ``window`` positions of a calibration text, and that layer's density.
 2. :func:`allocate`: per layer, a candidate value or dense, minimising the mean density subject to the sum of
-   the layers' KLs <= ``target_kl`` (exact dynamic programme over KL rounded up to ``target_kl / 2000``).
+   the layers' *excess* KLs <= ``target_kl`` (exact dynamic programme over KL rounded up to ``target_kl / 2000``).
+   A layer's excess is its KL minus its KL at the largest candidate value (:meth:`Sensitivity.excess`): in bf16
+   on a GPU any change of one layer's rounding moves the output by a floor of its own (Qwen2.5-Coder-1.5B at 16K:
+   0.0002-0.0009 per layer at threshold 0.98, against 0.0007 for all layers on another exact kernel), and these
+   floors do not add up (28 layers at 0.98 sum to 0.0175, all of them sparse at 0.95 give 0.0046), while the
+   excesses do, roughly (0.5B in float32: 0.0258 summed over six layer groups against 0.0256 all together,
+   ``benchmarks/results/kl_by_layer_group_cpu.txt``). With 1.0 among the values the floor is the layer's KL at
+   full density, i.e. pure rounding.
 3. :func:`calibrate_kl`: both, as a :class:`~sparseflash.calibration_file.Calibration` with ``objective.kind ==
    "kl"``; :func:`reallocate` re-runs step 2 on a file's stored table for another budget without the model.
 """
@@ -29,7 +34,7 @@ import torch
 
 from sparseflash.calibration_file import CALIBRATED, Calibration, LayerCalibration, model_info
 
-DEFAULT_VALUES = (0.6, 0.8, 0.9, 0.95, 0.98)
+DEFAULT_VALUES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
 DEFAULT_WINDOW = 1024
 _STEPS = 2000  # KL resolution of the allocation: target_kl / _STEPS
 
@@ -46,6 +51,11 @@ class Sensitivity:
     density: list[list[float]]
     window: int
     dense_kl: float = 0.0
+
+    def excess(self) -> list[list[float]]:
+        """``kl`` minus each layer's KL at the largest value (its rounding floor), clamped at 0."""
+        top = self.values.index(max(self.values)) if self.values else 0
+        return [[max(0.0, k - row[top]) for k in row] for row in self.kl]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,8 +83,8 @@ class Sensitivity:
 
 def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
     """Per layer of ``table``: the value to use, or None for dense; the mean density is minimal among choices
-    whose summed single-layer KL stays <= ``target_kl`` (KL rounded up to ``target_kl / 2000``, so the bound
-    holds exactly on the table).
+    whose summed single-layer excess KL (:meth:`Sensitivity.excess`) stays <= ``target_kl`` (rounded up to
+    ``target_kl / 2000``, so the bound holds exactly on the table).
 
     Raises:
         ValueError: ``target_kl`` is not a positive finite number.
@@ -84,7 +94,7 @@ def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
     unit = target_kl / _STEPS
     # best[s] = (summed density, choices) using KL budget s units; dense (None) costs 0 units, density 1
     best: list[tuple[float, list[float | None]]] = [(0.0, [])] * (_STEPS + 1)
-    for kls, dens in zip(table.kl, table.density, strict=True):
+    for kls, dens in zip(table.excess(), table.density, strict=True):
         options = [(0, 1.0, None)] + [
             (math.ceil(k / unit - 1e-9), d, v) for k, d, v in zip(kls, dens, table.values, strict=True)
         ]

@@ -160,9 +160,13 @@ def _report_kl(console: Any, cal: Any, out: Path) -> int:
     dens = [e.density[0] if isinstance(e.density, list) else e.density for e in cal.layers]
     n = len(cal.layers) + len(cal.dense_layers)
     mean = (sum(dens) + len(cal.dense_layers)) / max(n, 1)
-    summed = sum(e.kl or 0.0 for e in cal.layers)
+    from sparseflash.calibration_kl import Sensitivity
+
+    table = Sensitivity.from_dict(cal.objective)
+    excess = dict(zip(table.layers, table.excess(), strict=True))
+    summed = sum(excess[e.layer][table.values.index(chosen[e.layer])] for e in cal.layers)
     console.print(
-        f"per-layer values {chosen}; dense layers {cal.dense_layers}; summed KL {summed:.5f} "
+        f"per-layer values {chosen}; dense layers {cal.dense_layers}; summed excess KL {summed:.5f} "
         f"(target {cal.objective['target_kl']}), mean density {mean:.3f}"
     )
     path = cal.save(out)

@@ -211,12 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibrate by output sensitivity instead of recall: measure each layer's next-token KL to exact "
         "attention at each of --kl-values, then choose per-layer values (or dense) of least mean density "
-        "whose summed KL stays <= this (e.g. 0.003). --target-recall is then unused",
+        "whose summed KL above each layer's floor stays <= this (e.g. 0.003). --target-recall is then unused",
     )
     p_cal.add_argument(
         "--kl-values",
-        default="0.6,0.8,0.9,0.95,0.98",
-        help="with --target-kl: comma-separated candidate values of the method's threshold, in (0, 1]",
+        default="0.5,0.7,0.8,0.9,0.95,0.98,1.0",
+        help="with --target-kl: comma-separated candidate values of the method's threshold, in (0, 1]; a layer's "
+        "KL at the largest is its rounding floor, subtracted from the others",
     )
     p_cal.add_argument(
         "--kl-window", type=int, default=1024, help="with --target-kl: KL over the last this many positions"
