@@ -62,7 +62,9 @@ case "$stage" in
     # target) and its re-allocation for every other target -> $SF/results/klcal_KEY/kl_T.json
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/klcal_$key"; mkdir -p "$dir"
     IFS=, read -r -a targets <<< "$4"
+    # PER_HEAD=1: one threshold per query head (1 + heads x (values - 1) forwards per layer)
     timeout "${CAL_TIMEOUT:-330}" "${SFCLI[@]}" calibrate --model "$model" --method xattention --length "$2" \
+      ${PER_HEAD:+--kl-per-head} \
       --kl-values "$3" --target-kl "${targets[0]}" --seed "${CAL_SEED:-7}" --out "$dir/kl_${targets[0]}.json" 2>&1 \
       | grep -v "^Loading" | tee -a "$dir/log.txt"
     for t in "${targets[@]:1}"; do

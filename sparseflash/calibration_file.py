@@ -28,7 +28,8 @@ _MODEL_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 class LayerCalibration:
     """One layer: ``value`` (float, or one float per query head), the ``recall`` and ``density`` it gave
     (same shape as ``value``), and ``reached``: False where even 1.0 missed the target (``value`` is then 1.0).
-    Files of the KL objective give ``kl`` (the next-token KL this layer alone added) and no ``recall``."""
+    Files of the KL objective give ``kl`` (the excess next-token KL this layer's values spend of the budget,
+    :mod:`sparseflash.calibration_kl`) and no ``recall``."""
 
     layer: int
     value: float | list[float]

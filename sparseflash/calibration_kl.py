@@ -41,9 +41,10 @@ _STEPS = 2000  # KL resolution of the allocation: target_kl / _STEPS
 
 @dataclass
 class Sensitivity:
-    """What :func:`measure_sensitivity` measured: ``kl[i][j]`` and ``density[i][j]`` for ``layers[i]`` alone
-    sparse at ``values[j]``; ``dense_kl``: KL(exact || exact) of the reference run against itself (0 unless the
-    kernels are not deterministic)."""
+    """What :func:`measure_sensitivity` measured: ``kl[i][j]`` and ``density[i][j]`` for row ``i`` alone sparse
+    at ``values[j]``. A row is layer ``layers[i]``, or with ``heads`` (per-head tables) query head ``heads[i]`` of
+    that layer, the layer's other heads at the largest value. ``dense_kl``: KL(exact || exact) of the reference
+    run against itself (0 unless the kernels are not deterministic)."""
 
     layers: list[int]
     values: list[float]
@@ -51,6 +52,7 @@ class Sensitivity:
     density: list[list[float]]
     window: int
     dense_kl: float = 0.0
+    heads: list[int] | None = None
 
     def excess(self) -> list[list[float]]:
         """``kl`` minus each layer's KL at the largest value (its rounding floor), clamped at 0."""
@@ -71,10 +73,13 @@ class Sensitivity:
                 [[float(x) for x in row] for row in data["density"]],
                 int(data["window"]),
                 float(data.get("dense_kl", 0.0)),
+                None if data.get("heads") is None else [int(h) for h in data["heads"]],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"calibration: objective: expected a sensitivity table, got a bad field ({err})") from None
         shape = (len(table.layers), len(table.values))
+        if table.heads is not None and len(table.heads) != shape[0]:
+            raise ValueError(f"calibration: objective.heads: expected {shape[0]} head indices")
         for name, rows in (("kl", table.kl), ("density", table.density)):
             if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
                 raise ValueError(f"calibration: objective.{name}: expected {shape[0]} rows of {shape[1]} values")
@@ -82,9 +87,9 @@ class Sensitivity:
 
 
 def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
-    """Per layer of ``table``: the value to use, or None for dense; the mean density is minimal among choices
-    whose summed single-layer excess KL (:meth:`Sensitivity.excess`) stays <= ``target_kl`` (rounded up to
-    ``target_kl / 2000``, so the bound holds exactly on the table).
+    """Per row of ``table``: the value to use, or None for dense (per-layer tables only); the mean density is
+    minimal among choices whose summed excess KL (:meth:`Sensitivity.excess`) stays <= ``target_kl`` (rounded up
+    to ``target_kl / 2000``, so the bound holds exactly on the table).
 
     Raises:
         ValueError: ``target_kl`` is not a positive finite number.
@@ -92,18 +97,30 @@ def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
     if isinstance(target_kl, bool) or not isinstance(target_kl, int | float) or not 0 < target_kl < math.inf:
         raise ValueError(f"target_kl: expected a positive number, got {target_kl!r}")
     unit = target_kl / _STEPS
-    # best[s] = (summed density, choices) using KL budget s units; dense (None) costs 0 units, density 1
-    best: list[tuple[float, list[float | None]]] = [(0.0, [])] * (_STEPS + 1)
-    for kls, dens in zip(table.excess(), table.density, strict=True):
-        options = [(0, 1.0, None)] + [
-            (math.ceil(k / unit - 1e-9), d, v) for k, d, v in zip(kls, dens, table.values, strict=True)
-        ]
-        nxt: list[tuple[float, list[float | None]]] = []
-        for s in range(_STEPS + 1):
-            cands = [(best[s - cost][0] + d, best[s - cost][1] + [v]) for cost, d, v in options if cost <= s]
-            nxt.append(min(cands, key=lambda c: c[0]))
-        best = nxt
-    return best[_STEPS][1]
+    dense = [] if table.heads is not None else [(0, 1.0, None)]
+    options = [
+        dense + [(math.ceil(k / unit - 1e-9), d, v) for k, d, v in zip(kls, dens, table.values, strict=True)]
+        for kls, dens in zip(table.excess(), table.density, strict=True)
+    ]
+    # best[s]: least summed density of the rows so far within s units; back[r, s]: row r's option there
+    best = torch.zeros(_STEPS + 1, dtype=torch.float64)
+    back = torch.zeros(len(options), _STEPS + 1, dtype=torch.int64)
+    for r, opts in enumerate(options):
+        new = torch.full((_STEPS + 1,), math.inf, dtype=torch.float64)
+        for o, (cost, dens, _) in enumerate(opts):
+            if cost > _STEPS:
+                continue
+            cand = torch.full((_STEPS + 1,), math.inf, dtype=torch.float64)
+            cand[cost:] = best[: _STEPS + 1 - cost] + dens
+            better = cand < new
+            new[better], back[r, better] = cand[better], o
+        best = new
+    choice: list[float | None] = [None] * len(options)
+    budget = _STEPS
+    for r in reversed(range(len(options))):
+        cost, _, value = options[r][int(back[r, budget])]
+        choice[r], budget = value, budget - cost
+    return choice
 
 
 def _log_probs(model: Any, ids: torch.Tensor, window: int) -> torch.Tensor:
@@ -121,7 +138,8 @@ def measure_sensitivity(
     options: Mapping[str, Any] | None = None,
     layers: Sequence[int] | None = None,
     window: int = DEFAULT_WINDOW,
-    on_layer: Callable[[int, list[float], list[float]], None] | None = None,
+    per_head: bool = False,
+    on_row: Callable[[str, list[float], list[float]], None] | None = None,
 ) -> Sensitivity:
     """Step 1 of the module docstring on one text.
 
@@ -132,7 +150,10 @@ def measure_sensitivity(
         options: other patch and pattern options of every run (default: none).
         layers: the layers to measure (default all; the others stay dense in the result).
         window: KL over the next-token distributions of the last ``window`` positions.
-        on_layer: called with (layer, kl per value, density per value) as each layer is done.
+        per_head: one row per query head (methods calibrated per head): the head at each value, the layer's other
+            heads at the largest; a head's density is its layout's (the exact last rows not counted), from one
+            pass that captures every layer's q/k. Costs ``1 + heads x (values - 1)`` forwards per layer.
+        on_row: called with (row label: ``"layer"`` or ``"layer.head"``, kl per value, density per value).
     """
     from sparseflash.eval.engine import kl_per_row
     from sparseflash.integrations.hf.patching import patch, patch_state, unpatch
@@ -147,44 +168,107 @@ def measure_sensitivity(
         dense_kl = float(kl_per_row(ref, _log_probs(model, ids, window)).mean())
     finally:
         unpatch(model)
-    kl_table, density_table = [], []
+
+    def run(layer: int, value: Any) -> tuple[float, float]:
+        """(KL, work density) with only ``layer`` sparse at ``value``."""
+        seen: list[float] = []
+        patch(model, method, dense_layers=[i for i in range(num_layers) if i != layer], **common, **{option: value})
+        patch_state(model).on_prefill = lambda idx, d: seen.append(d) if idx == layer else None
+        try:
+            kl = float(kl_per_row(ref, _log_probs(model, ids, window)).mean())
+        finally:
+            unpatch(model)
+        return kl, sum(seen) / len(seen) if seen else 1.0
+
+    values = [float(v) for v in values]
+    table = Sensitivity(layers if not per_head else [], values, [], [], int(window), dense_kl, [] if per_head else None)
+    if not per_head:
+        for layer in layers:
+            kls, dens = zip(*(run(layer, v) for v in values), strict=True)
+            table.kl.append(list(kls))
+            table.density.append(list(dens))
+            if on_row is not None:
+                on_row(str(layer), list(kls), list(dens))
+        return table
+    head_density = _head_densities(model, ids, method, values, common, layers)
+    heads, top = model.config.num_attention_heads, max(values)
     for layer in layers:
-        kls, dens = [], []
-        for value in values:
-            seen: list[float] = []
-            patch(model, method, dense_layers=[i for i in range(num_layers) if i != layer], **common, **{option: value})
-            patch_state(model).on_prefill = lambda idx, d, acc=seen, want=layer: acc.append(d) if idx == want else None
-            try:
-                kls.append(float(kl_per_row(ref, _log_probs(model, ids, window)).mean()))
-            finally:
-                unpatch(model)
-            dens.append(sum(seen) / len(seen) if seen else 1.0)
-        kl_table.append(kls)
-        density_table.append(dens)
-        if on_layer is not None:
-            on_layer(layer, kls, dens)
-    return Sensitivity(layers, [float(v) for v in values], kl_table, density_table, int(window), dense_kl)
+        floor = run(layer, [top] * heads)[0]
+        for h in range(heads):
+            kls = [floor if v == top else run(layer, [v if g == h else top for g in range(heads)])[0] for v in values]
+            dens = [head_density[layer][j][h] for j in range(len(values))]
+            table.layers.append(layer)
+            table.heads.append(h)
+            table.kl.append(kls)
+            table.density.append(dens)
+            if on_row is not None:
+                on_row(f"{layer}.{h}", kls, dens)
+    return table
+
+
+def _head_densities(
+    model: Any, ids: torch.Tensor, method: str, values: Sequence[float], options: Mapping[str, Any], layers: list[int]
+) -> dict[int, list[list[float]]]:
+    """``{layer: [value][query head] density}`` of the method's layouts on the q/k of one captured pass."""
+    from sparseflash.eval.capture import capture_attention
+    from sparseflash.integrations.hf.model import _attention_modules
+    from sparseflash.integrations.hf.plan import PATCH_KEYS
+    from sparseflash.metrics import density
+    from sparseflash.patterns import select
+
+    option = CALIBRATED[method][0]
+    modules = _attention_modules(model)
+    pattern = {k: v for k, v in options.items() if k not in PATCH_KEYS}
+    found: dict[int, list[list[float]]] = {}
+
+    def on_qk(idx: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        if idx in layers:
+            scale = getattr(modules[idx], "scaling", None)
+            found[idx] = [
+                density(select(method, q, k, scale=scale, **pattern, **{option: v}), per_head=True).tolist()
+                for v in values
+            ]
+
+    with torch.inference_mode(), capture_attention(model, on_qk):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return found
 
 
 def _from_allocation(base: Calibration, table: Sensitivity, target_kl: float, skipped: Sequence[int]) -> Calibration:
-    """``base`` (model, text, options) with the layers and objective of ``allocate(table, target_kl)``."""
-    choice = allocate(table, target_kl)
+    """``base`` (model, text, options) with the layers and objective of ``allocate(table, target_kl)``; a layer's
+    ``kl`` is the excess KL its choice spends."""
+    choice, excess = allocate(table, target_kl), table.excess()
     heads = base.model["num_heads"]
-    layers, dense = [], sorted(set(skipped))
+    picked: dict[int, list[tuple[int | None, float, float, float]]] = {}  # layer -> [(head, value, density, kl)]
+    dense = set(skipped)
     for i, layer in enumerate(table.layers):
         if choice[i] is None:
-            dense.append(layer)
+            dense.add(layer)
             continue
         j = table.values.index(choice[i])
-        value, density = choice[i], table.density[i][j]
+        head = None if table.heads is None else table.heads[i]
+        picked.setdefault(layer, []).append((head, choice[i], table.density[i][j], excess[i][j]))
+    layers = []
+    for layer, rows in sorted(picked.items()):
+        if rows[0][0] is None:  # a per-layer table: one value for all heads
+            (_, value, dens, kl), many = rows[0], base.per_head
+            layers.append(
+                LayerCalibration(
+                    layer,
+                    [value] * heads if many else value,
+                    None,
+                    [dens] * heads if many else dens,
+                    [True] * heads if many else True,
+                    kl=kl,
+                )
+            )
+            continue
+        rows = sorted(rows, key=lambda r: r[0])
+        if [r[0] for r in rows] != list(range(heads)):
+            raise ValueError(f"calibration: objective.heads: expected heads 0..{heads - 1} for layer {layer}")
         layers.append(
             LayerCalibration(
-                layer,
-                [value] * heads if base.per_head else value,
-                None,
-                [density] * heads if base.per_head else density,
-                [True] * heads if base.per_head else True,
-                kl=table.kl[i][j],
+                layer, [r[1] for r in rows], None, [r[2] for r in rows], [True] * heads, kl=sum(r[3] for r in rows)
             )
         )
     objective = {**base.objective, "kind": "kl", "target_kl": float(target_kl), **table.to_dict()}
@@ -211,9 +295,10 @@ def calibrate_kl(
     options: Mapping[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
     window: int = DEFAULT_WINDOW,
+    per_head: bool = False,
     text: Mapping[str, Any] | None = None,
     name: str | None = None,
-    on_layer: Callable[[int, list[float], list[float]], None] | None = None,
+    on_row: Callable[[str, list[float], list[float]], None] | None = None,
 ) -> Calibration:
     """Measure the sensitivity table and allocate ``target_kl`` (module docstring).
 
@@ -223,6 +308,9 @@ def calibrate_kl(
             among them (e.g. ``dense_last_queries``) are used while measuring and recorded in ``objective``.
         values: candidate values of the method's option, each in (0, 1]. dense_layers: layers left dense
             (sliding-window layers always are). text: what ``ids`` are (stored in the file).
+        per_head: one value per query head (``xattention``) from a per-head table (:func:`measure_sensitivity`);
+            no layer is then made dense by the allocation.
+        on_row: progress, as :func:`measure_sensitivity`'s.
     """
     from sparseflash.integrations.hf.model import _attention_modules, _check_model
     from sparseflash.integrations.hf.plan import PATCH_KEYS, SAFE_OPTIONS
@@ -236,7 +324,9 @@ def calibrate_kl(
         raise ValueError(f"values: expected distinct numbers in (0, 1], got {list(values)!r}")
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= ids.shape[-1]:
         raise ValueError(f"window: expected an int in [1, {ids.shape[-1]}], got {window!r}")
-    option, per_head = CALIBRATED[method]
+    option, head_values = CALIBRATED[method]
+    if per_head and not head_values:
+        raise ValueError(f"per_head: expected False for method {method!r} (one {option} per layer), got True")
     safe = {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != option}
     opts = dict(safe if options is None else options)
     clash = sorted({option, "target_recall", "calibration", "dense_layers", "layer_options"} & set(opts))
@@ -257,7 +347,8 @@ def calibrate_kl(
         options={**opts, **patch_options},
         layers=measured,
         window=window,
-        on_layer=on_layer,
+        per_head=per_head,
+        on_row=on_row,
     )
     import sparseflash
 
@@ -266,7 +357,7 @@ def calibrate_kl(
     base = Calibration(
         method,
         option,
-        per_head,
+        head_values,
         None,
         info,
         dict(text or {"source": "ids", "tokens": int(ids.shape[-1]), "seed": None}),

@@ -40,10 +40,17 @@ def cal(tiny, ids):
     return calibrate_kl(model, ids, "xattention", target_kl=1.0, values=[0.3, 0.9], options=OPTIONS, window=64)
 
 
+def _log_probs(model, ids):
+    """float32 (64, vocab) next-token log-probabilities of the last 64 positions."""
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=ids, use_cache=False, logits_to_keep=64).logits[0].float(), -1)
+
+
 def _brute(table: Sensitivity, target: float) -> float:
     best = float("inf")
+    excess = table.excess()
     for pick in itertools.product(range(len(table.values) + 1), repeat=len(table.layers)):
-        kl = sum(0.0 if j == 0 else table.kl[i][j - 1] for i, j in enumerate(pick))
+        kl = sum(0.0 if j == 0 else excess[i][j - 1] for i, j in enumerate(pick))
         if kl <= target:
             best = min(best, sum(1.0 if j == 0 else table.density[i][j - 1] for i, j in enumerate(pick)))
     return best
@@ -58,7 +65,9 @@ def test_allocation_is_the_optimum_of_its_table(seed):
     table = Sensitivity(list(range(layers)), values, kl, dens, 64)
     target = rng.uniform(0.001, 0.02)
     choice = allocate(table, target)
-    spent = sum(0.0 if v is None else kl[i][values.index(v)] for i, v in enumerate(choice))
+    excess = table.excess()
+    assert all(row[-1] == 0.0 and min(row) >= 0.0 for row in excess)  # the largest value is the floor
+    spent = sum(0.0 if v is None else excess[i][values.index(v)] for i, v in enumerate(choice))
     mean = sum(1.0 if v is None else dens[i][values.index(v)] for i, v in enumerate(choice))
     assert spent <= target
     # the KL is rounded up to target/2000 units: the optimum may only be missed by what that rounding excludes
@@ -67,11 +76,17 @@ def test_allocation_is_the_optimum_of_its_table(seed):
 
 
 def test_allocation_extremes_and_bad_target():
-    table = Sensitivity([3, 5], [0.5, 0.9], [[0.2, 0.1], [0.3, 0.05]], [[0.2, 0.4], [0.1, 0.3]], 64)
-    assert allocate(table, 1e-6) == [None, None]
+    # floors (KL at the largest value): 0.1 and 0.05; excess at 0.5: 0.1 and 0.25; at 0.9 and 1.0: 0 or less
+    table = Sensitivity(
+        [3, 5], [0.5, 0.9, 1.0], [[0.2, 0.09, 0.1], [0.3, 0.05, 0.05]], [[0.2, 0.4, 1.0], [0.1, 0.3, 1.0]], 64
+    )
+    assert [x for row in table.excess() for x in row] == pytest.approx([0.1, 0.0, 0.0, 0.25, 0.0, 0.0])
+    assert allocate(table, 1e-6) == [0.9, 0.9]  # at the floor: free
     assert allocate(table, 10.0) == [0.5, 0.5]
-    assert allocate(table, 0.16) == [0.9, 0.9]
-    assert allocate(table, 0.26) == [0.5, 0.9]
+    assert allocate(table, 0.11) == [0.5, 0.9]
+    assert allocate(table, 0.26) == [0.9, 0.5]
+    no_floor = Sensitivity([0], [0.5, 1.0], [[0.2, 0.0]], [[0.2, 1.0]], 64)
+    assert allocate(no_floor, 0.1) == [None]  # 1.0 and dense cost the same KL: dense (density 1 either way)
     for bad in (0, -1.0, float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="target_kl: expected a positive number"):
             allocate(table, bad)
@@ -83,15 +98,10 @@ def test_measured_kl_is_that_of_the_layer_alone(tiny, ids, cal):
     assert table.layers == [0, 1] and table.values == [0.3, 0.9] and table.dense_kl == 0.0
     assert all(0 < d <= 1 for row in table.density for d in row)
 
-    def log_probs():
-        with torch.inference_mode():
-            return torch.log_softmax(model(input_ids=ids, use_cache=False, logits_to_keep=64).logits[0].float(), -1)
-
     with sparseflash.patched(model, "dense"):
-        ref = log_probs()
-    opts = {k: v for k, v in OPTIONS.items()}
-    with sparseflash.patched(model, "xattention", dense_layers=[0], min_sparse_len=0, threshold=0.3, **opts):
-        kl = float(kl_per_row(ref, log_probs()).mean())
+        ref = _log_probs(model, ids)
+    with sparseflash.patched(model, "xattention", dense_layers=[0], min_sparse_len=0, threshold=0.3, **OPTIONS):
+        kl = float(kl_per_row(ref, _log_probs(model, ids)).mean())
     assert kl == pytest.approx(table.kl[1][0], rel=1e-5, abs=1e-9)
 
 
@@ -153,6 +163,10 @@ def _no_model(*args, **kwargs):
         (["--target-kl", "0.1", "--kl-window", "0", "--length", "512"], "--kl-window: expected an int in [1, "),
         (["--target-kl", "0.1", "--reallocate", "/no/such.json"], "--reallocate: "),
         (["--reallocate", "x.json"], "--reallocate: expected --target-kl with it"),
+        (
+            ["--target-kl", "0.1", "--kl-per-head", "--method", "permuted"],
+            "--kl-per-head: expected --method xattention",
+        ),
     ],
 )
 def test_calibrate_kl_bad_input_exits_2_before_loading(monkeypatch, capsys, argv, message):
@@ -177,3 +191,38 @@ def test_calibrate_kl_command_and_reallocation(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "--target-kl", "1e-12", "--reallocate", str(out), "--out", str(again)]) == 0
     tight = sparseflash.load_calibration(again)
     assert tight.layers == [] and tight.dense_layers == [0, 1] and tight.objective["target_kl"] == 1e-12
+
+
+def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny, ids):
+    model, _ = tiny
+    values = [0.2, 1.0]
+    cal = calibrate_kl(
+        model, ids, "xattention", target_kl=1.0, values=values, options=OPTIONS, window=64, per_head=True
+    )
+    table = Sensitivity.from_dict(cal.objective)
+    heads = model.config.num_attention_heads
+    assert table.heads == list(range(heads)) * 2 and table.layers == [0] * heads + [1] * heads
+    # a head at 1.0 is the layer's floor run (all heads at 1.0): one KL per layer, shared by its heads
+    assert len({row[1] for row in table.kl[:heads]}) == 1
+    # head 1 of layer 1 alone at 0.2 (the others at 1.0): the KL stored for that row
+    with sparseflash.patched(model, "dense"):
+        ref = _log_probs(model, ids)
+    threshold = [1.0] * heads
+    threshold[1] = 0.2
+    with sparseflash.patched(model, "xattention", dense_layers=[0], min_sparse_len=0, threshold=threshold, **OPTIONS):
+        lp = _log_probs(model, ids)
+    assert float(kl_per_row(ref, lp).mean()) == pytest.approx(table.kl[heads + 1][0], rel=1e-5, abs=1e-9)
+    # densities are the layouts' per head: lower at 0.2 than at 1.0 somewhere, never above 1
+    assert all(0 < d <= 1 for row in table.density for d in row)
+    assert any(row[0] < row[1] for row in table.density)
+    # a generous budget takes 0.2 everywhere; a tiny one keeps every head at the floor value; no dense layers
+    assert all(e.value == [0.2] * heads for e in cal.layers) and cal.dense_layers == []
+    tight = reallocate(cal, 1e-12)
+    assert [e.value for e in tight.layers] == [[1.0] * heads] * 2 and tight.dense_layers == []
+    with sparseflash.patched(model, "xattention", calibration=cal, min_sparse_len=0):
+        assert patch_state(model).plans[1].options["threshold"] == [0.2] * heads
+
+
+def test_per_head_needs_a_per_head_method(tiny, ids):
+    with pytest.raises(ValueError, match="per_head: expected False for method 'permuted'"):
+        calibrate_kl(tiny[0], ids, "permuted", target_kl=1.0, values=[0.5], window=64, per_head=True)

@@ -99,6 +99,8 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results/calibration_{model_tag}_{args.method}_kl{args.target_kl:g}.json")
     _check_out_file(out)
     console = _console()
+    if args.kl_per_head and args.method != "xattention":
+        raise UsageError(f"--kl-per-head: expected --method xattention (per-head thresholds), got {args.method!r}")
     if args.reallocate is not None:
         from sparseflash.calibration_file import load_calibration
         from sparseflash.calibration_kl import reallocate
@@ -127,9 +129,9 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         f"values {values}, {length} tokens, KL over the last {args.kl_window}"
     )
 
-    def show(layer: int, kls: list[float], dens: list[float]) -> None:
+    def show(row: str, kls: list[float], dens: list[float]) -> None:
         cells = "  ".join(f"{v:g}: KL {k:.5f} d {d:.3f}" for v, k, d in zip(values, kls, dens, strict=True))
-        console.print(f"layer {layer:3d}: {cells}")
+        console.print(f"layer {row:>3}: {cells}")
 
     block = args.block_size
     cal = calibrate_kl(
@@ -140,9 +142,10 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         values=values,
         options=_kl_options(args.method, block),
         window=args.kl_window,
+        per_head=args.kl_per_head,
         text={"source": source, "tokens": int(ids.shape[1]), "seed": args.seed},
         name=loaded.name,
-        on_layer=show,
+        on_row=show,
     )
     return _report_kl(console, cal, out)
 
@@ -156,15 +159,16 @@ def _kl_options(method: str, block: int) -> dict[str, Any]:
 
 
 def _report_kl(console: Any, cal: Any, out: Path) -> int:
-    chosen = {e.layer: e.value[0] if isinstance(e.value, list) else e.value for e in cal.layers}
+    def show(value: float | list[float]) -> str:
+        if not isinstance(value, list) or len(set(value)) == 1:
+            return f"{value[0] if isinstance(value, list) else value:g}"
+        return f"{min(value):g}..{max(value):g}"
+
+    chosen = {e.layer: show(e.value) for e in cal.layers}
     dens = [e.density[0] if isinstance(e.density, list) else e.density for e in cal.layers]
     n = len(cal.layers) + len(cal.dense_layers)
     mean = (sum(dens) + len(cal.dense_layers)) / max(n, 1)
-    from sparseflash.calibration_kl import Sensitivity
-
-    table = Sensitivity.from_dict(cal.objective)
-    excess = dict(zip(table.layers, table.excess(), strict=True))
-    summed = sum(excess[e.layer][table.values.index(chosen[e.layer])] for e in cal.layers)
+    summed = sum(e.kl or 0.0 for e in cal.layers)
     console.print(
         f"per-layer values {chosen}; dense layers {cal.dense_layers}; summed excess KL {summed:.5f} "
         f"(target {cal.objective['target_kl']}), mean density {mean:.3f}"

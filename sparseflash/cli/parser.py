@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-window", type=int, default=1024, help="with --target-kl: KL over the last this many positions"
     )
     p_cal.add_argument(
+        "--kl-per-head",
+        action="store_true",
+        help="with --target-kl (xattention): measure and allocate per query head, not per layer "
+        "(1 + heads x (values - 1) forwards per layer)",
+    )
+    p_cal.add_argument(
         "--reallocate",
         default=None,
         metavar="FILE",
