@@ -11,7 +11,9 @@
 #   bash benchmarks/run_accuracy_gpu.sh setup q15 q05   # reassemble + SHA-256 + HF folders (carry .stash/site)
 #   bash benchmarks/run_accuracy_gpu.sh diagnose    # recall per layer/head vs the oracle at equal density
 #   bash benchmarks/run_accuracy_gpu.sh calibrate   # per-layer/head thresholds at target recalls
-#   bash benchmarks/run_accuracy_gpu.sh klcal       # per-layer thresholds for next-token KL budgets
+#   bash benchmarks/run_accuracy_gpu.sh klcal       # per-layer (PER_HEAD=1: per-head) thresholds for KL budgets
+#     e.g. PER_HEAD=1 klcal q15 16384 0.5,0.9,0.98 0.002,0.004,0.007,0.012, then
+#     sweep q15 benchmarks/variants/issue12_klhead_q15.json 16384,32768 3 agreement
 #   bash benchmarks/run_accuracy_gpu.sh sweep       # variants on tuning prompts -> $SF/chosen.json
 #   bash benchmarks/run_accuracy_gpu.sh grid        # the grid with the chosen setting (n >= 50), both models
 # Results: $OUT/<stage>.tgz (copy into benchmarks/results/ and commit, naming the GPU).
