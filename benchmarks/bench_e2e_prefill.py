@@ -16,7 +16,8 @@ logits_to_keep=1)``: median of ``--reps`` CUDA-event timings after the warm-up f
 Peak GPU memory (``peak_mem_gib``) is ``torch.cuda.max_memory_allocated`` over the case, weights included.
 
 ``--model`` takes a local Hugging Face folder, a ``.gguf`` file, a catalogue name of
-:mod:`sparseflash.integrations.models` (default ``qwen2.5-coder-1.5b``) or ``random:<name>``: the architecture
+:mod:`sparseflash.integrations.models` (default ``qwen2.5-coder-1.5b``; these three load through
+:func:`sparseflash.eval.model.load_model`) or ``random:<name>``: the architecture
 of a known model with random weights built on the GPU (``random:qwen2.5-coder-1.5b``; ``random:tiny`` for a
 CPU plumbing run). Speed of dense attention, MLP and static patterns does not depend on the weights; the
 density (hence speed) of dynamic patterns does, so random-weight rows say ``"weights": "random"``.
@@ -140,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- model and prompt
 def load_model(spec: str, device: torch.device) -> tuple[Any, Any | None, str, str]:
-    """``(model, tokenizer or None, name, weights)``: bf16 on CUDA, fp32 on CPU, eval mode."""
+    """``(model, tokenizer or None, name, weights)``: bf16 on CUDA, fp32 on CPU, SDPA attention, eval mode.
+
+    ``random:<name>`` builds :data:`RANDOM_CONFIGS` ``[name]`` with seeded random weights (``weights="random"``);
+    any other ``spec`` (folder, ``.gguf`` file, catalogue name) is loaded by :func:`sparseflash.eval.model.load_model`
+    (``weights="pretrained"``; its ``ModelSpecError``, a ``ValueError``, lists the names).
+    """
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if spec.startswith("random:"):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -154,19 +160,9 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, Any | None, str, s
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         return model.eval(), None, name, "random"
-    path = Path(spec).expanduser()
-    if path.exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sparseflash.eval.model import load_model as load_pretrained
 
-        folder, extra = (path, {}) if path.is_dir() else (path.parent, {"gguf_file": path.name})
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dtype, attn_implementation="sdpa", **extra
-        )
-        return model.to(device).eval(), tok, path.name.removesuffix(".gguf"), "pretrained"
-    from sparseflash.integrations import models
-
-    loaded = models.load(spec, device=device, dtype=dtype)  # ValueError lists the names
+    loaded = load_pretrained(spec, device=device, dtype=dtype)
     loaded.model.set_attn_implementation("sdpa")
     return loaded.model, loaded.tokenizer, loaded.name, "pretrained"
 

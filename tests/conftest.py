@@ -83,6 +83,19 @@ def device() -> str:
     return "cuda" if HAS_GPU else "cpu"
 
 
+@pytest.fixture(scope="session")
+def tiny_random():
+    """The CLI's ``tiny-random`` model as ``sparseflash.eval.model.load_model`` gives it, on the CPU, built once.
+
+    A ``LoadedModel``: ``.model`` (2-layer random Llama, float32, eval mode; see ``sparseflash.eval.tiny``),
+    ``.tokenizer`` (bytes), ``.name`` ``"tiny-random"``. Shared by every test module: a test that patches it uses
+    ``patched(...)`` (or unpatches), so it comes back unchanged.
+    """
+    from sparseflash.eval.model import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
 def pytest_collection_modifyitems(config, items):
     """On a GPU machine the interpreter tests (CPU tensors, TRITON_INTERPRET) cannot run: the gpu files cover it."""
     if not HAS_GPU:

@@ -21,16 +21,8 @@ NOTCH = 2.0**-ITER
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from sparseflash.eval.tiny import tiny_random_model
-
-    model, tok = tiny_random_model()
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def cal(tiny):
-    model, tok = tiny
+def cal(tiny_random):
+    model, tok = tiny_random.model, tiny_random.tokenizer
     return C.calibrate(model, tok, "xattention", target_recall=TARGET, length=512, block_size=BLOCK, iterations=ITER)
 
 
@@ -114,8 +106,8 @@ def test_unreachable_target_records_one_and_flags_it():
 
 
 # ---------------------------------------------------------------------------------------- files
-def test_round_trip_and_patch_applies_per_head_thresholds(tiny, cal, cal_file):
-    model, tok = tiny
+def test_round_trip_and_patch_applies_per_head_thresholds(tiny_random, cal, cal_file):
+    model, tok = tiny_random.model, tiny_random.tokenizer
     assert cal.method == "xattention" and cal.per_head and [e.layer for e in cal.layers] == [0, 1]
     assert cal.calibration_text["tokens"] == 512 and cal.model["num_heads"] == 4
     loaded = sparseflash.load_calibration(cal_file)
@@ -138,8 +130,8 @@ def test_round_trip_and_patch_applies_per_head_thresholds(tiny, cal, cal_file):
         assert torch.isfinite(logits).all() and patch_state(model).calls["sparse"] == 2
 
 
-def test_patch_keeps_dense_layers_and_other_methods(tiny, cal):
-    model, _ = tiny
+def test_patch_keeps_dense_layers_and_other_methods(tiny_random, cal):
+    model = tiny_random.model
     with sparseflash.patched(model, "xattention", calibration=cal, dense_layers=(i for i in [0])):
         assert patch_state(model).plans[0].method == "dense"
         assert patch_state(model).plans[1].options["threshold"] == cal.layers[1].value
@@ -149,10 +141,10 @@ def test_patch_keeps_dense_layers_and_other_methods(tiny, cal):
         assert plans[0].options["threshold"] == cal.layers[0].value
 
 
-def test_eval_method_option_passes_calibration(tiny, cal_file):
+def test_eval_method_option_passes_calibration(tiny_random, cal_file):
     from sparseflash.eval.methods import check_method, use_method
 
-    model, _ = tiny
+    model = tiny_random.model
     check_method("xattention", {"calibration": str(cal_file)})
     with use_method(model, "xattention", {"calibration": str(cal_file)}):
         assert isinstance(patch_state(model).plans[0].options["threshold"], list)
@@ -165,15 +157,15 @@ def test_eval_method_option_passes_calibration(tiny, cal_file):
         ({-1: {"target_recall": 0.5}}, r"layer_options\[-1\]: sets \['target_recall'\]"),
     ],
 )
-def test_explicit_layer_options_conflict(tiny, cal, layer_options, message):
+def test_explicit_layer_options_conflict(tiny_random, cal, layer_options, message):
     with pytest.raises(ValueError, match=message):
-        sparseflash.patch(tiny[0], "xattention", calibration=cal, layer_options=layer_options)
-    assert not sparseflash.is_patched(tiny[0])
+        sparseflash.patch(tiny_random.model, "xattention", calibration=cal, layer_options=layer_options)
+    assert not sparseflash.is_patched(tiny_random.model)
 
 
-def test_global_target_recall_conflicts(tiny, cal):
+def test_global_target_recall_conflicts(tiny_random, cal):
     with pytest.raises(ValueError, match="target_recall: conflicts with calibration"):
-        sparseflash.patch(tiny[0], "xattention", calibration=cal, target_recall=0.9)
+        sparseflash.patch(tiny_random.model, "xattention", calibration=cal, target_recall=0.9)
 
 
 def _edit(data, path, value):
@@ -228,7 +220,7 @@ def test_not_json(tmp_path):
         ("num_kv_heads", 1, r"1 KV heads .* model has .* 2 KV heads"),
     ],
 )
-def test_file_for_another_model_is_refused(tiny, cal, tmp_path, key, value, message):
+def test_file_for_another_model_is_refused(tiny_random, cal, tmp_path, key, value, message):
     data = cal.to_dict()
     data["model"][key] = value
     if key == "num_heads":
@@ -238,14 +230,14 @@ def test_file_for_another_model_is_refused(tiny, cal, tmp_path, key, value, mess
     path = tmp_path / "other.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
-        sparseflash.patch(tiny[0], "xattention", calibration=path)
+        sparseflash.patch(tiny_random.model, "xattention", calibration=path)
 
 
-def test_file_for_another_method_is_refused(tiny, cal_file):
+def test_file_for_another_method_is_refused(tiny_random, cal_file):
     with pytest.raises(ValueError, match="calibration: made for method 'xattention', got method 'flexprefill'"):
-        sparseflash.patch(tiny[0], "flexprefill", calibration=cal_file)
+        sparseflash.patch(tiny_random.model, "flexprefill", calibration=cal_file)
     with pytest.raises(ValueError, match="got method 'dense'"):
-        sparseflash.patch(tiny[0], "dense", calibration=cal_file)
+        sparseflash.patch(tiny_random.model, "dense", calibration=cal_file)
 
 
 def test_block_max_keeps_its_own_calibration_option():
@@ -302,7 +294,7 @@ def test_calibrate_help_explains_every_option(capsys):
         assert opt in text
 
 
-def test_calibrate_command_writes_a_file_patch_accepts(tiny, tmp_path, capsys):
+def test_calibrate_command_writes_a_file_patch_accepts(tiny_random, tmp_path, capsys):
     out = tmp_path / "c.json"
     argv = [
         "calibrate",
@@ -328,5 +320,5 @@ def test_calibrate_command_writes_a_file_patch_accepts(tiny, tmp_path, capsys):
     loaded = sparseflash.load_calibration(out)
     assert loaded.method == "permuted" and loaded.option == "threshold" and not loaded.per_head
     assert loaded.model["name"] == "tiny-random" and loaded.calibration_text["tokens"] == 256
-    with sparseflash.patched(tiny[0], "permuted", calibration=out, block_size=(32, 32), segment_size=64):
-        assert patch_state(tiny[0]).plans[1].options["threshold"] == loaded.layers[1].value
+    with sparseflash.patched(tiny_random.model, "permuted", calibration=out, block_size=(32, 32), segment_size=64):
+        assert patch_state(tiny_random.model).plans[1].options["threshold"] == loaded.layers[1].value

@@ -23,20 +23,13 @@ OPTIONS = {"block_size": BLOCK, "local_blocks": 1, "stride": 4, "dense_last_quer
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from sparseflash.eval.tiny import tiny_random_model
-
-    return tiny_random_model()
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 250, (1, 512), generator=torch.Generator().manual_seed(3))
 
 
 @pytest.fixture(scope="module")
-def cal(tiny, ids):
-    model, _ = tiny
+def cal(tiny_random, ids):
+    model = tiny_random.model
     return calibrate_kl(model, ids, "xattention", target_kl=1.0, values=[0.3, 0.9], options=OPTIONS, window=64)
 
 
@@ -92,8 +85,8 @@ def test_allocation_extremes_and_bad_target():
             allocate(table, bad)
 
 
-def test_measured_kl_is_that_of_the_layer_alone(tiny, ids, cal):
-    model, _ = tiny
+def test_measured_kl_is_that_of_the_layer_alone(tiny_random, ids, cal):
+    model = tiny_random.model
     table = Sensitivity.from_dict(cal.objective)
     assert table.layers == [0, 1] and table.values == [0.3, 0.9] and table.dense_kl == 0.0
     assert all(0 < d <= 1 for row in table.density for d in row)
@@ -105,8 +98,8 @@ def test_measured_kl_is_that_of_the_layer_alone(tiny, ids, cal):
     assert kl == pytest.approx(table.kl[1][0], rel=1e-5, abs=1e-9)
 
 
-def test_file_round_trip_and_patch_applies_values_dense_layers_and_options(tiny, cal, tmp_path):
-    model, _ = tiny
+def test_file_round_trip_and_patch_applies_values_dense_layers_and_options(tiny_random, cal, tmp_path):
+    model = tiny_random.model
     assert cal.target_recall is None and cal.objective["kind"] == "kl"
     assert cal.objective["patch_options"] == {"dense_last_queries": 16}
     assert cal.options == {"block_size": BLOCK, "local_blocks": 1, "stride": 4} and cal.block_size == (BLOCK, BLOCK)

@@ -175,14 +175,7 @@ def test_old_result_files_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the runner on a tiny random model
-@pytest.fixture(scope="module")
-def tiny():
-    from sparseflash.eval.model import load_model
-
-    return load_model("tiny-random", device="cpu")
-
-
-def test_runner_resumes_after_an_interruption(tmp_path, tiny):
+def test_runner_resumes_after_an_interruption(tmp_path, tiny_random):
     from sparseflash.eval.runner import EvalConfig, Runner
 
     config = EvalConfig(
@@ -194,7 +187,7 @@ def test_runner_resumes_after_an_interruption(tmp_path, tiny):
         seed=5,
         method_options={TEST_METHOD: {"dense_last_queries": 0}},
     )
-    runner = Runner(tiny, ResultsStore(tmp_path), config)
+    runner = Runner(tiny_random, ResultsStore(tmp_path), config)
     assert runner.pending() == 8
     first = runner.run()
     assert len(first) == 8 and runner.pending() == 0
@@ -210,7 +203,7 @@ def test_runner_resumes_after_an_interruption(tmp_path, tiny):
     text = path.read_text()
     last_start = text.rstrip("\n").rfind("\n") + 1
     path.write_text(text[: last_start + 25])
-    runner = Runner(tiny, ResultsStore(tmp_path), config)
+    runner = Runner(tiny_random, ResultsStore(tmp_path), config)
     assert runner.pending() == 1
     again = runner.run()
     assert len(again) == 1 and again[0]["seed"] == first[-1]["seed"] and again[0]["method"] == first[-1]["method"]
@@ -218,15 +211,15 @@ def test_runner_resumes_after_an_interruption(tmp_path, tiny):
     assert again[0]["answer"] == first[-1]["answer"]
     cases = read_cases(tmp_path)
     assert len(cases) == 8 and len({case_key(c) for c in cases}) == 8
-    assert Runner(tiny, ResultsStore(tmp_path), config).run() == []
+    assert Runner(tiny_random, ResultsStore(tmp_path), config).run() == []
 
 
-def test_runner_perplexity_and_recall(tmp_path, tiny):
+def test_runner_perplexity_and_recall(tmp_path, tiny_random):
     from sparseflash.eval.plots import plot_all
     from sparseflash.eval.runner import EvalConfig, Runner
 
     config = EvalConfig(tasks=["perplexity", "recall"], methods=[TEST_METHOD], lengths=[1024], samples=1)
-    cases = Runner(tiny, ResultsStore(tmp_path), config).run()
+    cases = Runner(tiny_random, ResultsStore(tmp_path), config).run()
     ppl = {c["method"]: c for c in cases if c["task"] == "perplexity"}
     assert ppl["sdpa"]["ppl"] > 1 and ppl[TEST_METHOD]["ppl"] > 1 and ppl["sdpa"]["score"] is None
     rec = {c["method"]: c for c in cases if c["task"] == "recall"}

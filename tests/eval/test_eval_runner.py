@@ -21,13 +21,6 @@ from sparseflash.eval.runner import EvalConfig, Runner
 from sparseflash.eval.text import load_corpus
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from sparseflash.eval.model import load_model
-
-    return load_model("tiny-random", device="cpu")
-
-
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -38,8 +31,8 @@ class _Collect(logging.Handler):
 
 
 # ---------------------------------------------------------------------------- agreement
-def test_agreement_of_the_baseline_with_itself(tiny):
-    engine = Engine(tiny)
+def test_agreement_of_the_baseline_with_itself(tiny_random):
+    engine = Engine(tiny_random)
     ids = engine.encode(load_corpus("fallback").text(3, 3000), max_tokens=400)
     base, ref = engine.agreement(ids, 128, None, keep=True, chunk=50)
     assert ref.shape == (128, 257) and ref.dtype == torch.float32 and ref.device == ids.device
@@ -56,7 +49,7 @@ def test_agreement_of_the_baseline_with_itself(tiny):
         engine.agreement(ids, 64, chunk=512)
 
 
-def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny):
+def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny_random):
     config = EvalConfig(
         tasks=["agreement"],
         methods=["dense", TEST_METHOD],
@@ -64,7 +57,7 @@ def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny):
         samples=2,
         method_options={TEST_METHOD: {"window": 2, "dense_last_queries": 0}},
     )
-    first = Runner(tiny, ResultsStore(tmp_path), config).run()
+    first = Runner(tiny_random, ResultsStore(tmp_path), config).run()
     assert [c["method"] for c in first] == ["sdpa", "dense", TEST_METHOD] * 2
     by = {(c["seed"], c["method"]): c for c in first}
     for c in first:
@@ -79,7 +72,7 @@ def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny):
     path = tmp_path / "cases.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(line for line in lines if json.loads(line)["method"] != TEST_METHOD))
-    again = Runner(tiny, ResultsStore(tmp_path), config).run()
+    again = Runner(tiny_random, ResultsStore(tmp_path), config).run()
     assert [c["method"] for c in again] == [TEST_METHOD, TEST_METHOD]
     for c in again:
         assert c["kl"] == pytest.approx(by[(c["seed"], TEST_METHOD)]["kl"], rel=1e-5)
@@ -100,8 +93,8 @@ def test_agreement_task_pairs_every_method_with_the_baseline(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------- batching
-def test_a_batch_of_three_decodes_like_three_batches_of_one(tiny):
-    engine = Engine(tiny)
+def test_a_batch_of_three_decodes_like_three_batches_of_one(tiny_random):
+    engine = Engine(tiny_random)
     text = load_corpus("fallback").text(0, 2000)
     prompts = [engine.encode(text[:n]) for n in (97, 260, 181)]  # different lengths and last tokens
     log = _Collect()
@@ -121,8 +114,8 @@ def test_a_batch_of_three_decodes_like_three_batches_of_one(tiny):
     batch = engine.batch(prompts)
     assert batch.input_ids.shape == (3, 260) and batch.attention_mask.sum(-1).tolist() == [97, 260, 181]
     with torch.inference_mode():
-        padded = tiny.model(**batch.forward_kwargs(), logits_to_keep=1).logits[:, -1]
-        single = torch.cat([tiny.model(input_ids=p, logits_to_keep=1).logits[:, -1] for p in prompts])
+        padded = tiny_random.model(**batch.forward_kwargs(), logits_to_keep=1).logits[:, -1]
+        single = torch.cat([tiny_random.model(input_ids=p, logits_to_keep=1).logits[:, -1] for p in prompts])
     torch.testing.assert_close(padded, single, atol=1e-4, rtol=1e-4)
     # per-sequence stops: EOS-free budgets differ, `done` stops one early
     mixed = engine.generate_batch(prompts, [2, 5, 3], [None, lambda t: len(t) >= 1, None])
@@ -131,10 +124,10 @@ def test_a_batch_of_three_decodes_like_three_batches_of_one(tiny):
         engine.generate_batch(prompts, [1, 2])
 
 
-def test_runner_batches_match_batch_size_one_and_are_paired(tmp_path, tiny):
+def test_runner_batches_match_batch_size_one_and_are_paired(tmp_path, tiny_random):
     grid = dict(tasks=["passkey"], lengths=[512], depths=[0.0, 50.0, 100.0], samples=1, seed=3)
-    one = Runner(tiny, ResultsStore(tmp_path / "one"), EvalConfig(methods=[], batch_size=1, **grid)).run()
-    three = Runner(tiny, ResultsStore(tmp_path / "three"), EvalConfig(methods=[], batch_size=3, **grid)).run()
+    one = Runner(tiny_random, ResultsStore(tmp_path / "one"), EvalConfig(methods=[], batch_size=1, **grid)).run()
+    three = Runner(tiny_random, ResultsStore(tmp_path / "three"), EvalConfig(methods=[], batch_size=3, **grid)).run()
     assert len({c["prompt_tokens"] for c in three}) > 1  # prompts of different lengths share the batch
     assert [(c["seed"], c["answer_tokens"], c["answer"]) for c in three] == [
         (c["seed"], c["answer_tokens"], c["answer"]) for c in one
@@ -145,7 +138,7 @@ def test_runner_batches_match_batch_size_one_and_are_paired(tmp_path, tiny):
     config = EvalConfig(methods=[TEST_METHOD], batch_size=2, **grid)
     assert [len(b) for b in batches(config)] == [2, 1]
     store = ResultsStore(tmp_path / "three")
-    runner = Runner(tiny, store, EvalConfig(methods=[TEST_METHOD], batch_size=3, **grid))
+    runner = Runner(tiny_random, store, EvalConfig(methods=[TEST_METHOD], batch_size=3, **grid))
     units = runner.plan()
     assert [u.methods for u in units] == [(TEST_METHOD,)] and len(units[0].prompts) == 3
     store.append({**runner._case(units[0].prompts[1], TEST_METHOD), "score": 0.0})
@@ -160,7 +153,7 @@ def test_batch_size_must_be_positive():
 
 
 # ---------------------------------------------------------------------------- writes and progress
-def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny):
+def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny_random):
     config = EvalConfig(
         tasks=["passkey", "perplexity"], methods=["dense"], lengths=[512], depths=[0.0, 100.0], batch_size=2
     )
@@ -169,7 +162,7 @@ def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny):
     def on_case(case):
         seen.append(len((tmp_path / "cases.jsonl").read_text().splitlines()))
 
-    runner = Runner(tiny, ResultsStore(tmp_path), config, on_case=on_case)
+    runner = Runner(tiny_random, ResultsStore(tmp_path), config, on_case=on_case)
     total = len(runner.plan())
     out = io.StringIO()
     with progress(total, style="lines", stream=out) as on_group:
@@ -189,15 +182,15 @@ def test_each_case_is_written_as_it_finishes_and_progress_lines(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------- methods
-def test_sdpa_is_the_model_as_loaded_and_dense_our_kernels(tiny):
+def test_sdpa_is_the_model_as_loaded_and_dense_our_kernels(tiny_random):
     from sparseflash.integrations import hf
 
-    with use_method(tiny.model, "sdpa") as run:
-        assert not hf.is_patched(tiny.model) and run.density() == 1.0
-    with use_method(tiny.model, "dense", {"backend": "torch"}) as run:
-        state = hf.patch_state(tiny.model)
+    with use_method(tiny_random.model, "sdpa") as run:
+        assert not hf.is_patched(tiny_random.model) and run.density() == 1.0
+    with use_method(tiny_random.model, "dense", {"backend": "torch"}) as run:
+        state = hf.patch_state(tiny_random.model)
         assert state is not None and state.method == "dense" and run.density() == 1.0
-    assert not hf.is_patched(tiny.model)
+    assert not hf.is_patched(tiny_random.model)
     with pytest.raises(ValueError, match=r"sdpa: takes no options .*got \['backend'\]"):
         check_method("sdpa", {"backend": "torch"})
     with pytest.raises(ValueError, match=r"dense: takes no pattern options.*got \['threshold'\]"):

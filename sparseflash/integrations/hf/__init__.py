@@ -2,6 +2,7 @@
 
 * :mod:`.plan`: the patch options, their checks and the per-layer plans (:class:`PatchState`, :class:`LayerPlan`);
 * :mod:`.forward`: the attention function a patched model calls and its routes (sparse, dense, decode, sdpa);
+* :mod:`.masks`: the SDPA mask builder that keeps the 2-D padding mask, its parsing, the sliding-window mask;
 * :mod:`.model`: the model checks that ``patch`` and calibration share;
 * :mod:`.patching`: ``patch``, ``unpatch``, ``patched``, ``is_patched``, ``patch_state``.
 

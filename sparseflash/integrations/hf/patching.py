@@ -5,7 +5,8 @@ attention function with transformers' ``AttentionInterface`` (and the SDPA mask 
 ``AttentionMaskInterface``) under :data:`ATTN_NAME` and points the model at it with
 ``model.set_attn_implementation``; :func:`patched` is the context-manager form. Every attention call then goes
 through :func:`~.forward.attention_forward`, which picks one route per call
-(:mod:`.forward` lists the routes). The options and per-layer plans live in :mod:`.plan`.
+(:mod:`.forward` lists the routes; :mod:`.masks` reads the padding of its masks). The options and per-layer
+plans live in :mod:`.plan`.
 
 Supported model types: :data:`SUPPORTED_MODEL_TYPES` (Llama family incl. SmolLM2, Mistral, Qwen2/2.5, Qwen3,
 Gemma 3 text). Gemma 3's sliding-window layers (and Mistral/Qwen2 layers with a sliding window) keep their
@@ -25,10 +26,10 @@ import torch
 
 from sparseflash.integrations.hf.forward import (  # noqa: F401  (re-exported: tests and tools reach them here)
     _decode_block_lists,
-    _mask_with_padding,
     _select,
     attention_forward,
 )
+from sparseflash.integrations.hf.masks import _mask_with_padding
 from sparseflash.integrations.hf.model import SUPPORTED_MODEL_TYPES, _attention_modules, _check_model  # noqa: F401
 from sparseflash.integrations.hf.plan import (  # noqa: F401  (the public names of a patch live on hf too)
     _CONFIG_ATTR,

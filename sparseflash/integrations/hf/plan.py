@@ -33,8 +33,6 @@ DENSE = "dense"
 _STATE_ATTR = "_sparseflash_patch"  # on the model: its PatchState
 _LAYER_ATTR = "_sparseflash_layer"  # on each attention module: (PatchState, LayerPlan)
 _CONFIG_ATTR = "_sparseflash_configs"  # on the model: [(module, its original config)] swapped for private copies
-_PAD_ATTR = "_sparseflash_padding"  # on a 4-D mask built from causal + 2-D padding: the (B, Sk) bool mask
-_LENS_ATTR = "_sparseflash_lens"  # on the same mask: the parsed padding (cached for the other layers)
 PATCH_KEYS = (
     "dense_layers",
     "min_sparse_len",
