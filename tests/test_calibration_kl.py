@@ -186,8 +186,8 @@ def test_calibrate_kl_command_and_reallocation(tmp_path, capsys, monkeypatch):
     assert tight.layers == [] and tight.dense_layers == [0, 1] and tight.objective["target_kl"] == 1e-12
 
 
-def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny, ids):
-    model, _ = tiny
+def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny_random, ids):
+    model = tiny_random.model
     values = [0.2, 1.0]
     cal = calibrate_kl(
         model, ids, "xattention", target_kl=1.0, values=values, options=OPTIONS, window=64, per_head=True
@@ -216,6 +216,6 @@ def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny, id
         assert patch_state(model).plans[1].options["threshold"] == [0.2] * heads
 
 
-def test_per_head_needs_a_per_head_method(tiny, ids):
+def test_per_head_needs_a_per_head_method(tiny_random, ids):
     with pytest.raises(ValueError, match="per_head: expected False for method 'permuted'"):
-        calibrate_kl(tiny[0], ids, "permuted", target_kl=1.0, values=[0.5], window=64, per_head=True)
+        calibrate_kl(tiny_random.model, ids, "permuted", target_kl=1.0, values=[0.5], window=64, per_head=True)
