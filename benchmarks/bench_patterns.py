@@ -3,7 +3,8 @@
 For every registered pattern (or ``--methods``) at 16K, 64K and 128K (B=1, Hq=32, Hkv=8, d=128, bf16, causal,
 each method at its default options): the layout is checked (valid indices, causal blocks only, diagonal kept),
 then timed with ``triton.testing.do_bench`` medians: ``select_ms`` (the pattern call), ``attn_ms``
-(``block_sparse_attention`` over it), ``dense_ms`` (``flash_attention``); and scored: ``density``, ``recall``
+(``block_sparse_attention`` over it), ``dense_ms`` (``flash_attention``), ``sdpa_flash_ms`` (SDPA's flash backend,
+on CUDA); ``--options`` sets a method's options (default: its own); and scored: ``density``, ``recall``
 (exact mean row recall, :func:`sparseflash.metrics.attention_recall`), ``out_rel_err`` vs dense, and
 ``oracle_recall`` (the oracle's recall at the same density, the ceiling). The oracle is also swept over
 densities for the plot's ceiling curve.
@@ -23,6 +24,7 @@ to check the pipeline; those numbers are not benchmark results and are written o
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tag", default="", help="file-name suffix (e.g. the captured model)")
     parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help='JSON {method: {option: value}} passed to the selection, e.g. \'{"xattention": {"stride": 8}}\'',
+    )
+    parser.add_argument(
         "--cpu-smoke", action="store_true", help="no GPU: tiny shapes, wall-clock timing, float32 (pipeline check only)"
     )
     args = parser.parse_args(argv)
@@ -73,6 +81,8 @@ def parse_args(argv: list[str] | None = None):
         bad = [m for m in args.methods if m not in known]
         if bad:
             parser.error(f"--methods: expected some of {known}, got unknown {bad}")
+    if not isinstance(args.options, dict) or not all(isinstance(v, dict) for v in args.options.values()):
+        parser.error(f"--options: expected a JSON object of objects, got {args.options!r}")
     if args.quick:
         args.seqlens = [16384]
     if args.cpu_smoke:
@@ -128,11 +138,12 @@ def check_layout(name: str, layout: sf.BlockLayout, seq: int) -> None:
         raise AssertionError(f"{name}: layout breaks the causal/diagonal invariants at seqlen {seq}")
 
 
-def run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source):
-    layout = patterns.select(name, q, k)
+def run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source, options=None):
+    options = dict(options or {})
+    layout = patterns.select(name, q, k, **options)
     check_layout(name, layout, seq)
     out = sf.block_sparse_attention(q, k, v, layout)
-    select_ms = time_ms(lambda: patterns.select(name, q, k))
+    select_ms = time_ms(lambda: patterns.select(name, q, k, **options))
     attn_ms = time_ms(lambda: sf.block_sparse_attention(q, k, v, layout, check_indices=False))
     density = layout.density()
     recall = attention_recall(q, k, layout)
@@ -142,6 +153,7 @@ def run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source):
         oracle_recall = attention_recall(q, k, oracle)
     return {
         "method": name,
+        "options": options,
         "seqlen": seq,
         "source": source,
         "impl": "sparseflash",
@@ -232,9 +244,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         q, k, v, source = load_inputs(args, seq, device, dtype)
         dense_out = sf.flash_attention(q, k, v)
         dense_ms = time_ms(lambda q=q, k=k, v=v: sf.flash_attention(q, k, v))
+        sdpa_ms = None
+        if device.type == "cuda":  # the peer the patched model replaces: SDPA's flash backend, GQA in the call
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def sdpa(q=q, k=k, v=v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            sdpa_ms = time_ms(sdpa)
+            print(f"dense @ {seq}: ours {dense_ms:.3f} ms, sdpa flash {sdpa_ms:.3f} ms", flush=True)
         for name in methods:
             try:
-                rows.append(run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source))
+                rows.append(
+                    run_method(name, q, k, v, dense_out, dense_ms, time_ms, seq, source, args.options.get(name))
+                )
+                rows[-1]["sdpa_flash_ms"] = sdpa_ms
             except (ValueError, NotImplementedError, torch.cuda.OutOfMemoryError) as err:
                 print(f"{name} @ {seq}: skipped ({type(err).__name__}: {err})", flush=True)
                 rows.append(

@@ -15,7 +15,9 @@
 #     e.g. PER_HEAD=1 klcal q15 16384 0.5,0.9,0.98 0.002,0.004,0.007,0.012, then
 #     sweep q15 benchmarks/variants/issue12_klhead_q15.json 16384,32768 3 agreement
 #   bash benchmarks/run_accuracy_gpu.sh sweep       # variants on tuning prompts -> $SF/chosen.json
-#   bash benchmarks/run_accuracy_gpu.sh grid        # the grid with the chosen setting (n >= 50), both models
+#   bash benchmarks/run_accuracy_gpu.sh final       # the grid with the chosen setting (n >= 50)
+#   bash benchmarks/run_accuracy_gpu.sh profile q15 32768 2,14,26   # selection/attention/dense times, real q/k
+#   bash benchmarks/run_accuracy_gpu.sh prefetch    # the sparse-prefetch switch (needs no model)
 # Results: $OUT/<stage>.tgz (copy into benchmarks/results/ and commit, naming the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +109,22 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
       --tasks "${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking}" \
       2>&1 | grep -v "^\[" | tail -40 | tee -a "$dir/log.txt"
     pack "final_$key" ;;
+  profile)
+    # profile q15|q05 LENGTH LAYERS: on q/k captured from the model, selection vs sparse attention vs dense (ours and
+    # SDPA's flash backend) per layer, xattention with patch()'s options (issue 14: where batch-1 prefill time goes)
+    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/profile_$key"; mkdir -p "$dir" "$SF/qk"
+    python3 benchmarks/capture_qk.py --model "$model" --length "$2" --layers "$3" --out "$SF/qk" 2>&1 | tail -3
+    for f in "$SF"/qk/qk_*.pt; do
+      python3 benchmarks/bench_patterns.py --qk "$f" --seqlens 16384 "$2" --methods xattention flexprefill \
+        --options '{"xattention": {"threshold": 0.95, "local_blocks": 1, "stride": 8}}' \
+        --tag "$(basename "$f" .pt)" --out "$dir" 2>&1 | grep -v Warning | tail -6 | tee -a "$dir/log.txt"
+    done
+    pack "profile_$key" ;;
+  prefetch)
+    # prefetch: the sparse loop with and without prefetching the next block id, five tile configs (issue 11)
+    mkdir -p "$SF/results/prefetch"
+    python3 benchmarks/sweep_sparse.py --out "$SF/results/prefetch" 2>&1 | tee "$SF/results/prefetch/log.txt"
+    pack prefetch ;;
   eval)
     # eval NAME MODEL ARGS...: `sparseflash eval` into $SF/results/NAME
     name="$1"; model="$2"; shift 2
@@ -114,5 +132,5 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
     "${SFCLI[@]}" eval --model "$model" --out "$SF/results/$name" --no-progress "$@" \
       2>&1 | tee -a "$SF/results/$name/log.txt"
     pack "$name" ;;
-  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, profile, prefetch, eval)"; exit 2 ;;
 esac
