@@ -218,7 +218,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ylim=(0, 1.02),
         )
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=8)
     source = rows[0]["source"] if rows else ""
     fig.suptitle(f"Selection methods: recall vs density ({source})")
     fig.tight_layout()

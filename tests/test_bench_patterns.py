@@ -31,3 +31,19 @@ def test_cpu_smoke_writes_rows_json_and_plot(tmp_path, capsys):
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit):
         bench_patterns.parse_args(["--methods", "nope"])
+
+
+def test_captured_qk_and_method_options_reach_the_selection(tmp_path):
+    import capture_qk
+    import torch
+
+    files = capture_qk.main(["--model", "tiny-random", "--length", "300", "--layers", "-1", "--out", str(tmp_path)])
+    assert [f.name for f in files] == ["qk_tiny-random_L1.pt"]
+    saved = torch.load(files[0], weights_only=True)
+    assert saved["q"].shape == (1, 4, 300, 16) and saved["k"].shape == (1, 2, 300, 16) and "layer 1" in saved["source"]
+    argv = ["--cpu-smoke", "--seqlens", "256", "--qk", str(files[0]), "--methods", "streaming", "--out", str(tmp_path)]
+    rows = bench_patterns.main([*argv, "--options", '{"streaming": {"sink_tokens": 32, "local_tokens": 32}}'])
+    assert rows[0]["options"] == {"sink_tokens": 32, "local_tokens": 32} and "layer 1" in rows[0]["source"]
+    assert rows[0]["sdpa_flash_ms"] is None  # CPU: no SDPA flash timing
+    with pytest.raises(SystemExit):
+        bench_patterns.parse_args(["--options", '["not", "an", "object"]'])
