@@ -165,7 +165,7 @@ def _report_kl(console: Any, cal: Any, out: Path) -> int:
         return f"{min(value):g}..{max(value):g}"
 
     chosen = {e.layer: show(e.value) for e in cal.layers}
-    dens = [e.density[0] if isinstance(e.density, list) else e.density for e in cal.layers]
+    dens = [sum(e.density) / len(e.density) if isinstance(e.density, list) else e.density for e in cal.layers]
     n = len(cal.layers) + len(cal.dense_layers)
     mean = (sum(dens) + len(cal.dense_layers)) / max(n, 1)
     summed = sum(e.kl or 0.0 for e in cal.layers)
