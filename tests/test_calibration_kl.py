@@ -219,3 +219,15 @@ def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny_ran
 def test_per_head_needs_a_per_head_method(tiny_random, ids):
     with pytest.raises(ValueError, match="per_head: expected False for method 'permuted'"):
         calibrate_kl(tiny_random.model, ids, "permuted", target_kl=1.0, values=[0.5], window=64, per_head=True)
+
+
+def test_calibrate_kl_command_per_head_reports_the_mean_over_heads(tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    argv = ["calibrate", "--model", "tiny-random", "--device", "cpu", "--length", "256", "--block-size", "32"]
+    argv += ["--target-kl", "1.0", "--kl-values", "0.2,1.0", "--kl-window", "32", "--kl-per-head", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    cal = sparseflash.load_calibration(out)
+    assert "layer 1.3: 0.2: KL" in text and len(Sensitivity.from_dict(cal.objective).heads) == 8
+    mean = sum(sum(e.density) / len(e.density) for e in cal.layers) / len(cal.layers)
+    assert f"mean density {mean:.3f}" in text
