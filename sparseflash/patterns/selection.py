@@ -91,6 +91,7 @@ def select_by_cumulative_mass(
     allowed: torch.Tensor | None = None,
     *,
     forced: torch.Tensor | None = None,
+    extra: int = 0,
 ) -> torch.Tensor:
     """Per row, the smallest set of largest entries whose mass reaches ``threshold`` of the row's mass.
 
@@ -105,6 +106,8 @@ def select_by_cumulative_mass(
             ``(H, 1)`` for ``(B, H, Qb, Kb)`` scores).
         allowed: bool, broadcastable to ``scores``; entries outside are scored 0 (never kept, no mass).
         forced: bool, broadcastable to ``scores``; entries always kept, their mass counted first.
+        extra: also keep this many next-largest entries of positive score after the threshold is reached
+            (XAttention's official code keeps one more block per row in its first chunk, ``methods.md`` §7).
 
     Returns:
         Bool keep mask, the shape of ``scores``.
@@ -126,6 +129,9 @@ def select_by_cumulative_mass(
     sorted_s, order = torch.sort(rest, dim=-1, descending=True)
     before = acc + torch.cumsum(sorted_s, dim=-1) - sorted_s
     keep_sorted = (before < thr * total) & (sorted_s > 0)
+    if extra > 0:  # keep_sorted is a prefix of the sorted row: lengthen it by ``extra``
+        rank = torch.arange(s.shape[-1], device=s.device)
+        keep_sorted = (rank < keep_sorted.sum(-1, keepdim=True) + extra) & (sorted_s > 0)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     if forced is not None:
         keep |= forced

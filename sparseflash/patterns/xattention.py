@@ -41,6 +41,7 @@ def xattention(
     target_recall: float | None = None,
     heads: str = "q",
     local_blocks: int = 0,
+    extra_blocks: int = 0,
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -60,6 +61,8 @@ def xattention(
         local_blocks: also force the key blocks just before each row's diagonal block (a local window of at
             least ``local_blocks * block`` keys for every query; their mass counts first, like the sink's).
             0 (default) is XAttention's rule.
+        extra_blocks: per row, also keep this many next-best blocks after the threshold is reached. 0 (default)
+            is the paper's rule; 1 is what the official code does in its first chunk (``methods.md`` §7).
         scale: softmax scale for the estimate, default ``1 / sqrt(D)``.
         backend: estimator backend, see :func:`xattention_scores`.
 
@@ -86,7 +89,8 @@ def xattention(
     forced = sel.forced_mask(
         seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal, device=q.device
     )
-    keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced)
+    extra_blocks = opt.check_nonnegative_int("xattention: extra_blocks", extra_blocks)
+    keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced, extra=extra_blocks)
     if heads == "kv":
         keep = sel.group_heads(keep, num_kv_heads)
     return sel.to_layout(keep, seq_len_q, seq_len_k, bs)

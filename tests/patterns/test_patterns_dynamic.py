@@ -331,6 +331,16 @@ def test_select_by_cumulative_mass_is_the_smallest_prefix(gen, tau):
     # per-row thresholds broadcast like the rows
     per_row = sel.select_by_cumulative_mass(scores, torch.full((3, 5), tau), allowed)
     assert torch.equal(per_row, keep)
+    # extra: the same prefix of the sorted row, `extra` entries longer where positive entries remain
+    for extra in (1, 3):
+        more = sel.select_by_cumulative_mass(scores, tau, allowed, extra=extra)
+        for idx in range(15):
+            b, i = divmod(idx, 5)
+            row = torch.where(allowed[i], scores[b, i].double(), 0.0)
+            n = min(int(keep[b, i].sum()) + extra, int((row > 0).sum()))
+            want = torch.zeros(12, dtype=torch.bool)
+            want[torch.argsort(row, descending=True)[:n]] = True
+            assert torch.equal(more[b, i], want & (row > 0))
 
 
 def test_select_topk_with_per_row_budgets_and_forced(gen):
@@ -366,3 +376,19 @@ def test_xattention_local_blocks_forces_the_previous_blocks():
         assert keep.sum() > base.sum()  # threshold 0: sink + diagonal only, so the local blocks are new
     with pytest.raises(ValueError, match="local_blocks"):
         patterns.select("xattention", q, k, local_blocks=-1)
+
+
+def test_xattention_extra_blocks_keeps_one_more_block_per_row_where_one_is_left():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 512, 32, generator=gen) * 2
+    k = torch.randn(1, 2, 512, 32, generator=gen)
+    opts = {"block_size": (64, 64), "threshold": 0.5}
+    base = patterns.select("xattention", q, k, **opts).to_dense()[0]
+    more = patterns.select("xattention", q, k, extra_blocks=1, **opts).to_dense()[0]
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert (more >= base).all()  # a superset
+    added = (more & ~base).sum(-1)
+    left = (allowed & ~base).sum(-1)
+    assert torch.equal(added, left.clamp(max=1))  # exactly one more block per row, where one is left
+    with pytest.raises(ValueError, match="extra_blocks"):
+        patterns.select("xattention", q, k, extra_blocks=-1)
