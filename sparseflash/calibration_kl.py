@@ -88,6 +88,18 @@ class Sensitivity:
         return table
 
 
+def _check_target_kl(target_kl: object) -> None:
+    if isinstance(target_kl, bool) or not isinstance(target_kl, int | float) or not 0 < target_kl < math.inf:
+        raise ValueError(f"target_kl: expected a positive number, got {target_kl!r}")
+
+
+def default_options(method: str) -> dict[str, Any]:
+    """``patch``'s safe options of ``method`` without the option the calibration sets (what it measures with)."""
+    from sparseflash.integrations.hf.plan import SAFE_OPTIONS
+
+    return {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != CALIBRATED[method][0]}
+
+
 def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
     """Per row of ``table``: the value to use, or None for dense (per-layer tables only); the mean density is
     minimal among choices whose summed excess KL (:meth:`Sensitivity.excess`) stays <= ``target_kl`` (rounded up
@@ -96,8 +108,7 @@ def allocate(table: Sensitivity, target_kl: float) -> list[float | None]:
     Raises:
         ValueError: ``target_kl`` is not a positive finite number.
     """
-    if isinstance(target_kl, bool) or not isinstance(target_kl, int | float) or not 0 < target_kl < math.inf:
-        raise ValueError(f"target_kl: expected a positive number, got {target_kl!r}")
+    _check_target_kl(target_kl)
     unit = target_kl / _STEPS
     dense = [] if table.heads is not None else [(0, 1.0, None)]
     options = [
@@ -315,12 +326,12 @@ def calibrate_kl(
         on_row: progress, as :func:`measure_sensitivity`'s.
     """
     from sparseflash.integrations.hf.model import _attention_modules, _check_model
-    from sparseflash.integrations.hf.plan import PATCH_KEYS, SAFE_OPTIONS
+    from sparseflash.integrations.hf.plan import PATCH_KEYS
 
     _check_model(model)
     if method not in CALIBRATED:
         raise ValueError(f"method: expected one of {sorted(CALIBRATED)}, got {method!r}")
-    allocate(Sensitivity([], [], [], [], window), target_kl)  # checks target_kl before any work
+    _check_target_kl(target_kl)
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1]
     if not values or bad or len(set(values)) != len(values):
         raise ValueError(f"values: expected distinct numbers in (0, 1], got {list(values)!r}")
@@ -329,8 +340,7 @@ def calibrate_kl(
     option, head_values = CALIBRATED[method]
     if per_head and not head_values:
         raise ValueError(f"per_head: expected False for method {method!r} (one {option} per layer), got True")
-    safe = {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != option}
-    opts = dict(safe if options is None else options)
+    opts = dict(default_options(method) if options is None else options)
     clash = sorted({option, "target_recall", "calibration", "dense_layers", "layer_options"} & set(opts))
     if clash:
         raise ValueError(f"options: expected none of {clash} (the calibration sets them), got {opts}")

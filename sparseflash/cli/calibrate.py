@@ -116,7 +116,7 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         raise UsageError(f"--kl-window: expected an int in [1, --length {length}], got {args.kl_window}")
     _check_model(args.model)
 
-    from sparseflash.calibration_kl import calibrate_kl
+    from sparseflash.calibration_kl import calibrate_kl, default_options
     from sparseflash.eval.model import load_model
 
     with console.status(f"loading {args.model} ..."):
@@ -140,7 +140,7 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         args.method,
         target_kl=args.target_kl,
         values=values,
-        options=_kl_options(args.method, block),
+        options={**default_options(args.method), "block_size": block},
         window=args.kl_window,
         per_head=args.kl_per_head,
         text={"source": source, "tokens": int(ids.shape[1]), "seed": args.seed},
@@ -148,14 +148,6 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         on_row=show,
     )
     return _report_kl(console, cal, out)
-
-
-def _kl_options(method: str, block: int) -> dict[str, Any]:
-    from sparseflash.calibration_file import CALIBRATED
-    from sparseflash.integrations.hf.plan import SAFE_OPTIONS
-
-    safe = {k: v for k, v in SAFE_OPTIONS.get(method, {}).items() if k != CALIBRATED[method][0]}
-    return {**safe, "block_size": block}
 
 
 def _report_kl(console: Any, cal: Any, out: Path) -> int:
