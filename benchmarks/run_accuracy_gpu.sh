@@ -17,6 +17,7 @@
 #   bash benchmarks/run_accuracy_gpu.sh sweep       # variants on tuning prompts -> $SF/chosen.json
 #   bash benchmarks/run_accuracy_gpu.sh final       # the grid with the chosen setting (n >= 50)
 #   bash benchmarks/run_accuracy_gpu.sh profile q15 32768 2,14,26   # selection/attention/dense times, real q/k
+#   bash benchmarks/run_accuracy_gpu.sh e2e q15 16384,32768,65536,131072 sdpa,dense,xattention   # TTFT, attention share
 #   bash benchmarks/run_accuracy_gpu.sh prefetch    # the sparse-prefetch switch (needs no model)
 # Results: $OUT/<stage>.tgz (copy into benchmarks/results/ and commit, naming the GPU).
 set -uo pipefail
@@ -78,12 +79,13 @@ case "$stage" in
     pack "klcal_$key" ;;
   sweep)
     # sweep q15|q05 VARIANTS.json LENGTHS SAMPLES TASKS: {SF} in the variants file becomes $SF
-    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/sweep_$key"; mkdir -p "$dir"
+    # SWEEP_NAME=NAME: results in $SF/results/NAME (default sweep_KEY), so sweeps of different questions stay apart
+    key="$1"; model="$SF/models/${NAMES[$key]}"; name="${SWEEP_NAME:-sweep_$key}"; dir="$SF/results/$name"; mkdir -p "$dir"
     sed -e "s#{SF}#$SF#g" -e "s#{KEY}#$key#g" "$2" > "$dir/variants.json"
     timeout "${STAGE_TIMEOUT:-540}" python3 benchmarks/accuracy_sweep.py --model "$model" --variants "$dir/variants.json" --lengths "${3:-32768}" \
       --samples "${4:-2}" --tasks "${5:-niah_single,niah_multikey,niah_multivalue,agreement}" --batch-size 1 \
       --out "$dir" --choose "$dir/chosen.json" 2>&1 | tee -a "$dir/log.txt"
-    pack "sweep_$key" ;;
+    pack "$name" ;;
   final)
     # final q15|q05 LENGTHS SAMPLES [CHOSEN.json]: the chosen variant (default: sweep_q15's) against sdpa, + dense KL
     # (BATCH=8: retrieval prompts in padded batches; their prefill times then include padding, see the README)
@@ -120,6 +122,14 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
         --tag "$(basename "$f" .pt)" --out "$dir" 2>&1 | grep -v Warning | tail -6 | tee -a "$dir/log.txt"
     done
     pack "profile_$key" ;;
+  e2e)
+    # e2e q15|q05 LENGTHS METHODS: time to first token, SDPA vs patch(model, m) per method (patch()'s options),
+    # with the time inside attention, on KJV prose (issue 14: the share attention leaves to speed up)
+    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/e2e_$key"; mkdir -p "$dir"
+    timeout "${STAGE_TIMEOUT:-540}" python3 benchmarks/bench_e2e_prefill.py --model "$model" --lengths "$2" \
+      --methods "${3:-sdpa,dense,xattention}" --budget-s "${E2E_BUDGET:-480}" --out "$dir" 2>&1 \
+      | grep -v Warning | tee -a "$dir/log.txt"
+    pack "e2e_$key" ;;
   prefetch)
     # prefetch: the sparse loop with and without prefetching the next block id, five tile configs (issue 11)
     mkdir -p "$SF/results/prefetch"
@@ -132,5 +142,5 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
     "${SFCLI[@]}" eval --model "$model" --out "$SF/results/$name" --no-progress "$@" \
       2>&1 | tee -a "$SF/results/$name/log.txt"
     pack "$name" ;;
-  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, profile, prefetch, eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, profile, e2e, prefetch, eval)"; exit 2 ;;
 esac
