@@ -180,6 +180,122 @@ def select_topk(
     return keep
 
 
+# --------------------------------------------------------------------------- selection over the whole grid
+
+
+def _flat_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A bool mask broadcastable to ``(..., Qb, Kb)`` as ``(..., Qb * Kb)`` (its leading dims kept)."""
+    if mask.dim() < 2:
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
+    return mask.expand(*mask.shape[:-2], *grid).flatten(-2)
+
+
+def _grid_masks(
+    scores: torch.Tensor, allowed: torch.Tensor | None, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``scores (..., Qb, Kb)`` -> float32 ``(..., Qb*Kb)``; allowed/forced flattened the same way (forced &
+    allowed)."""
+    grid = (scores.shape[-2], scores.shape[-1])
+    flat = scores.float().flatten(-2)
+    allowed_f = None if allowed is None else _flat_grid(allowed.to(device=flat.device, dtype=torch.bool), grid)
+    forced_f = None if forced is None else _flat_grid(forced.to(device=flat.device, dtype=torch.bool), grid)
+    if forced_f is not None and allowed_f is not None:
+        forced_f = forced_f & allowed_f
+    return flat, allowed_f, forced_f
+
+
+def select_topk_global(
+    scores: torch.Tensor,
+    k: int | torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    *,
+    forced: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per grid (the last two dims), the ``k`` largest allowed entries over the whole grid, plus ``forced``.
+
+    The grid-wide counterpart of :func:`select_topk`: the budget is not split into rows, the ``k`` largest
+    allowed, non-forced entries of the flattened ``Qb x Kb`` grid are kept (forced entries do not count against
+    ``k``). One stable descending sort of each flattened grid: ``O(numel)`` memory, no host synchronisation.
+
+    Args:
+        scores: ``(..., Qb, Kb)`` float scores (any sign, any float dtype; compared in float32), usually
+            ``(B, H, Qb, Kb)``.
+        k: an int ``>= 0`` or an integer tensor broadcastable to ``scores.shape[:-2]`` (e.g. a 0-dim tensor,
+            or one budget per head ``(H,)`` for ``(B, H, Qb, Kb)`` scores). A budget above the number of
+            eligible entries keeps them all.
+        allowed: bool, broadcastable to ``scores``; entries outside are never kept (unless forced).
+        forced: bool, broadcastable to ``scores``; entries always kept (those inside ``allowed`` when given).
+
+    Returns:
+        Bool keep mask, the shape of ``scores``. Ties are broken by flat position (row-major: the lower query
+        block first, then the lower key block).
+    """
+    s, allowed_f, forced_f = _grid_masks(scores, allowed, forced)
+    eligible = torch.ones_like(s, dtype=torch.bool)
+    if allowed_f is not None:
+        eligible = eligible & allowed_f
+    if forced_f is not None:
+        eligible = eligible & ~forced_f
+    s = torch.where(eligible, s, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.arange(s.shape[-1], device=s.device).expand_as(order)
+    budget = k if isinstance(k, int) else k.to(device=s.device, dtype=torch.long).unsqueeze(-1)
+    keep = torch.zeros_like(eligible).scatter_(-1, order, rank < budget) & eligible
+    if forced_f is not None:
+        keep = keep | forced_f
+    return keep.view(scores.shape)
+
+
+def select_by_cumulative_mass_global(
+    scores: torch.Tensor,
+    threshold: float | torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    *,
+    forced: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per grid (the last two dims), the fewest largest entries whose mass reaches ``threshold`` of the grid's.
+
+    The grid-wide counterpart of :func:`select_by_cumulative_mass`: the forced entries' mass counts first,
+    then entries are taken by decreasing score over the whole flattened ``Qb x Kb`` grid; entry ``m`` is kept
+    iff the mass before it is below ``threshold * total`` (the entry crossing the threshold is kept) and its
+    score is positive. With block masses of a dense softmax (every row has mass 1) the kept share of the
+    total is the layout's mean row recall, so this is the smallest block set containing ``forced`` with a
+    mean recall ``>= threshold``. Sums are accumulated in float64 (``O(numel)`` memory, no host sync).
+
+    Args:
+        scores: ``(..., Qb, Kb)`` nonnegative scores (negative ones count as 0), any float dtype.
+        threshold: a float in ``[0, 1]`` or a tensor broadcastable to ``scores.shape[:-2]`` (e.g. per head
+            ``(H,)`` for ``(B, H, Qb, Kb)`` scores).
+        allowed: bool, broadcastable to ``scores``; entries outside are scored 0 (never kept, no mass).
+        forced: bool, broadcastable to ``scores``; entries always kept, their mass counted first.
+
+    Returns:
+        Bool keep mask, the shape of ``scores``. Ties are broken by flat position (row-major).
+    """
+    s, allowed_f, forced_f = _grid_masks(scores, allowed, forced)
+    s = s.clamp_min(0)
+    if allowed_f is not None:
+        s = torch.where(allowed_f, s, 0.0)
+    total = s.sum(-1, keepdim=True, dtype=torch.float64)
+    if isinstance(threshold, torch.Tensor):
+        thr = threshold.to(device=s.device, dtype=torch.float64).unsqueeze(-1)
+    else:
+        thr = float(threshold)
+    if forced_f is not None:
+        acc = torch.where(forced_f, s, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
+        rest = torch.where(forced_f, 0.0, s)
+    else:
+        acc = torch.zeros_like(total)
+        rest = s
+    sorted_s, order = torch.sort(rest, dim=-1, descending=True, stable=True)
+    before = acc + (torch.cumsum(sorted_s, dim=-1, dtype=torch.float64) - sorted_s.double())
+    keep_sorted = (before < thr * total) & (sorted_s > 0)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    if forced_f is not None:
+        keep = keep | forced_f
+    return keep.view(scores.shape)
+
+
 # ------------------------------------------------------------------------------------- heads and layouts
 
 

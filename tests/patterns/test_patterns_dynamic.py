@@ -272,13 +272,14 @@ def test_oracle_density_one_is_recall_one(gen):
 
 @pytest.mark.parametrize("sq,sk", [(300, 300), (130, 400)])
 def test_oracle_keeps_the_heaviest_blocks(gen, sq, sk):
+    """The per-row rule (``scope="row"``); the global one is tests/patterns/test_oracle_global.py."""
     q, k = randn(gen, 1, 2, sq, 16, dtype=torch.float32) * 4, randn(gen, 1, 2, sk, 16, dtype=torch.float32)
     bs = (32, 32)
     probs, _ = _dense_probs(q, k)
     mass = _block_reduce(probs, bs, "sum")
     allowed = geo.causal_block_mask(sq, sk, bs)
     forced = geo.diagonal_mask(sq, sk, bs) & allowed
-    keep = patterns.select("oracle", q, k, block_size=bs, density=0.3).to_dense()
+    keep = patterns.select("oracle", q, k, block_size=bs, density=0.3, scope="row").to_dense()
     for h in range(2):
         for i in range(allowed.shape[0]):
             budget = math.ceil(0.3 * int(allowed[i].sum()) - 1e-9)
