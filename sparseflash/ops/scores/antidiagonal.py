@@ -9,11 +9,14 @@ sub-tile; we mask them (methods.md §2.1 pitfalls) and average over the pairs le
 strided row in fp32 (a row with no allowed pair is all zero) and summed per (query block, key block):
 ``E[I, J] = sum_{t in I} sum_{u in J} softmax(A)[t, u]`` (row total: the number of strided rows in ``I``).
 
-Two estimator implementations with one contract: :func:`xattention_scores_triton` (one Triton pass, ``S``
-dots of length ``d`` per output, tiles past the causal end skipped, online softmax, per-(row, key block)
-partial sums; the only temporary is ``(B*H, Sq/S, Kb)`` floats, built in head chunks) and
-:func:`xattention_scores_reference` (PyTorch; the CPU path and the test oracle). Cost: ``Sq*Sk*d/S`` MACs per
-head (``1/(2S)`` of causal attention's FLOPs).
+Two estimator implementations with one contract: :func:`xattention_scores_triton` and
+:func:`xattention_scores_reference` (PyTorch; the CPU path and the test oracle). The Triton kernel, per tile of
+strided rows: the ``S`` products of a tile form one matmul of inner dimension ``S * d`` (fp32 accumulation, no mask
+on the tiles strictly below the causal edge), tiles past the causal end skipped, an online softmax that stores
+per-(row, key block) partial sums with the running max, then a second sweep that rescales them by the row's final
+log-sum-exp and sums the ``R`` strided rows of each query block straight into ``E``; the only temporaries are
+``(B*H, Sq/S, Kb + tiles)`` floats, built in head chunks. Cost: ``Sq*Sk*d/S`` MACs per head (``1/(2S)`` of causal
+attention's FLOPs).
 
 Kernel symbols: T strided query rows (``ceil(Sq / S)``), U strided key columns, R = block / S strided rows per
 block, BLOCK_T x BLOCK_U tile of A, JB = BLOCK_U / R key blocks per tile, G = Hq / Hkv.
@@ -27,7 +30,6 @@ import triton.language as tl
 
 from sparseflash import _options as opt
 from sparseflash._validate import check_backend, check_qk
-from sparseflash.layouts import geometry as geo
 
 LOG2E = 1.4426950408889634
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
@@ -36,18 +38,101 @@ _BUFFER_BYTES = 1 << 30  # cap on the partial-sum buffer per launch (heads are c
 
 
 @triton.jit
+def _antidiag_tile(
+    q_base,
+    k_base,
+    offs_t,
+    tile,
+    S_Q,
+    S_K,
+    offset,
+    qk_scale,
+    stride_qs,
+    stride_qd,
+    stride_ks,
+    stride_kd,
+    STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """``A`` (log2 units) of one ``[BLOCK_T, BLOCK_U]`` tile; ``-inf`` where no pair of the antidiagonal is allowed.
+
+    The ``S`` products form one matmul with inner dimension ``S * d`` (strided query row ``t`` = its ``S`` rows in
+    reverse order, strided key column ``u`` = its ``S`` keys), accumulated in fp32. ``MASKED`` (tiles crossing the
+    causal edge or a sequence end): each pair is masked and ``A`` is the mean over the allowed ones; otherwise every
+    pair is allowed and ``A = sum / S``.
+    """
+    offs_u = tile * BLOCK_U + tl.arange(0, BLOCK_U)  # strided columns  [BLOCK_U]
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_T, BLOCK_U], tl.float32)
+    if MASKED:
+        cnt = tl.zeros([BLOCK_T, BLOCK_U], tl.float32)
+    for j in range(STRIDE):
+        q_row = offs_t * STRIDE + (STRIDE - 1 - j)  # [BLOCK_T] chunk rows on the antidiagonal
+        k_pos = offs_u * STRIDE + j  # [BLOCK_U] keys on the antidiagonal
+        q_ptrs = q_base + q_row[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd
+        k_ptrs = k_base + k_pos[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
+        if MASKED:
+            q_ok = q_row < S_Q
+            k_ok = k_pos < S_K
+            q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_U]
+            ok = q_ok[:, None] & k_ok[None, :]
+            if CAUSAL:
+                ok = ok & (k_pos[None, :] <= q_row[:, None] + offset)
+            acc += tl.where(ok, tl.dot(q, k), 0.0)
+            cnt += ok.to(tl.float32)
+        else:
+            if BLOCK_D == HEAD_DIM:
+                q = tl.load(q_ptrs)
+                k = tl.load(k_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            acc = tl.dot(q, k, acc)
+    if MASKED:
+        a = tl.where(cnt > 0, acc / tl.maximum(cnt, 1.0) * qk_scale, float("-inf"))
+    else:
+        a = acc * (qk_scale / STRIDE)
+    return a
+
+
+@triton.jit
+def _online_partials(
+    a, m_i, l_i, tile, P_BUF, M_BUF, row_base, t_ok, KB, NUM_TILES,
+    BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax step over one tile of ``A``: store its per-key-block partial sums and running max."""
+    m_new = tl.maximum(m_i, tl.max(a, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.math.exp2(a - m_use[:, None])  # 0 where a = -inf  [BLOCK_T, BLOCK_U]
+    l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(e, 1)
+    part = tl.sum(tl.reshape(e, (BLOCK_T, BLOCK_U // R, R)), 2)  # [BLOCK_T, JB] per key block
+    offs_j = tile * (BLOCK_U // R) + tl.arange(0, BLOCK_U // R)
+    tl.store(P_BUF + row_base[:, None] * KB + offs_j[None, :], part, mask=t_ok[:, None] & (offs_j[None, :] < KB))
+    tl.store(M_BUF + row_base * NUM_TILES + tile, m_use, mask=t_ok)
+    return m_new, l_i
+
+
+@triton.jit
 def _antidiag_kernel(
     Q,
     K,
-    P_OUT,
-    M_OUT,
-    LSE_OUT,
+    P_BUF,
+    M_BUF,
+    OUT,
     bh_start,
     HQ,
     G,
     S_Q,
     S_K,
     T,
+    QB,
     KB,
     NUM_TILES,
     qk_scale,
@@ -67,10 +152,13 @@ def _antidiag_kernel(
     R: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
-    """One (strided-row tile, batch*head) program: online softmax of A over key tiles, block partial sums.
+    """One (strided-row tile, batch*head) program: ``E`` of its ``BLOCK_T / R`` query blocks, in two sweeps.
 
-    Writes ``P_OUT[bh, t, J] = sum_{u in J} exp2(A[t, u] - m_t)`` with ``m_t`` the running max after the
-    tile holding ``J`` (stored in ``M_OUT[bh, t, tile]``), and ``LSE_OUT[bh, t]`` (log2 units).
+    Sweep 1 (online softmax of ``A`` over the key tiles): ``P_BUF[bh, t, J] = sum_{u in J} exp2(A[t, u] - m_t)``
+    with ``m_t`` the running max after the tile holding ``J`` (kept in ``M_BUF[bh, t, tile]``); the leading tiles
+    that need no mask take the unmasked path. Sweep 2: each partial sum rescaled by ``exp2(m_t - lse_t)`` and
+    summed over the ``R`` strided rows of its query block into ``OUT[bh, I, J]`` (zero-filled by the caller; blocks
+    past the causal end are never written). ``BLOCK_T`` is a multiple of ``R``.
     """
     pid_t = tl.program_id(0)
     bh_local = tl.program_id(1)
@@ -79,8 +167,6 @@ def _antidiag_kernel(
     h = bh % HQ
     kv_head = h // G
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # strided rows  [BLOCK_T]
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     offset = S_K - S_Q  # bottom-right causal offset
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -92,48 +178,53 @@ def _antidiag_kernel(
     else:
         key_end = S_K
     n_tiles = tl.cdiv(tl.cdiv(key_end, STRIDE), BLOCK_U)
+    # leading tiles where every pair of every antidiagonal is allowed: rows inside S_Q, keys inside S_K and (causal)
+    # the tile's last key, (tile + 1) * BLOCK_U * S - 1, at or before the first row's first query, pid_t * BLOCK_T * S
+    span = BLOCK_U * STRIDE
+    n_full = tl.minimum(S_K // span, n_tiles)
+    if CAUSAL:
+        n_full = tl.minimum(n_full, tl.maximum(pid_t * BLOCK_T * STRIDE + offset + 1, 0) // span)
+    if (pid_t + 1) * BLOCK_T * STRIDE > S_Q:
+        n_full = 0
     m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T], tl.float32)
+    t_ok = offs_t < T
     row_base = bh_local.to(tl.int64) * T + offs_t  # [BLOCK_T] rows of the chunk's buffers
+    JB: tl.constexpr = BLOCK_U // R
+    for tile in range(0, n_full):
+        a = _antidiag_tile(
+            q_base, k_base, offs_t, tile, S_Q, S_K, offset, qk_scale, stride_qs, stride_qd, stride_ks, stride_kd,
+            STRIDE, HEAD_DIM, BLOCK_D, BLOCK_T, BLOCK_U, CAUSAL, False,
+        )  # fmt: skip
+        m_i, l_i = _online_partials(a, m_i, l_i, tile, P_BUF, M_BUF, row_base, t_ok, KB, NUM_TILES, BLOCK_T, BLOCK_U, R)
+    for tile in range(n_full, n_tiles):
+        a = _antidiag_tile(
+            q_base, k_base, offs_t, tile, S_Q, S_K, offset, qk_scale, stride_qs, stride_qd, stride_ks, stride_kd,
+            STRIDE, HEAD_DIM, BLOCK_D, BLOCK_T, BLOCK_U, CAUSAL, True,
+        )  # fmt: skip
+        m_i, l_i = _online_partials(a, m_i, l_i, tile, P_BUF, M_BUF, row_base, t_ok, KB, NUM_TILES, BLOCK_T, BLOCK_U, R)
+    # log2-sum-exp2 of each strided row; rows that see no key (or lie past T) contribute nothing
+    lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    tl.debug_barrier()  # sweep 2 reads partial sums other threads of this program stored
+    QPB: tl.constexpr = BLOCK_T // R  # query blocks per program
+    offs_i = pid_t * QPB + tl.arange(0, QPB)
+    out_rows = OUT + (bh.to(tl.int64) * QB + offs_i) * KB  # [QPB]
     for tile in range(0, n_tiles):
-        offs_u = tile * BLOCK_U + tl.arange(0, BLOCK_U)  # strided columns  [BLOCK_U]
-        acc = tl.zeros([BLOCK_T, BLOCK_U], tl.float32)
-        cnt = tl.zeros([BLOCK_T, BLOCK_U], tl.float32)
-        for j in range(STRIDE):
-            q_row = offs_t * STRIDE + (STRIDE - 1 - j)  # [BLOCK_T] chunk rows on the antidiagonal
-            k_pos = offs_u * STRIDE + j  # [BLOCK_U] keys on the antidiagonal
-            q_ok = q_row < S_Q
-            k_ok = k_pos < S_K
-            # [BLOCK_T, BLOCK_D]
-            q = tl.load(
-                q_base + q_row[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-                mask=q_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            # [BLOCK_D, BLOCK_U]
-            k = tl.load(
-                k_base + k_pos[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
-                mask=d_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            ok = q_ok[:, None] & k_ok[None, :]
-            if CAUSAL:
-                ok = ok & (k_pos[None, :] <= q_row[:, None] + offset)
-            acc += tl.where(ok, tl.dot(q, k), 0.0)
-            cnt += ok.to(tl.float32)
-        a = tl.where(cnt > 0, acc / tl.maximum(cnt, 1.0) * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(a, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.where(cnt > 0, tl.math.exp2(a - m_use[:, None]), 0.0)  # [BLOCK_T, BLOCK_U]
-        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(e, 1)
-        m_i = m_new
-        part = tl.sum(tl.reshape(e, (BLOCK_T, BLOCK_U // R, R)), 2)  # [BLOCK_T, JB] per key block
-        offs_j = tile * (BLOCK_U // R) + tl.arange(0, BLOCK_U // R)
-        t_ok = offs_t < T
-        tl.store(P_OUT + row_base[:, None] * KB + offs_j[None, :], part, mask=t_ok[:, None] & (offs_j[None, :] < KB))
-        tl.store(M_OUT + row_base * NUM_TILES + tile, m_use, mask=t_ok)
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(LSE_OUT + row_base, lse, mask=offs_t < T)
+        offs_j = tile * JB + tl.arange(0, JB)
+        j_ok = offs_j < KB
+        part = tl.load(P_BUF + row_base[:, None] * KB + offs_j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+        m_t = tl.load(M_BUF + row_base * NUM_TILES + tile, mask=t_ok, other=0.0)
+        probs = part * tl.math.exp2(m_t - lse)[:, None]  # [BLOCK_T, JB]; lse = inf gives 0
+        blocks = tl.sum(tl.reshape(probs, (QPB, R, JB)), 1)  # [QPB, JB]
+        tl.store(out_rows[:, None] + offs_j[None, :], blocks, mask=(offs_i[:, None] < QB) & j_ok[None, :])
+
+
+def _tile_config(rows: int, r: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(BLOCK_T, BLOCK_U, num_warps, num_stages)``: 64 x 128 tiles on a GPU (16 x 64 for short inputs and the
+    CPU interpreter), each a multiple of the ``r = block / stride`` strided rows of a block."""
+    if device.type != "cuda" or rows <= 64:
+        return max(16, r), max(64, r), 4, 1
+    return max(64, r), max(128, r), 8, 3
 
 
 def _check_scoring(q: torch.Tensor, k: torch.Tensor, stride: object, block_size: object) -> tuple[int, int]:
@@ -203,8 +294,13 @@ def xattention_scores_triton(
     block_size: int | tuple[int, int] = 128,
     causal: bool = True,
     scale: float | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`xattention_scores_reference` (same arguments and result)."""
+    """Triton version of :func:`xattention_scores_reference` (same arguments and result).
+
+    ``config``: ``(BLOCK_T, BLOCK_U, num_warps, num_stages)`` (both blocks multiples of ``block / stride``) instead
+    of :func:`_tile_config`'s choice, for benchmarks.
+    """
     stride, block = _check_scoring(q, k, stride, block_size)
     batch, num_heads, seq_len_q, head_dim = q.shape
     num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
@@ -212,19 +308,17 @@ def xattention_scores_triton(
     r = block // stride
     rows, cols = -(-seq_len_q // stride), -(-seq_len_k // stride)
     num_q_blocks, num_k_blocks = -(-seq_len_q // block), -(-seq_len_k // block)
-    block_t = 64 if rows > 32 else 16
-    block_u = max(r, 64)
+    block_t, block_u, num_warps, num_stages = _tile_config(rows, r, q.device) if config is None else config
+    if block_t % r or block_u % r:
+        raise ValueError(f"config: expected BLOCK_T and BLOCK_U multiples of block / stride = {r}, got {config}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_tiles = triton.cdiv(cols, block_u)
     bh_total = batch * num_heads
-    per_head = rows * (num_k_blocks + num_tiles + 1) * 4
+    per_head = rows * (num_k_blocks + num_tiles) * 4
     chunk = max(1, min(bh_total, _BUFFER_BYTES // max(per_head, 1)))
     part = torch.empty(chunk, rows, num_k_blocks, dtype=torch.float32, device=q.device)
     m_tile = torch.empty(chunk, rows, num_tiles, dtype=torch.float32, device=q.device)
-    lse2 = torch.empty(chunk, rows, dtype=torch.float32, device=q.device)
-    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, (block, block), causal=causal, device=q.device)
-    tile_of_block = torch.arange(num_k_blocks, device=q.device) // (block_u // r)
-    out = torch.empty(bh_total, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
+    out = torch.zeros(bh_total, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
     for start in range(0, bh_total, chunk):
         n = min(chunk, bh_total - start)
         grid = (triton.cdiv(rows, block_t), n)
@@ -233,13 +327,14 @@ def xattention_scores_triton(
             k,
             part,
             m_tile,
-            lse2,
+            out,
             start,
             num_heads,
             num_heads // num_kv_heads,
             seq_len_q,
             seq_len_k,
             rows,
+            num_q_blocks,
             num_k_blocks,
             num_tiles,
             scale * LOG2E,
@@ -252,16 +347,8 @@ def xattention_scores_triton(
             BLOCK_U=block_u,
             R=r,
             CAUSAL=causal,
-            num_warps=4,
-        )
-        lse = lse2[:n, :, None]
-        factor = torch.exp2(m_tile[:n][..., tile_of_block] - torch.where(torch.isfinite(lse), lse, 0.0))
-        # rows of strided queries onto query blocks; blocks never written (past the causal end) are not allowed
-        row_block = torch.arange(rows, device=q.device) // r
-        ok = allowed[row_block] & torch.isfinite(lse)
-        probs = torch.where(ok, part[:n] * factor, 0.0)  # (n, rows, Kb)
-        out[start : start + n] = torch.zeros(n, num_q_blocks, num_k_blocks, device=q.device).index_add_(
-            1, row_block, probs
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
     return out.view(batch, num_heads, num_q_blocks, num_k_blocks)
 
