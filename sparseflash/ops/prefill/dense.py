@@ -102,18 +102,20 @@ def flash_attention(
         skip_threshold: None (default: exact attention, the plain kernel) or a finite float >= 0 turning on
             in-kernel block skipping (Block-Sparse FlashAttention's design): after ``q k^T`` of a key tile that
             needs no mask, the tile is dropped (no V load, no ``P @ V``, left out of the softmax's numerator
-            and denominator alike) when, for every query row of the program, its largest scaled logit
-            ``scale * q.k`` in the tile is below the row's running maximum over the tiles kept so far minus
-            ``skip_threshold`` (natural-log units; each dropped probability is below ``exp(-skip_threshold)``
-            of the running maximum's). A program's key tiles are visited in ascending key order, so the first
-            is never skipped; tiles needing the causal / sequence-end mask (around the diagonal, the last
+            and denominator alike) when, for every query row of the program (its ``block_m`` rows, the rows
+            past ``seq_len_q`` excepted), the largest scaled logit ``scale * q.k`` in the tile is below the
+            row's running maximum over the tiles kept so far minus ``skip_threshold`` (natural-log units: each
+            dropped probability is below ``exp(-skip_threshold)`` times the row's largest so far; a NaN maximum
+            is never below). A program's key tiles are visited in ascending key order, so the first is never
+            skipped; tiles needing the causal / sequence-end mask (around the diagonal, the last
             partial tile) are never skipped, nor is any tile with ``seq_lens`` (all of a padded batch's tiles
             are masked ones). The result is no longer exact attention and depends on the tile geometry
             (rows per program, keys per tile, packed GQA heads: ``launcher.tile_geometry``) and on the visiting
             order; the PyTorch path replays the same walk (:mod:`sparseflash.ops.prefill.reference_skip`).
             A skipped tile's values are never read (NaN there does not reach any row).
         skip_stats: optional int32 ``(2,)`` tensor on q's device (with ``skip_threshold`` only): the key tiles
-            skipped and visited, summed over programs, are added to ``skip_stats[0]`` and ``skip_stats[1]``.
+            skipped and visited, summed over programs, are added to ``skip_stats[0]`` and ``skip_stats[1]``
+            (int32: read and reset it every few calls at very long contexts).
 
     Autograd: only the 'torch' backend is differentiable. The Triton kernels have no backward, so a call that
     would build a graph on them (grad mode on and an input with ``requires_grad``) raises ``ValueError``: wrap
