@@ -189,3 +189,37 @@ def check_backend(backend: str, device: torch.device) -> str:
             f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
         )
     return backend
+
+
+def check_skip(skip_threshold: object, skip_stats: object, device: torch.device) -> float | None:
+    """Validate block skipping's options: ``skip_threshold`` None or a finite float >= 0 (natural log), and
+    ``skip_stats`` None or an int32 ``(2,)`` contiguous counter on ``device`` (only with a threshold).
+
+    Returns the threshold as a float (or None). Raises ``ValueError`` naming the argument, with what it got.
+    """
+    import math
+    import numbers
+
+    if skip_threshold is not None and (
+        isinstance(skip_threshold, bool)
+        or not isinstance(skip_threshold, numbers.Real)
+        or not math.isfinite(skip_threshold)
+        or skip_threshold < 0
+    ):
+        raise ValueError(f"skip_threshold: expected a finite float >= 0 or None, got {skip_threshold!r}")
+    if skip_stats is not None:
+        if skip_threshold is None:
+            raise ValueError("skip_stats: expected None without a skip_threshold, got a tensor")
+        if not isinstance(skip_stats, torch.Tensor) or skip_stats.dtype != torch.int32 or skip_stats.shape != (2,):
+            got = (
+                f"{skip_stats.dtype} {tuple(skip_stats.shape)}"
+                if isinstance(skip_stats, torch.Tensor)
+                else type(skip_stats).__name__
+            )
+            raise ValueError(f"skip_stats: expected an int32 tensor of shape (2,) or None, got {got}")
+        if skip_stats.device != device or not skip_stats.is_contiguous():
+            raise ValueError(
+                f"skip_stats: expected a contiguous tensor on {device} (from q), got device {skip_stats.device}, "
+                f"stride {skip_stats.stride()}"
+            )
+    return None if skip_threshold is None else float(skip_threshold)

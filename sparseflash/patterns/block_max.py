@@ -16,6 +16,10 @@ or ``-inf`` (keep all) when the row has ``<= k`` valid blocks; the table is the 
 shorter sample's end take the mean of the samples that reach them). What it fits: one logit threshold per
 (query head, query-block position) for this layer and this ``top_k``; the thresholds are logits, so they hold
 for one model, one RoPE scaling and one context range (positions past the calibrated length reuse the last).
+
+In-kernel path (:func:`block_max_attention`): BSFA's own design, with no separate ``Q K^T`` pass and no layout
+built first: the prefill kernel's ``skip_threshold`` decides tile by tile after ``Q K^T``, against the row's
+running maximum rather than an absolute calibrated logit (see its docstring for the differences).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from sparseflash import _options as opt
 from sparseflash._validate import check_qk
 from sparseflash.layouts import BlockLayout
 from sparseflash.layouts import geometry as geo
+from sparseflash.ops.prefill.block_sparse import block_sparse_attention
+from sparseflash.ops.prefill.dense import flash_attention
 from sparseflash.ops.scores.block_scores import block_scores
 from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
@@ -216,3 +222,60 @@ def _threshold_table(threshold: object, num_heads: int) -> torch.Tensor:
         f"block_max: threshold: expected a float logit or a float tensor ({num_heads},) or "
         f"({num_heads}, Qb_max), got {got}"
     )
+
+
+def block_max_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    skip_threshold: float | None,
+    causal: bool = True,
+    scale: float | None = None,
+    layout: BlockLayout | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    skip_stats: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """BSFA's in-kernel block skipping: attention that drops key tiles whose logits are far below the row's max.
+
+    No separate ``Q K^T`` pass and no layout built first: the prefill kernel computes ``Q K^T`` of each key tile
+    and, when every query row of its program has its tile maximum more than ``skip_threshold`` below its
+    running maximum, skips the tile's V load, ``P V`` and softmax update. This is
+    :func:`sparseflash.flash_attention` (or, with ``layout``, :func:`sparseflash.block_sparse_attention`, skipping
+    on top of the layout's blocks) with ``skip_threshold``; their docstrings give the exact rule, the tiles that
+    are never skipped (those needing a mask: the diagonal, the sequence end) and the visiting order.
+
+    Relation to BSFA (methods.md §2.5), honestly stated:
+
+    * BSFA's threshold is an *absolute* logit, calibrated offline per (layer, head, query-block position) for a
+      target number of kept tiles (:func:`calibrate_block_max` fits those tables; :func:`block_max` applies them
+      as a layout, with a separate exact block-max pass). Ours is *relative*: a tile is dropped when its max
+      logit is below the running maximum minus ``skip_threshold``, i.e. when each of its probabilities is below
+      ``exp(-skip_threshold)`` times the row's current top one. It needs no calibration and holds across
+      models and positions, but does not target a number of kept tiles, and the number skipped depends on the
+      input (a flat attention row skips nothing).
+    * BSFA decides per 128-query x 64-key tile and walks key tiles from the diagonal backwards; the decision
+      here is per kernel program (``block_m`` rows, which with GQA packing span the heads of a group) and key
+      tiles are visited in ascending order (with a layout, in its order), so the running maximum at a tile
+      depends on what came before it: the result depends on the visiting order and the tile geometry.
+    * Both always compute the masked (diagonal) tiles and leave skipped tiles out of numerator and denominator.
+    * Only the ``P V`` half of the work and the V traffic of skipped tiles are saved; ``Q K^T`` is always done.
+
+    Args:
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); fp16/bf16 on the Triton path (float32 allowed on the PyTorch
+            one, which replays the kernel's tile walk).
+        skip_threshold: finite float >= 0, natural-log units of the scaled logits (None: exact attention, a
+            baseline).
+        causal, scale, backend, return_lse: as :func:`sparseflash.flash_attention`.
+        layout: optional :class:`~sparseflash.BlockLayout` to skip within.
+        skip_stats: optional int32 ``(2,)`` tensor on q's device receiving the key tiles skipped and visited.
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype, and with ``return_lse`` the lse (B, Hq, Sq) float32.
+    """
+    kwargs = dict(causal=causal, scale=scale, backend=backend, return_lse=return_lse)
+    kwargs.update(skip_threshold=skip_threshold, skip_stats=skip_stats)
+    if layout is None:
+        return flash_attention(q, k, v, **kwargs)
+    return block_sparse_attention(q, k, v, layout, **kwargs)

@@ -6,7 +6,7 @@ from typing import Literal, overload
 
 import torch
 
-from sparseflash._validate import check_backend, check_grad, check_qkv, check_scale, check_seq_lens
+from sparseflash._validate import check_backend, check_grad, check_qkv, check_scale, check_seq_lens, check_skip
 from sparseflash.layouts import BlockLayout, PermutedLayout
 from sparseflash.ops.prefill.launcher import sparse_forward
 from sparseflash.ops.prefill.permuted import permuted_block_sparse_attention
@@ -27,6 +27,8 @@ def block_sparse_attention(
     check_indices: bool = ...,
     pack_gqa: bool | None = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -45,6 +47,8 @@ def block_sparse_attention(
     check_indices: bool = ...,
     pack_gqa: bool | None = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -63,6 +67,8 @@ def block_sparse_attention(
     check_indices: bool = ...,
     pack_gqa: bool | None = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -80,6 +86,8 @@ def block_sparse_attention(
     check_indices: bool = True,
     pack_gqa: bool | None = None,
     backend: str = "auto",
+    skip_threshold: float | None = None,
+    skip_stats: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention that computes only the blocks ``layout`` keeps; time scales with the kept fraction.
 
@@ -100,6 +108,15 @@ def block_sparse_attention(
         backend: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'. The PyTorch path gathers the
             kept key blocks of each query block (float32, a few query blocks at a time): its work scales with
             the kept fraction too. It reads the block counts on the host (one sync).
+        skip_threshold: None (default: the kept blocks, exactly) or a finite float >= 0: in-kernel block
+            skipping on top of the layout, as :func:`sparseflash.flash_attention` documents it. Here a
+            program visits its query block's kept key blocks in the layout's order (ascending ids), each cut
+            into tiles of the kernel's key width; blocks needing the causal / sequence-end mask come last and
+            are never skipped. With ``pack_gqa`` a program's rows span the heads of a GQA group, and the
+            decision is taken over all of them. The PyTorch path replays the same walk (float32). Not
+            supported with a ``PermutedLayout``.
+        skip_stats: optional int32 ``(2,)`` tensor on q's device (with ``skip_threshold`` only): key tiles
+            skipped and visited are added to ``skip_stats[0]`` and ``skip_stats[1]``.
 
     Autograd: only the 'torch' backend is differentiable. The Triton kernels have no backward, so a call that
     would build a graph on them (grad mode on and an input with ``requires_grad``) raises ``ValueError``: wrap
@@ -115,11 +132,16 @@ def block_sparse_attention(
     Raises:
         TypeError: bad tensor types/dtypes, or a layout that is not a BlockLayout (``None`` included: use
             :func:`sparseflash.flash_attention` for dense attention).
-        ValueError: shape/device mismatches, a layout that does not fit q and k, and inputs requiring grad on
-            the Triton backend.
+        ValueError: shape/device mismatches, a layout that does not fit q and k, bad skip_threshold /
+            skip_stats (or either with a PermutedLayout), and inputs requiring grad on the Triton backend.
     """
     dims = check_qkv(q, k, v)
+    skip_threshold = check_skip(skip_threshold, skip_stats, q.device)
     if isinstance(layout, PermutedLayout):  # its key blocks index permuted keys: PBS-Attn's own two-pass path
+        if skip_threshold is not None:
+            raise ValueError(
+                f"skip_threshold: expected None with a PermutedLayout (PBS-Attn's two-pass path), got {skip_threshold}"
+            )
         if not causal or seq_lens is not None:
             raise ValueError(
                 "layout: a PermutedLayout (PBS-Attn) supports causal attention without seq_lens, "
@@ -148,5 +170,7 @@ def block_sparse_attention(
         return_lse=return_lse,
         pack_gqa=pack_gqa,
         backend=backend,
+        skip_threshold=skip_threshold,
+        skip_stats=skip_stats,
     )
     return (out, lse) if return_lse else out

@@ -6,7 +6,15 @@ from typing import Literal, overload
 
 import torch
 
-from sparseflash._validate import GPU_DTYPES, check_backend, check_grad, check_qkv, check_scale, check_seq_lens
+from sparseflash._validate import (
+    GPU_DTYPES,
+    check_backend,
+    check_grad,
+    check_qkv,
+    check_scale,
+    check_seq_lens,
+    check_skip,
+)
 from sparseflash.ops.prefill.reference import attention_torch, valid_range
 
 
@@ -22,6 +30,8 @@ def flash_attention(
     seq_lens: torch.Tensor | None = ...,
     padding_side: str = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -37,6 +47,8 @@ def flash_attention(
     seq_lens: torch.Tensor | None = ...,
     padding_side: str = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -52,6 +64,8 @@ def flash_attention(
     seq_lens: torch.Tensor | None = ...,
     padding_side: str = ...,
     backend: str = ...,
+    skip_threshold: float | None = ...,
+    skip_stats: torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -66,6 +80,8 @@ def flash_attention(
     seq_lens: torch.Tensor | None = None,
     padding_side: str = "right",
     backend: str = "auto",
+    skip_threshold: float | None = None,
+    skip_stats: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, ``softmax(q k^T * scale) v``, without materialising the score matrix.
 
@@ -83,6 +99,23 @@ def flash_attention(
         backend: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'. The PyTorch path runs
             ``torch.nn.functional.scaled_dot_product_attention`` when it computes the same function and no lse
             is wanted, else float32 chunks; it checks K/V for NaN on the host (one sync).
+        skip_threshold: None (default: exact attention, the plain kernel) or a finite float >= 0 turning on
+            in-kernel block skipping (Block-Sparse FlashAttention's design): after ``q k^T`` of a key tile that
+            needs no mask, the tile is dropped (no V load, no ``P @ V``, left out of the softmax's numerator
+            and denominator alike) when, for every query row of the program (its ``block_m`` rows, the rows
+            past ``seq_len_q`` excepted), the largest scaled logit ``scale * q.k`` in the tile is below the
+            row's running maximum over the tiles kept so far minus ``skip_threshold`` (natural-log units: each
+            dropped probability is below ``exp(-skip_threshold)`` times the row's largest so far; a NaN maximum
+            is never below). A program's key tiles are visited in ascending key order, so the first is never
+            skipped; tiles needing the causal / sequence-end mask (around the diagonal, the last
+            partial tile) are never skipped, nor is any tile with ``seq_lens`` (all of a padded batch's tiles
+            are masked ones). The result is no longer exact attention and depends on the tile geometry
+            (rows per program, keys per tile, packed GQA heads: ``launcher.tile_geometry``) and on the visiting
+            order; the PyTorch path replays the same walk (:mod:`sparseflash.ops.prefill.reference_skip`).
+            A skipped tile's values are never read (NaN there does not reach any row).
+        skip_stats: optional int32 ``(2,)`` tensor on q's device (with ``skip_threshold`` only): the key tiles
+            skipped and visited, summed over programs, are added to ``skip_stats[0]`` and ``skip_stats[1]``
+            (int32: read and reset it every few calls at very long contexts).
 
     Autograd: only the 'torch' backend is differentiable. The Triton kernels have no backward, so a call that
     would build a graph on them (grad mode on and an input with ``requires_grad``) raises ``ValueError``: wrap
@@ -99,15 +132,31 @@ def flash_attention(
     Raises:
         TypeError: non-tensor inputs, non-float or mismatched dtypes, fp32 on the Triton path.
         ValueError: wrong ranks or shapes, num_heads not a multiple of num_kv_heads, head_dim not a multiple
-            of 8 in [16, 256], mismatched devices, bad seq_lens / padding_side / backend / scale, and inputs
-            requiring grad on the Triton backend.
+            of 8 in [16, 256], mismatched devices, bad seq_lens / padding_side / backend / scale /
+            skip_threshold / skip_stats, and inputs requiring grad on the Triton backend.
     """
     dims = check_qkv(q, k, v)
+    skip_threshold = check_skip(skip_threshold, skip_stats, q.device)
     scale = check_scale(scale, dims.head_dim)
     check_seq_lens(seq_lens, dims, q.device, padding_side)
     backend = check_backend(backend, q.device)
     check_grad(backend, q=q, k=k, v=v)
-    if backend == "torch":
+    if backend == "torch" and skip_threshold is not None:  # the kernel's tile walk, replayed (float32)
+        from sparseflash.ops.prefill.launcher import skip_attention_torch
+
+        out, lse = skip_attention_torch(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            return_lse=return_lse,
+            skip_threshold=skip_threshold,
+            skip_stats=skip_stats,
+        )
+    elif backend == "torch":
         out = (
             None
             if return_lse
@@ -123,7 +172,16 @@ def flash_attention(
         from sparseflash.ops.prefill.launcher import prefill_forward
 
         out, lse = prefill_forward(
-            q, k, v, causal=causal, scale=scale, seq_lens=seq_lens, padding_side=padding_side, return_lse=return_lse
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            return_lse=return_lse,
+            skip_threshold=skip_threshold,
+            skip_stats=skip_stats,
         )
     return (out, lse) if return_lse else out
 

@@ -14,6 +14,11 @@ nothing to attend writes 0 and lse -inf.
 Non-finite K/V: keys outside ``[0, S_K)`` and outside the valid range of a padded sequence are never loaded,
 nor are blocks a layout drops; in the masked tiles a non-finite value is zeroed before the P @ V product and
 only the rows attending it turn NaN (a non-finite key is masked to -inf for the rows that skip it).
+
+Block skipping (``SKIP``, :mod:`.tile`): an unmasked key tile whose logits lie, for every stored row, more than
+``skip_thr`` (base 2) below the row's running maximum is dropped after ``Q K^T``: V is not loaded. Tiles are
+visited in the order above (ascending keys; with a layout, its order), which the result then depends on. With
+``STATS``, each program adds its skipped and visited key-tile counts to ``SKIP_STATS[0]`` and ``[1]``.
 """
 
 from __future__ import annotations
@@ -21,91 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparseflash.ops.triton_common import LN2, guarded_pv
-
-
-@triton.jit
-def _attend_tile(
-    acc,
-    l_i,
-    m_i,
-    q,
-    K_head,
-    V_head,
-    start_n,
-    q_pos,
-    row_ok,
-    seq_lo,
-    seq_hi,
-    guard_from,
-    stride_ks,
-    stride_kd,
-    stride_vs,
-    stride_vd,
-    S_K,
-    causal_offset,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_SEQ_LENS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    OFFS_64: tl.constexpr,
-):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_pos = start_n + offs_n  # [BLOCK_N]
-    if OFFS_64:
-        k_row = k_pos.to(tl.int64)
-    else:
-        k_row = k_pos
-    d_ok = offs_d < HEAD_DIM
-    if MASKED:
-        kv_ok = k_pos < S_K
-        if HAS_SEQ_LENS:  # padding is never loaded: whatever it holds cannot reach a row
-            kv_ok = kv_ok & (k_pos >= seq_lo) & (k_pos < seq_hi)
-    else:
-        kv_ok = offs_n < BLOCK_N
-    # [BLOCK_D, BLOCK_N]
-    k = tl.load(
-        K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
-        mask=d_ok[:, None] & kv_ok[None, :],
-        other=0.0,
-    )
-    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
-    if MASKED:
-        ok = kv_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
-        qk = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    # [BLOCK_N, BLOCK_D]
-    v = tl.load(
-        V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-        mask=kv_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if MASKED:
-        if start_n + BLOCK_N > guard_from:
-            # a key some stored row of the tile does not attend (past its causal horizon, or any key for a
-            # padded row) may hold NaN/inf: zero it so 0 * NaN never enters the product, and mark NaN the rows
-            # that do attend a non-finite value
-            acc = guarded_pv(acc, p, v)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+from sparseflash.ops.prefill.tile import _attend_tile
+from sparseflash.ops.triton_common import LN2
 
 
 @triton.jit
@@ -120,7 +42,9 @@ def prefill_fwd_kernel(
     WORK_ORDER,
     SEQ_LO,
     SEQ_HI,
+    SKIP_STATS,
     qk_scale,
+    skip_thr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -165,6 +89,8 @@ def prefill_fwd_kernel(
     RETURN_LSE: tl.constexpr,
     OFFS_64: tl.constexpr,
     PREFETCH: tl.constexpr,
+    SKIP: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // PACK
     pid = tl.program_id(0)
@@ -218,6 +144,8 @@ def prefill_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_skip = tl.zeros([1], dtype=tl.int32)  # key tiles skipped / visited by this program (STATS only)
+    n_tiles = tl.zeros([1], dtype=tl.int32)
 
     # keys every row of the tile may see: [0, all_see); some row may see: [0, any_see)
     if CAUSAL:
@@ -252,7 +180,7 @@ def prefill_fwd_kernel(
                 blk = tl.load(idx_row + ((it + 1) // SUBS) * stride_ik, mask=it + 1 < n_iter, other=0)
             else:
                 start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
-            acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, skipped = _attend_tile(
                 acc,
                 l_i,
                 m_i,
@@ -272,6 +200,7 @@ def prefill_fwd_kernel(
                 S_K,
                 causal_offset,
                 qk_scale,
+                skip_thr,
                 False,
                 CAUSAL,
                 HAS_SEQ_LENS,
@@ -279,10 +208,14 @@ def prefill_fwd_kernel(
                 BLOCK_D,
                 BLOCK_N,
                 OFFS_64,
+                SKIP,
             )
+            if STATS:
+                n_skip += skipped
+                n_tiles += 1
         for it in range(n_iter, n_blocks * SUBS):
             start_n = tl.load(idx_row + (it // SUBS) * stride_ik) * LAYOUT_BLOCK_K + (it % SUBS) * BLOCK_N
-            acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, skipped = _attend_tile(
                 acc,
                 l_i,
                 m_i,
@@ -302,6 +235,7 @@ def prefill_fwd_kernel(
                 S_K,
                 causal_offset,
                 qk_scale,
+                skip_thr,
                 True,
                 CAUSAL,
                 HAS_SEQ_LENS,
@@ -309,7 +243,11 @@ def prefill_fwd_kernel(
                 BLOCK_D,
                 BLOCK_N,
                 OFFS_64,
+                SKIP,
             )
+            if STATS:
+                n_skip += skipped
+                n_tiles += 1
     else:
         lo = 0
         hi = any_see
@@ -319,7 +257,7 @@ def prefill_fwd_kernel(
             hi = tl.minimum(hi, seq_hi)
             full_hi = lo
         for start_n in range(lo, full_hi, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, skipped = _attend_tile(
                 acc,
                 l_i,
                 m_i,
@@ -339,6 +277,7 @@ def prefill_fwd_kernel(
                 S_K,
                 causal_offset,
                 qk_scale,
+                skip_thr,
                 False,
                 CAUSAL,
                 HAS_SEQ_LENS,
@@ -346,9 +285,13 @@ def prefill_fwd_kernel(
                 BLOCK_D,
                 BLOCK_N,
                 OFFS_64,
+                SKIP,
             )
+            if STATS:
+                n_skip += skipped
+                n_tiles += 1
         for start_n in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, skipped = _attend_tile(
                 acc,
                 l_i,
                 m_i,
@@ -368,6 +311,7 @@ def prefill_fwd_kernel(
                 S_K,
                 causal_offset,
                 qk_scale,
+                skip_thr,
                 True,
                 CAUSAL,
                 HAS_SEQ_LENS,
@@ -375,7 +319,11 @@ def prefill_fwd_kernel(
                 BLOCK_D,
                 BLOCK_N,
                 OFFS_64,
+                SKIP,
             )
+            if STATS:
+                n_skip += skipped
+                n_tiles += 1
 
     # every real (query, head) row is written, padded ones too (0 and -inf)
     store_ok = (offs_m < QPT * PACK) & (q_pos < S_Q)
@@ -386,6 +334,10 @@ def prefill_fwd_kernel(
         O + b64 * stride_ob + head_row[:, None] * stride_oh + q_row[:, None] * stride_os + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store_ok[:, None] & d_ok[None, :])
+    if STATS:  # one atomic per program
+        offs_s = tl.arange(0, 1)
+        tl.atomic_add(SKIP_STATS + offs_s, n_skip)
+        tl.atomic_add(SKIP_STATS + 1 + offs_s, n_tiles)
     if RETURN_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         lse_ptrs = LSE + (b64 * HQ + head_row) * S_Q + q_row

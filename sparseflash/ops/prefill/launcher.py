@@ -1,7 +1,9 @@
 """Launcher for :mod:`sparseflash.ops.prefill.kernel`: tile choice, GQA packing, scheduling, int64 offsets.
 
 Tuning (tile config, the experimental sparse prefetch) comes from :mod:`sparseflash.ops.tuning`, read at each
-launch, or from the ``config`` argument.
+launch, or from the ``config`` argument. :func:`tile_geometry` is the program shape a launch uses, which block
+skipping (``skip_threshold``) depends on; the PyTorch path of skipping replays it
+(:mod:`sparseflash.ops.prefill.reference_skip`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from sparseflash._validate import GPU_DTYPES
 from sparseflash.layouts import BlockLayout
 from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
+from sparseflash.ops.prefill.reference_skip import TileGeometry, skip_attention_reference
 from sparseflash.ops.triton_common import LOG2E
 from sparseflash.ops.tuning import TileConfig, get_tuning
 
@@ -61,12 +64,30 @@ def sparse_forward(
     padding_side: str = "right",
     return_lse: bool = False,
     pack_gqa: bool | None = None,
+    skip_threshold: float | None = None,
+    skip_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention on checked inputs with a resolved ``backend`` ('torch' or 'triton').
 
-    'torch' runs :func:`~sparseflash.ops.prefill.reference.block_sparse_torch`; 'triton' :func:`prefill_forward`
-    (fp16/bf16 only). Returns ``(out, lse)``, lse None without ``return_lse``.
+    'torch' runs :func:`~sparseflash.ops.prefill.reference.block_sparse_torch` (with ``skip_threshold``,
+    :func:`skip_attention_torch`); 'triton' :func:`prefill_forward` (fp16/bf16 only). Returns ``(out, lse)``, lse
+    None without ``return_lse``.
     """
+    if backend == "torch" and skip_threshold is not None:
+        return skip_attention_torch(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            layout=layout,
+            seq_lens=seq_lens,
+            padding_side=padding_side,
+            return_lse=return_lse,
+            pack_gqa=pack_gqa,
+            skip_threshold=skip_threshold,
+            skip_stats=skip_stats,
+        )
     if backend == "torch":
         return block_sparse_torch(
             q,
@@ -92,36 +113,28 @@ def sparse_forward(
         padding_side=padding_side,
         return_lse=return_lse,
         pack_gqa=pack_gqa,
+        skip_threshold=skip_threshold,
+        skip_stats=skip_stats,
     )
 
 
-def prefill_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+def tile_geometry(
+    num_heads: int,
+    num_kv_heads: int,
+    seq_len_q: int,
+    config: TileConfig,
     *,
-    causal: bool,
-    scale: float,
     layout: BlockLayout | None = None,
-    seq_lens: torch.Tensor | None = None,
-    padding_side: str = "right",
-    return_lse: bool = False,
     pack_gqa: bool | None = None,
-    config: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Triton kernel on validated inputs.
+) -> TileGeometry:
+    """Rows per program, keys per tile and packed GQA heads of a launch with tile ``config``.
 
-    Returns ``out`` ``(B, Hq, Sq, D)`` in q's dtype, a view of ``(B, Sq, Hq, D)`` memory (so
-    ``out.transpose(1, 2)`` is contiguous, the layout transformers wants back), and ``lse`` ``(B, Hq, Sq)``
-    float32 or None.
+    ``pack_gqa`` None: pack a GQA group into one program for a layout shared by the group with a power-of-two
+    group size, and densely for prompts shorter than ``config.block_m``. Raises ``ValueError`` for
+    ``pack_gqa=True`` with a layout that cannot be packed.
     """
-    batch, num_heads, seq_len_q, head_dim = q.shape
-    num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    tuning = get_tuning()
-    config = config or tuning.prefill or default_config(head_dim)
     sparse = layout is not None
-
     if pack_gqa is None:
         if sparse:
             pack_gqa = group > 1 and layout.num_heads in (1, num_kv_heads) and _is_pow2(group)
@@ -140,6 +153,80 @@ def prefill_forward(
         block_q, block_k = layout.block_size
         block_m = min(block_m, block_q * pack)
         block_n = min(block_n, block_k)
+    return TileGeometry(block_m, block_n, pack)
+
+
+def skip_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    skip_threshold: float,
+    layout: BlockLayout | None = None,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = False,
+    pack_gqa: bool | None = None,
+    skip_stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch path of block skipping: the kernel's tile walk (the geometry a launch would use) in float32.
+
+    Returns ``(out, lse)`` as :func:`prefill_forward`; adds the skipped / visited tile counts to ``skip_stats``.
+    """
+    config = get_tuning().prefill or default_config(q.shape[3])
+    geometry = tile_geometry(q.shape[1], k.shape[1], q.shape[2], config, layout=layout, pack_gqa=pack_gqa)
+    out, lse, counts = skip_attention_reference(
+        q,
+        k,
+        v,
+        skip_threshold=skip_threshold,
+        geometry=geometry,
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        seq_lens=seq_lens,
+        padding_side=padding_side,
+        dtype=torch.float32,
+    )
+    if skip_stats is not None:
+        skip_stats += counts.to(device=skip_stats.device, dtype=skip_stats.dtype)
+    return out.to(q.dtype), lse if return_lse else None
+
+
+def prefill_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    layout: BlockLayout | None = None,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: str = "right",
+    return_lse: bool = False,
+    pack_gqa: bool | None = None,
+    config: TileConfig | None = None,
+    skip_threshold: float | None = None,
+    skip_stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the Triton kernel on validated inputs.
+
+    ``skip_threshold`` (natural log, >= 0) turns on block skipping (:mod:`.tile`); ``skip_stats``, int32 ``(2,)``
+    on q's device, then receives the skipped and visited key-tile counts (added to what it holds).
+
+    Returns ``out`` ``(B, Hq, Sq, D)`` in q's dtype, a view of ``(B, Sq, Hq, D)`` memory (so
+    ``out.transpose(1, 2)`` is contiguous, the layout transformers wants back), and ``lse`` ``(B, Hq, Sq)``
+    float32 or None.
+    """
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    tuning = get_tuning()
+    config = config or tuning.prefill or default_config(head_dim)
+    sparse = layout is not None
+    block_m, block_n, pack = tile_geometry(num_heads, num_kv_heads, seq_len_q, config, layout=layout, pack_gqa=pack_gqa)
     queries_per_tile = block_m // pack
     num_tiles = triton.cdiv(seq_len_q, queries_per_tile)
     num_packs = num_heads // pack
@@ -181,7 +268,9 @@ def prefill_forward(
         work_order,
         seq_lo,
         seq_hi,
+        skip_stats if skip_stats is not None else dummy,
         scale * LOG2E,
+        0.0 if skip_threshold is None else skip_threshold * LOG2E,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -209,6 +298,8 @@ def prefill_forward(
         RETURN_LSE=return_lse,
         OFFS_64=_needs_int64(q, k, v, out),
         PREFETCH=tuning.sparse_prefetch,
+        SKIP=skip_threshold is not None,
+        STATS=skip_stats is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -1,0 +1,132 @@
+"""One key tile of the prefill kernel (:mod:`.kernel`): the online-softmax step, optionally skipping the tile.
+
+Symbols as in :mod:`.kernel`. Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``):
+``m_i`` is each row's running maximum of ``qk * qk_scale``, ``l_i`` its running sum of ``exp2(. - m_i)``,
+``acc`` the running ``P @ V``, all fp32.
+
+In-kernel block skipping (``SKIP``, Block-Sparse FlashAttention's design, methods.md §2.5): after ``Q K^T`` of
+an unmasked tile, when every stored row's tile maximum lies more than ``skip_thr`` (base 2) below its running
+maximum, the tile is dropped: no V load, no ``P @ V``, and ``m_i``, ``l_i``, ``acc`` unchanged. A NaN row
+maximum is never "below", so such a tile is kept. Masked tiles (causal diagonal, sequence end, padding) are
+always computed. ``SKIP`` is a constexpr: without it the code is the kernel's plain step.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sparseflash.ops.triton_common import guarded_pv
+
+
+@triton.jit
+def _rescale_and_pv(acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, guard):
+    """``l_i`` and ``acc`` rescaled by ``alpha``, then ``acc += p @ V[tile]``; ``guard``: NaN-safe product."""
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # [BLOCK_N, BLOCK_D]
+    v = tl.load(
+        V_head + k_row[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=kv_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if guard:
+        # a key some stored row of the tile does not attend (past its causal horizon, or any key for a padded
+        # row) may hold NaN/inf: zero it so 0 * NaN never enters the product, and mark NaN the rows that do
+        # attend a non-finite value
+        acc = guarded_pv(acc, p, v)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_head,
+    V_head,
+    start_n,
+    q_pos,
+    row_ok,
+    seq_lo,
+    seq_hi,
+    guard_from,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    S_K,
+    causal_offset,
+    qk_scale,
+    skip_thr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    OFFS_64: tl.constexpr,
+    SKIP: tl.constexpr,
+):
+    """Key tile ``[start_n, start_n + BLOCK_N)``: returns ``(acc, l_i, m_i, skipped)``, skipped 0 or 1."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_pos = start_n + offs_n  # [BLOCK_N]
+    if OFFS_64:
+        k_row = k_pos.to(tl.int64)
+    else:
+        k_row = k_pos
+    d_ok = offs_d < HEAD_DIM
+    if MASKED:
+        kv_ok = k_pos < S_K
+        if HAS_SEQ_LENS:  # padding is never loaded: whatever it holds cannot reach a row
+            kv_ok = kv_ok & (k_pos >= seq_lo) & (k_pos < seq_hi)
+    else:
+        kv_ok = offs_n < BLOCK_N
+    # [BLOCK_D, BLOCK_N]
+    k = tl.load(
+        K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
+        mask=d_ok[:, None] & kv_ok[None, :],
+        other=0.0,
+    )
+    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    skipped = 0
+    if MASKED:
+        ok = kv_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        acc, l_i = _rescale_and_pv(
+            acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, start_n + BLOCK_N > guard_from
+        )
+        m_i = m_new
+    else:
+        m_tile = tl.max(qk, 1) * qk_scale  # [BLOCK_M]
+        if SKIP:
+            # kept unless every stored row is below (the first tile, m_i = -inf, never is; NaN is never below)
+            keep = tl.max((row_ok & ~(m_tile < m_i - skip_thr)).to(tl.int32), 0)
+            if keep > 0:
+                m_new = tl.maximum(m_i, m_tile)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                acc, l_i = _rescale_and_pv(
+                    acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, False
+                )
+                m_i = m_new
+            skipped = 1 - keep
+        else:
+            m_new = tl.maximum(m_i, m_tile)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            acc, l_i = _rescale_and_pv(
+                acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, False
+            )
+            m_i = m_new
+    return acc, l_i, m_i, skipped
