@@ -24,7 +24,7 @@ from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, write_
 
 import sparseflash as sf  # noqa: E402
 from sparseflash.integrations.hf.plan import SAFE_OPTIONS  # noqa: E402
-from sparseflash.ops.scores.antidiagonal import xattention_scores_triton  # noqa: E402
+from sparseflash.ops.scores.antidiagonal import xattention_scores_reference, xattention_scores_triton  # noqa: E402
 from sparseflash.patterns import select  # noqa: E402
 
 CONFIGS = ["64,128,8,3", "128,128,8,3", "64,64,4,3", "128,64,8,3", "64,128,4,3", "64,128,8,2"]
@@ -43,13 +43,18 @@ def one_length(
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))["ms"]
     ref = xattention_scores_triton(q, k, stride=stride)
+    rows = []
+    if n <= 16384:  # the kernel against the PyTorch reference (float32 from the same bf16 inputs)
+        exact = xattention_scores_reference(q, k, stride=stride)
+        rows.append({"seqlen": n, "variant": "reference_check", "max_abs_diff": float((ref - exact).abs().max())})
+        print(f"{n}: kernel vs PyTorch reference, max abs diff {rows[-1]['max_abs_diff']:.2e} (row sums 16)")
+        del exact
     variants = {"default": lambda: xattention_scores_triton(q, k, stride=stride)}
     for cfg in configs:
         variants[",".join(map(str, cfg))] = lambda cfg=cfg: xattention_scores_triton(q, k, stride=stride, config=cfg)
     if baseline is not None:
         variants["baseline"] = lambda: baseline.xattention_scores_triton(q, k, stride=stride)
     variants["select"] = lambda: select("xattention", q, k, **options)
-    rows = []
     for name, fn in variants.items():
         try:
             out = fn()
