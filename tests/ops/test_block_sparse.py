@@ -250,13 +250,13 @@ def test_layout_errors(gen):
 
 
 @pytest.mark.interpret
-def test_prefetching_sparse_loop_matches_reference(gen):
-    """The variant that loads the next block id one step ahead (``Tuning.sparse_prefetch``)."""
+def test_plain_sparse_loop_matches_reference(gen):
+    """The loop without the one-step-ahead block id load (``Tuning(sparse_prefetch=False)``; on by default)."""
     q, k, v = randn(gen, 1, 4, 230, 64), randn(gen, 1, 2, 230, 64), randn(gen, 1, 2, 230, 64)
     layout = _layout(gen, 1, 2, 230, 230, 32, 0.5, empty_row=2)
-    with tuned(sparse_prefetch=True):
+    with tuned(sparse_prefetch=False):
         out, lse = sf.block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
-    assert not get_tuning().sparse_prefetch  # restored after the block
+    assert get_tuning().sparse_prefetch  # the default is restored after the block
     ref_out, ref_lse = sf.attention_reference(q, k, v, layout=layout)
     assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
 

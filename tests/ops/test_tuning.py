@@ -12,7 +12,7 @@ from sparseflash.ops.tuning import DecodeConfig, TileConfig, Tuning, get_tuning,
 def test_defaults_are_the_library_tables():
     tuning = get_tuning()
     assert tuning == Tuning() and tuning.prefill is None and tuning.decode is None
-    assert not tuning.sparse_prefetch and tuning.decode_ctas_per_sm == 2
+    assert tuning.sparse_prefetch and tuning.decode_ctas_per_sm == 2
     assert default_config(128) == TileConfig(128, 64, 8, 3)
 
 
