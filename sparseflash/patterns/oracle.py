@@ -27,6 +27,13 @@ real model), ``target_recall`` the fewest blocks reaching that fraction of each 
 first (so every query block's recall is ``>= target_recall``). A per-row budget is a constraint, not a ceiling:
 at the same kept-block count it never has a higher mean recall than the global rule.
 
+**One budget per layer: ``scope="layer"``.** The heads' grids stacked as one: the forced blocks of every head plus
+the largest-``E`` allowed blocks over all heads, ``max(H F, floor(density * H A + 0.5))`` blocks in all (or the
+fewest reaching ``target_recall`` of the layer's mass). Heads then get unequal budgets, as adaptive selectors give
+them (XAttention's threshold keeps more blocks in a diffuse head than in a local one); the mean recall over heads
+and rows is the kept ``E`` over ``H R``, so this is the upper bound at matched *mean* density, the one to compare a
+method's recall with when its density is reported as a mean over heads (``benchmarks/bench_patterns.py`` does).
+
 Layout per query head; ``heads="kv"`` takes the union over each GQA group *after* the selection, so the density
 rises above the requested one (and the recall with it). Not a fast method: it costs more than dense attention.
 """
@@ -44,7 +51,7 @@ from sparseflash.patterns import selection as sel
 from sparseflash.patterns.registry import register
 
 DEFAULT_DENSITY = 0.1
-SCOPE_CHOICES = ("global", "row")
+SCOPE_CHOICES = ("global", "layer", "row")
 
 
 @register("oracle", kind="dynamic", heads="q")
@@ -73,7 +80,8 @@ def oracle(
         target_recall: fraction in (0, 1] of the dense softmax mass to keep: of each head's total mass, i.e. the
             mean row recall (``scope="global"``), or of each query-block row's mass (``scope="row"``).
         scope: ``"global"`` (the largest-mass blocks over each head's whole block grid: the upper bound on mean
-            recall at matched density among diagonal-keeping layouts), ``"row"`` (a budget per query-block row,
+            recall at matched density among diagonal-keeping layouts), ``"layer"`` (one budget over all heads
+            of the layer: the bound at matched mean density), ``"row"`` (a budget per query-block row,
             the rule before ``scope`` existed), or None: ``"global"`` for the ``density`` rule (and the default
             density), ``"row"`` for ``target_recall`` (so existing ``target_recall`` configurations keep their
             per-row guarantee; pass ``scope="global"`` for the global rule).
@@ -103,7 +111,17 @@ def oracle(
     mass = block_scores(q, k, block_size=bs, mode="mass", causal=causal, scale=scale, backend=backend)
     allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     forced = sel.forced_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
-    if target_recall is not None:
+    if scope == "layer":  # one budget over all heads of the layer: the grids of the heads stacked as one
+        batch, heads_m, num_q_blocks, num_k_blocks = mass.shape
+        stacked = mass.reshape(batch, 1, heads_m * num_q_blocks, num_k_blocks)
+        allowed_l, forced_l = allowed.repeat(heads_m, 1), forced.repeat(heads_m, 1)
+        if target_recall is not None:
+            keep = sel.select_by_cumulative_mass_global(stacked, recall, allowed_l, forced=forced_l)
+        else:
+            budget = _global_budget(allowed_l, forced_l, frac)
+            keep = sel.select_topk_global(stacked, budget, allowed_l, forced=forced_l)
+        keep = keep.view(batch, heads_m, num_q_blocks, num_k_blocks)
+    elif target_recall is not None:
         if scope == "global":
             keep = sel.select_by_cumulative_mass_global(mass, recall, allowed, forced=forced)
         else:

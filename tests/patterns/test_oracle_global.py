@@ -199,7 +199,8 @@ def test_kv_heads_is_the_union_of_the_group(gen, rule):
 @pytest.mark.parametrize("rule", [{}, {"target_recall": 0.9}])
 def test_bad_scope_names_the_option(value, rule):
     q, k = torch.zeros(1, 2, 64, 16), torch.zeros(1, 1, 64, 16)
-    with pytest.raises(ValueError, match=rf"oracle: scope: expected one of \(None, 'global', 'row'\), got {value!r}"):
+    expected = rf"oracle: scope: expected one of \(None, 'global', 'layer', 'row'\), got {value!r}"
+    with pytest.raises(ValueError, match=expected):
         patterns.select("oracle", q, k, block_size=(16, 16), scope=value, **rule)
 
 
@@ -233,3 +234,51 @@ def test_grid_selectors_match_the_row_selectors_on_the_flattened_grid(gen):
     ref = sel.select_by_cumulative_mass(scores.flatten(-2), per_head, allowed.flatten(), forced=forced.flatten())
     assert torch.equal(got, ref.view_as(scores))
     assert bool((got | ~allowed).all(-1).all(-1)[:, 2].all())  # threshold 1: every positive allowed block
+
+
+def _brute_layer_topk(mass, allowed, forced, density):
+    """Per batch: every head's forced blocks plus the largest allowed others over all heads' grids at once,
+    ``max(H F, floor(density * H A + 0.5))`` in all."""
+    heads = mass.shape[1]
+    stacked_allowed, stacked_forced = allowed.repeat(heads, 1), forced.repeat(heads, 1)
+    stacked = mass.reshape(mass.shape[0], 1, heads * mass.shape[2], mass.shape[3])
+    keep, n = _brute_topk(stacked, stacked_allowed, stacked_forced, density)
+    return keep.view(mass.shape), n
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=["ragged", "chunked", "rect"])
+@pytest.mark.parametrize("density", [0.1, 0.3])
+def test_layer_scope_is_the_brute_force_top_k_over_all_heads(gen, case, density):
+    sq, sk, bs, hq, hkv, causal = case
+    q, k = _inputs(gen, sq, sk, hq, hkv)
+    q[:, 0] *= 0.2  # one diffuse head: the layer budget gives it more blocks than the others
+    mass = _block_mass(q, k, bs, causal)
+    allowed, forced = _geometry(sq, sk, bs, causal)
+    expected, n = _brute_layer_topk(mass, allowed, forced, density)
+    layout = patterns.select("oracle", q, k, block_size=bs, causal=causal, density=density, scope="layer")
+    got = layout.to_dense()
+    assert torch.equal(got, expected)
+    assert int((got & allowed).sum()) == n
+    # at the same total count it has at least the per-head global rule's mean recall
+    glob = patterns.select("oracle", q, k, block_size=bs, causal=causal, density=density)
+    if int((glob.to_dense() & allowed).sum()) == n:
+        assert attention_recall(q, k, layout, causal=causal) >= attention_recall(q, k, glob, causal=causal) - 1e-6
+
+
+def test_layer_scope_bounds_xattention_at_matched_mean_density(gen):
+    """XAttention spreads its blocks unevenly over heads; the layer-wide oracle still has at least its recall."""
+    q, k = _inputs(gen, 512, 512, 4, 2)
+    q[:, 1] *= 0.1
+    bs = (32, 32)
+    for threshold in (0.5, 0.8):
+        x = patterns.select("xattention", q, k, block_size=bs, stride=4, threshold=threshold)
+        o = patterns.select("oracle", q, k, block_size=bs, density=x.density(), scope="layer")
+        assert o.density() == pytest.approx(x.density(), abs=1e-9)
+        assert attention_recall(q, k, o) >= attention_recall(q, k, x) - 1e-6
+
+
+def test_layer_scope_target_recall_reaches_the_layer_target(gen):
+    q, k = _inputs(gen, 300, 300, 4, 2)
+    bs = (64, 64)
+    layout = patterns.select("oracle", q, k, block_size=bs, target_recall=0.8, scope="layer")
+    assert attention_recall(q, k, layout) >= 0.8 - 1e-6
