@@ -7,6 +7,7 @@ or op, so a user sees which option of which method is wrong.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +86,14 @@ def check_fractions(name: str, value: object, num_heads: int, device: torch.devi
         raise ValueError(f"{name}: expected {num_heads} per-head values (one per layout head), got {len(values)}")
     if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in values):
         raise ValueError(f"{name}: expected per-head values in [0, 1], got {values}")
+    return _device_fractions(tuple(float(x) for x in values), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_fractions(values: tuple[float, ...], device: str) -> torch.Tensor:
+    """One float32 tensor per distinct per-head list and device, made once: a copy to a GPU from pageable host
+    memory waits for the stream, so making it at every layer call (calibrated per-head thresholds) stalled the
+    host once per layer. Callers must not modify the returned tensor in place."""
     return torch.tensor(values, dtype=torch.float32).to(device)
 
 

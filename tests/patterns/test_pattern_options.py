@@ -52,6 +52,22 @@ def test_per_head_thresholds():
         patterns.select("xattention", Q, K, block_size=(16, 16), stride=4, threshold=[0.5, 1.2])
 
 
+def test_per_head_values_are_made_once_per_list_and_device():
+    """The per-head tensor is built once per distinct list (a GPU copy from host memory waits for the stream: made
+    at every layer call it stalled the host), and a list, a tuple and a CPU tensor of the same values share it."""
+    from sparseflash._options import check_fractions
+
+    first = check_fractions("threshold", [0.5, 0.25], 2, "cpu")
+    assert first.dtype == torch.float32 and first.tolist() == [0.5, 0.25]
+    assert check_fractions("threshold", (0.5, 0.25), 2, torch.device("cpu")) is first
+    assert check_fractions("threshold", torch.tensor([0.5, 0.25]), 2, "cpu") is first
+    assert check_fractions("threshold", [0.5, 0.3], 2, "cpu").tolist() == pytest.approx([0.5, 0.3])
+    one = patterns.select("xattention", Q, K, block_size=(16, 16), stride=4, threshold=[0.5, 0.25])
+    two = patterns.select("xattention", Q, K, block_size=(16, 16), stride=4, threshold=[0.5, 0.25])
+    assert torch.equal(one.to_dense(), two.to_dense())
+    assert first.tolist() == [0.5, 0.25]  # selection never modifies the shared tensor
+
+
 @pytest.mark.parametrize("name,option", [("xattention", "stride"), ("strided", "stride")])
 @pytest.mark.parametrize("value", [0, -2, 1.5, "4"])
 def test_stride_below_one(name, option, value):
