@@ -1,9 +1,10 @@
-"""Coarse attention over dropped blocks (ops/dropped_blocks.py) against a float64 loop reference."""
+"""Coarse attention over dropped blocks (ops/dropped_blocks.py): PyTorch and Triton paths against a float64 loop."""
 
 import math
 
 import pytest
 import torch
+from conftest import HAS_GPU, LSE_TOL, REL_TOL, assert_attention_close, randn, rel_err
 
 from sparseflash import BlockLayout, block_sparse_attention, causal_block_mask
 from sparseflash.ops.merge import merge_attention_states
@@ -87,3 +88,91 @@ def test_bad_input_is_named(gen):
         dropped_block_attention(q, k, v, layout, scale=float("nan"))
     with pytest.raises(ValueError):
         dropped_block_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], layout)  # layout for 64 tokens
+
+
+# ------------------------------------------------------------------------------ Triton kernel (interpreter)
+def _random_layout(gen, batch, heads, sq, sk, block_size, keep=0.35, empty_row=None):
+    """Random keep mask (causal blocks only), block_size (bq, bk); ``empty_row`` keeps every block of that row.
+
+    The last block of the last row is dropped: when that row's first query is the last key (``Sq = n * bq + 1``)
+    the ragged last key block is then eligible.
+    """
+    bq, bk = block_size
+    mask = torch.rand(batch, heads, -(-sq // bq), -(-sk // bk), generator=gen) < keep
+    mask &= causal_block_mask(sq, sk, block_size)
+    mask[..., -1, -1] = False
+    if empty_row is not None:
+        mask[..., empty_row, :] = True  # nothing dropped: no eligible block
+    return BlockLayout.from_dense(mask, seq_len_q=sq, seq_len_k=sk, block_size=block_size)
+
+
+TRITON_CASES = [
+    # batch, Hq, Hkv, Sq, Sk, block_size, layout batch, layout heads, dtype
+    (2, 4, 2, 200, 200, (32, 32), 2, 4, torch.float32),  # ragged, per query head
+    (2, 4, 2, 100, 260, (32, 32), 1, 2, torch.float16),  # chunked prefill (bottom-right), per KV head, shared
+    (2, 2, 2, 97, 97, (16, 16), 1, 1, torch.bfloat16),  # Hq = Hkv, one layout; a 1-key last block eligible
+    (1, 4, 1, 150, 170, (64, 16), 1, 4, torch.float16),  # block_q != block_k, MQA
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-{}".format(*c))
+def test_triton_matches_reference_and_torch(gen, case):
+    batch, heads, kv, sq, sk, block_size, lb, lh, dtype = case
+    q = randn(gen, batch, sq, heads, 32, dtype=dtype).transpose(1, 2)  # non-contiguous q
+    k, v = (randn(gen, batch, kv, sk, 32, dtype=dtype) for _ in range(2))
+    layout = _random_layout(gen, lb, lh, sq, sk, block_size, empty_row=0)
+    out, lse = dropped_block_attention(q, k, v, layout, scale=0.3, backend="triton")
+    ref_out, ref_lse = dropped_block_attention_reference(q, k, v, layout, scale=0.3)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape
+    assert (~torch.isfinite(ref_lse[..., 0])).all() and torch.isfinite(ref_lse).any()  # empty rows are covered
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+    torch_out, torch_lse = dropped_block_attention(q, k, v, layout, scale=0.3, backend="torch")
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(torch_lse))
+    finite = torch.isfinite(lse)
+    assert torch.allclose(lse[finite], torch_lse[finite], atol=LSE_TOL)
+    assert rel_err(out, torch_out.float()) <= 2 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_rows_without_eligible_blocks_are_zero_not_nan(gen, backend):
+    """A NaN value in a block no row may take whole (the last one) leaves the rows with nothing eligible 0."""
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=gen) for _ in range(3))
+    v[:, :, 90] = float("nan")
+    layout = _random_layout(gen, 1, 2, 96, 96, (16, 16), empty_row=2)
+    out, lse = dropped_block_attention(q, k, v, layout, backend=backend)
+    empty = ~torch.isfinite(dropped_block_attention_reference(q, k, v, layout)[1])
+    assert empty[:, :, :16].all() and empty[:, :, 32:48].all()  # first row block; row 2 keeps everything
+    assert torch.equal(lse == -math.inf, empty) and (out[empty] == 0).all()
+    assert not torch.isnan(lse).any()
+    if backend == "triton":  # the kernel never loads a block past the row's reach
+        assert not torch.isnan(out).any()
+
+
+def test_backend_is_validated(gen):
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    layout = _random_layout(gen, 1, 2, 64, 64, (16, 16))
+    with pytest.raises(ValueError, match="backend"):
+        dropped_block_attention(q, k, v, layout, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_matches_torch(dtype):
+    """Realistic shape (Qwen2.5-1.5B-like, 8K): Triton path against the float32 PyTorch path."""
+    gen = torch.Generator(device="cuda").manual_seed(8192)
+    q = torch.randn(1, 12, 8192, 128, device="cuda", dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, 2, 8192, 128, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    mask = torch.rand(1, 2, 64, 64, device="cuda", generator=gen) < 0.3
+    mask &= causal_block_mask(8192, 8192, (128, 128), device="cuda")
+    layout = BlockLayout.from_dense(mask, seq_len_q=8192, seq_len_k=8192, block_size=(128, 128))
+    out, lse = dropped_block_attention(q, k, v, layout)  # auto: Triton on CUDA
+    ref_out, ref_lse = dropped_block_attention(q, k, v, layout, backend="torch")
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    finite = torch.isfinite(lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= LSE_TOL
+    assert rel_err(out, ref_out.float()) <= REL_TOL[dtype]
+    assert (out[~finite] == 0).all()

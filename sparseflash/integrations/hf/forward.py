@@ -168,7 +168,9 @@ def _prefill(
             return_lse=True,
             backend=state.backend,
         )
-        out, _ = merge_attention_states(out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling))
+        out, _ = merge_attention_states(
+            out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling, backend=state.backend)
+        )
     else:
         out = block_sparse_attention(
             q, k, v, layout, causal=True, scale=scaling, check_indices=False, backend=state.backend

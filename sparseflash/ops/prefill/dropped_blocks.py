@@ -12,8 +12,9 @@ selection).
 
 Only whole blocks strictly before each row's diagonal blocks are eligible (every key of such a block is visible
 to every query of the row under bottom-right causality), so causality holds exactly. Cost: ``Sq * Kb * d`` MACs
-per head (``block_k / 2`` times less than causal attention; 1.6 % of it at block 128, d = 64), in PyTorch
-matmuls over query chunks.
+per head (``block_k / 2`` times less than causal attention; 1.6 % of it at block 128, d = 64). On CUDA one fused
+Triton kernel (:mod:`sparseflash.ops.prefill.dropped_blocks_kernel`) computes it from the block means in one
+pass; on the CPU (``backend='torch'``) PyTorch matmuls over query chunks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from sparseflash._validate import check_qkv, check_scale
+from sparseflash._validate import check_backend, check_qkv, check_scale
 from sparseflash.layouts import BlockLayout
 
 _CHUNK_ROWS = 4096  # query rows per matmul chunk (bounds the (Hq, rows, Kb) float32 logits)
@@ -66,6 +67,7 @@ def dropped_block_attention(
     layout: BlockLayout,
     *,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row over the pooled tokens of its dropped blocks (module docstring).
 
@@ -73,10 +75,13 @@ def dropped_block_attention(
         q: ``(B, Hq, Sq, D)``. k, v: ``(B, Hkv, Sk, D)``, ``Hq`` a multiple of ``Hkv``; fp16/bf16/fp32.
         layout: the :class:`~sparseflash.BlockLayout` the sparse attention used (heads 1, Hkv or Hq; batch 1 or B).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: 'auto' (the Triton kernel on CUDA, PyTorch on the CPU), 'triton' (CUDA, or CPU tensors under
+            ``TRITON_INTERPRET=1``) or 'torch'. The kernel reads float32 key means (split in two for fp16/bf16
+            tensor-core dots) and value means in q's dtype; PyTorch works in float32.
 
     Raises:
         TypeError, ValueError: bad q/k/v (as :func:`sparseflash.flash_attention`), a layout that does not fit
-            them or is a permuted one (its blocks index permuted keys), a bad ``scale``.
+            them or is a permuted one (its blocks index permuted keys), a bad ``scale`` or ``backend``.
 
     Returns:
         ``(out, lse)``: out ``(B, Hq, Sq, D)`` in q's dtype (0 on rows with no eligible dropped block), lse
@@ -91,9 +96,22 @@ def dropped_block_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     scale = check_scale(scale, dim)
+    backend = check_backend(backend, q.device)
     bq, bk = layout.block_size
     k_mean, counts = block_means(k, bk)  # (B, Hkv, Kb, D)
     v_mean, _ = block_means(v, bk)
+    if backend == "triton":
+        from sparseflash.ops.prefill.dropped_blocks_kernel import dropped_blocks_triton
+
+        return dropped_blocks_triton(
+            q,
+            k_mean,
+            v_mean.to(q.dtype),
+            layout.to_dense(),
+            seq_len_k=k.shape[2],
+            block_size=layout.block_size,
+            scale=scale,
+        )
     bias = torch.log(counts)  # (Kb,)
     dropped = _per_query_head(eligible_dropped(layout), num_heads).expand(batch, num_heads, -1, -1)
     out = torch.zeros(batch, num_heads, seq_q, dim, dtype=torch.float32, device=q.device)
@@ -109,7 +127,8 @@ def dropped_block_attention(
         logits = logits.masked_fill(~mask, -math.inf)
         chunk_lse = torch.logsumexp(logits, dim=-1)
         weights = torch.exp(logits - torch.where(torch.isfinite(chunk_lse), chunk_lse, 0.0)[..., None])
-        out[:, :, start:stop] = torch.matmul(weights, vm)
+        # rows with no eligible block stay 0 even where a value mean is NaN (0 * NaN in the matmul)
+        out[:, :, start:stop] = torch.matmul(weights, vm).masked_fill((chunk_lse == -math.inf)[..., None], 0.0)
         lse[:, :, start:stop] = chunk_lse
     return out.to(q.dtype), lse
 
