@@ -14,6 +14,7 @@ from sparseflash.layouts.block import (
     causal_block_mask,
     dense_layout,
     full_block_mask,
+    with_columns,
 )
 from sparseflash.layouts.permuted import PermutedLayout
 
@@ -26,4 +27,5 @@ __all__ = [
     "causal_block_mask",
     "dense_layout",
     "full_block_mask",
+    "with_columns",
 ]
