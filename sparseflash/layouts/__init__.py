@@ -14,8 +14,8 @@ from sparseflash.layouts.block import (
     causal_block_mask,
     dense_layout,
     full_block_mask,
-    with_columns,
 )
+from sparseflash.layouts.columns import with_columns
 from sparseflash.layouts.permuted import PermutedLayout
 
 __all__ = [

@@ -20,18 +20,8 @@ position, so one ordered list suffices: the kernel applies the mask exactly on t
 suffix of each ordered row). :meth:`split_full` computes Flex's split, :meth:`to_flex` hands it over and
 :meth:`from_flex` merges it back.
 
-Token columns (MInference's vertical lines, optional): besides whole blocks, query block ``I`` may keep single
-key positions, gathered by the prefill kernel in tiles of its key width:
-
-* ``col_counts`` int32 ``(B, H, Qb)``: how many columns query block ``I`` keeps;
-* ``col_indices`` int32 ``(B, H, Qb, Ccol)``: their token positions in ``[0, Sk)``, strictly ascending in the
-  first ``col_counts[b, h, I]`` entries, and none inside one of ``I``'s kept blocks (a key is counted once);
-  the rest of the row is ignored. :func:`with_columns` builds them (dropping columns that lie in kept blocks);
-  :meth:`BlockLayout.check_indices` rejects a layout that breaks these rules.
-
-A column is attended by query ``i`` of block ``I`` under the same element mask as a block key: bottom-right
-causal (``j <= i + Sk - Sq``) and the sequence ends. ``to_dense`` and ``density`` describe the blocks only;
-:meth:`BlockLayout.token_density` counts blocks and columns in (query, key) pairs.
+Token columns (MInference's vertical lines, optional: ``col_counts``/``col_indices``): single key positions a
+query block keeps besides its blocks; :mod:`sparseflash.layouts.columns` describes them.
 
 Memory is metadata only, never an ``Sq x Sk`` tensor: at 128K tokens with 128 x 128 blocks
 (``Qb = Kb = 1024``), a full-capacity per-query-head layout for 32 heads holds
@@ -54,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparseflash._validate import check_tensor
+from sparseflash.layouts import columns
 from sparseflash.layouts.geometry import (  # noqa: F401  (block sizes and geometry: re-exported for layouts/)
     DEFAULT_BLOCK_SIZE,
     SUPPORTED_BLOCK_SIZES,
@@ -121,34 +112,7 @@ class BlockLayout:
             )
         if idx.device != num.device:
             raise ValueError(f"kv_indices: expected device {num.device} (from kv_num_blocks), got {idx.device}")
-        self._check_column_metadata()
-
-    def _check_column_metadata(self) -> None:
-        counts, cols = self.col_counts, self.col_indices
-        if counts is None and cols is None:
-            return
-        if counts is None or cols is None:
-            given, missing = ("col_indices", "col_counts") if counts is None else ("col_counts", "col_indices")
-            raise ValueError(f"{missing}: expected a tensor together with {given}, got None")
-        for name, t in (("col_counts", counts), ("col_indices", cols)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != torch.int32:
-                raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
-            if t.device != self.kv_num_blocks.device:
-                raise ValueError(
-                    f"{name}: expected device {self.kv_num_blocks.device} (from kv_num_blocks), got {t.device}"
-                )
-        if counts.shape != self.kv_num_blocks.shape:
-            raise ValueError(
-                f"col_counts: expected shape {tuple(self.kv_num_blocks.shape)} (from kv_num_blocks), "
-                f"got {tuple(counts.shape)}"
-            )
-        if cols.dim() != 4 or cols.shape[:3] != counts.shape or cols.shape[3] < 1:
-            raise ValueError(
-                f"col_indices: expected shape {tuple(counts.shape)} + (capacity >= 1,) (from col_counts), "
-                f"got {tuple(cols.shape)}"
-            )
+        columns.check_metadata(self)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -188,9 +152,9 @@ class BlockLayout:
     @property
     def nbytes(self) -> int:
         """Bytes of metadata held (counts and indices, columns included)."""
-        tensors = [self.kv_num_blocks, self.kv_indices]
-        if self.has_columns:
-            tensors += [self.col_counts, self.col_indices]
+        tensors = [self.kv_num_blocks, self.kv_indices] + (
+            [self.col_counts, self.col_indices] if self.has_columns else []
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str) -> BlockLayout:
@@ -314,11 +278,6 @@ class BlockLayout:
         """
         from sparseflash.layouts.flex import to_flex_block_mask
 
-        if self.has_columns:
-            raise ValueError(
-                f"layout: a layout with token columns (col_counts/col_indices, capacity {self.col_capacity}) has no "
-                "FlexAttention BlockMask form (Flex keeps whole blocks); use layout.without_columns() for the blocks"
-            )
         return to_flex_block_mask(self, causal=causal, num_heads=num_heads, block_lookup=block_lookup)
 
     def to_block_lists(
@@ -342,31 +301,9 @@ class BlockLayout:
         Raises:
             ValueError: a layout with more than one query block, or batch/heads it cannot serve.
         """
-        if self.has_columns:
-            raise ValueError(
-                "layout: expected a layout without token columns (col_counts/col_indices) for decode, got one with "
-                f"{self.col_capacity} column slots"
-            )
-        if self.num_q_blocks != 1:
-            raise ValueError(
-                f"layout: expected one query block (a decode layout, seq_len_q <= block_q), got {self.num_q_blocks}"
-            )
-        if (
-            self.batch not in (1, batch)
-            or self.num_heads not in (1, num_kv_heads, num_heads)
-            or (num_kv_heads < 1 or num_heads % num_kv_heads)
-        ):
-            raise ValueError(
-                f"layout: expected batch 1 or {batch} and heads 1, {num_kv_heads} or {num_heads}, got batch "
-                f"{self.batch} and heads {self.num_heads}"
-            )
-        keep = self.to_dense()[:, :, 0]  # (B or 1, H, Kb) with H in (1, Hkv, Hq)
-        if keep.shape[1] == num_heads and num_heads != num_kv_heads:
-            keep = keep.reshape(keep.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).any(2)
-        keep = keep.expand(batch, num_kv_heads, keep.shape[-1])
-        counts = keep.sum(-1, dtype=torch.int32)
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept block ids first, ascending
-        return order.to(torch.int32).contiguous(), counts.contiguous(), self.block_size[1]
+        from sparseflash.layouts.decode_lists import decode_block_lists
+
+        return decode_block_lists(self, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
     # ---------------------------------------------------------------- metrics
     def density(self, *, causal: bool = True) -> float:
@@ -379,51 +316,8 @@ class BlockLayout:
         return float(kept / (allowed.sum() * self.batch * self.num_heads))
 
     def token_density(self, *, causal: bool = True) -> float:
-        """Kept (query, key) pairs over allowed pairs, averaged over batch and heads; blocks and columns.
-
-        A kept block counts the pairs of it inside the allowed region (the causal part when ``causal``, the
-        real rows and keys of ragged end blocks), a token column the rows of its query block that see it; the
-        denominator is the allowed pair count (``Sq * Sk`` without ``causal``). This is the work a kernel
-        gathering columns does, in keys per row, where :meth:`density` counts whole blocks. Exact, in float64,
-        with one host sync; it never builds an ``Sq x Sk`` tensor.
-        """
-        block_q, block_k = self.block_size
-        device, offset = self.device, self.seq_len_k - self.seq_len_q
-        rows_lo = torch.arange(self.num_q_blocks, device=device, dtype=torch.float64) * block_q
-        rows_hi = torch.clamp(rows_lo + block_q, max=self.seq_len_q)
-        keys_lo = torch.arange(self.num_k_blocks, device=device, dtype=torch.float64) * block_k
-        keys_hi = torch.clamp(keys_lo + block_k, max=self.seq_len_k)
-        if causal:
-            pairs = torch.zeros(self.num_q_blocks, self.num_k_blocks, dtype=torch.float64, device=device)
-            for r in range(block_q):  # row r of every query block at once
-                row = rows_lo + r
-                seen = (torch.minimum(row[:, None] + offset + 1, keys_hi[None, :]) - keys_lo[None, :]).clamp(min=0)
-                pairs += seen * (row < rows_hi)[:, None]
-        else:
-            pairs = (rows_hi - rows_lo)[:, None] * (keys_hi - keys_lo)[None, :]
-        kept = (self.to_dense().to(torch.float64) * pairs).sum()
-        if self.has_columns:
-            used = torch.arange(self.col_capacity, device=device) < self.col_counts.unsqueeze(-1)
-            lo, hi = rows_lo[:, None], rows_hi[:, None]  # (Qb, 1)
-            if causal:  # rows i of block I with j <= i + offset
-                seeing = (hi - torch.maximum(lo, self.col_indices.to(torch.float64) - offset)).clamp(min=0)
-            else:
-                seeing = (hi - lo).expand(self.col_indices.shape)
-            kept = kept + (seeing * used).sum()
-        return float(kept / (pairs.sum() * self.batch * self.num_heads))
-
-    def columns_to_dense(self) -> torch.Tensor | None:
-        """Bool ``(B, H, Qb, Sk)``, True where query block ``I`` keeps token column ``j``; None without columns.
-
-        Memory ``Qb * Sk`` per head: for references and tests on small shapes.
-        """
-        if not self.has_columns:
-            return None
-        used = torch.arange(self.col_capacity, device=self.device) < self.col_counts.unsqueeze(-1).long()
-        target = torch.where(used, self.col_indices.long().clamp(0, self.seq_len_k), self.seq_len_k)
-        dense = torch.zeros(*self.col_counts.shape, self.seq_len_k + 1, dtype=torch.bool, device=self.device)
-        dense.scatter_(-1, target, used)
-        return dense[..., : self.seq_len_k]
+        """Kept (query, key) pairs, blocks and columns, over allowed pairs: :func:`.columns.token_density`."""
+        return columns.token_density(self, causal=causal)
 
     # -------------------------------------------------------------- checking
     def validate(self, q: torch.Tensor, k: torch.Tensor, *, check_indices: bool = True) -> None:
@@ -457,26 +351,14 @@ class BlockLayout:
             self.check_indices()
 
     def check_indices(self) -> None:
-        """Raise ``ValueError`` unless counts lie in [0, capacity] and used indices ascend within [0, Kb).
-
-        Token columns likewise: counts in [0, Ccol], used positions strictly ascending within [0, Sk), and none
-        inside a block its query block keeps (no key counted twice). One host sync.
-        """
+        """Raise ``ValueError`` unless counts lie in [0, capacity] and used indices ascend within [0, Kb) (and
+        token columns pass :func:`.columns.check_indices`: one more host sync)."""
         num, idx = self.kv_num_blocks, self.kv_indices
         used = torch.arange(self.capacity, device=self.device) < num.unsqueeze(-1)
         bad_count = ((num < 0) | (num > self.capacity)).any()
         bad_range = (used & ((idx < 0) | (idx >= self.num_k_blocks))).any()
         bad_order = (used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any()
-        checks = [bad_count, bad_range, bad_order]
-        if self.has_columns:
-            cnum, cidx = self.col_counts, self.col_indices
-            cused = torch.arange(self.col_capacity, device=self.device) < cnum.unsqueeze(-1)
-            checks.append(((cnum < 0) | (cnum > self.col_capacity)).any())
-            checks.append((cused & ((cidx < 0) | (cidx >= self.seq_len_k))).any())
-            checks.append((cused[..., 1:] & (cidx[..., 1:] <= cidx[..., :-1])).any())
-            block_of = (cidx.long() // self.block_size[1]).clamp(0, self.num_k_blocks - 1)
-            checks.append((cused & self.to_dense().gather(-1, block_of)).any())
-        flags = torch.stack(checks).tolist()
+        flags = torch.stack([bad_count, bad_range, bad_order]).tolist()
         if flags[0]:
             raise ValueError(f"layout.kv_num_blocks: expected counts in [0, {self.capacity}], got values outside")
         if flags[1]:
@@ -485,22 +367,7 @@ class BlockLayout:
             raise ValueError(
                 "layout.kv_indices: expected strictly ascending block ids in each row, got a row that is not"
             )
-        if self.has_columns:
-            if flags[3]:
-                raise ValueError(f"layout.col_counts: expected counts in [0, {self.col_capacity}], got values outside")
-            if flags[4]:
-                raise ValueError(
-                    f"layout.col_indices: expected token positions in [0, {self.seq_len_k}), got values outside"
-                )
-            if flags[5]:
-                raise ValueError(
-                    "layout.col_indices: expected strictly ascending positions in each row, got a row that is not"
-                )
-            if flags[6]:
-                raise ValueError(
-                    "layout.col_indices: expected columns outside the row's kept blocks (a key counted once), got a "
-                    "column inside a kept block: build the columns with sparseflash.layouts.with_columns"
-                )
+        columns.check_indices(self)
 
     def __repr__(self) -> str:
         return (
@@ -525,81 +392,4 @@ def dense_layout(
     return BlockLayout.from_dense(mask[None, None], seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
 
 
-def with_columns(
-    layout: BlockLayout,
-    col_indices: torch.Tensor,
-    col_counts: torch.Tensor | None = None,
-    *,
-    check: bool = True,
-) -> BlockLayout:
-    """``layout``'s blocks plus token columns per query block (replacing any columns it holds).
-
-    Columns inside a block their query block keeps are dropped (a key is counted once), duplicates merged, and
-    each row sorted ascending; unused slots hold 0. No host sync unless ``check``.
-
-    Args:
-        layout: the block layout, ``(B, H, Qb)`` counts.
-        col_indices: integer ``(B, H, Qb, C)``, token positions per query block, in any order.
-        col_counts: optional integer ``(B, H, Qb)``: only the first ``col_counts`` slots of each row are used
-            (default: all ``C``).
-        check: check on the host (one sync) that the used positions lie in ``[0, Sk)`` and the counts in
-            ``[0, C]``; without it, positions outside ``[0, Sk)`` are dropped.
-
-    Returns:
-        A :class:`BlockLayout` with ``col_counts`` int32 ``(B, H, Qb)`` and ``col_indices`` int32 ``(B, H, Qb, C)``.
-
-    Raises:
-        TypeError: ``layout`` not a BlockLayout, or non-integer column tensors.
-        ValueError: shapes or devices that do not match the layout; with ``check``, values out of range.
-    """
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
-    lead = tuple(layout.kv_num_blocks.shape)
-    for name, t, ndim in (("col_indices", col_indices, 4), ("col_counts", col_counts, 3)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name}: expected an integer tensor, got {got}")
-        if t.dim() != ndim or tuple(t.shape[:3]) != lead or (ndim == 4 and t.shape[3] < 1):
-            raise ValueError(
-                f"{name}: expected shape {lead}{' + (C >= 1,)' if ndim == 4 else ''} (the layout's counts), "
-                f"got {tuple(t.shape)}"
-            )
-        if t.device != layout.device:
-            raise ValueError(f"{name}: expected device {layout.device} (the layout's), got {t.device}")
-    seq_len_k, capacity = layout.seq_len_k, col_indices.shape[3]
-    cols = col_indices.long()
-    used = torch.ones_like(cols, dtype=torch.bool)
-    if col_counts is not None:
-        used = torch.arange(capacity, device=layout.device) < col_counts.long().unsqueeze(-1)
-    if check:
-        bad_count = col_counts is not None and ((col_counts < 0) | (col_counts > capacity)).any()
-        flags = torch.stack(
-            [torch.as_tensor(bad_count, device=layout.device), (used & ((cols < 0) | (cols >= seq_len_k))).any()]
-        ).tolist()
-        if flags[0]:
-            raise ValueError(f"col_counts: expected counts in [0, {capacity}], got values outside")
-        if flags[1]:
-            raise ValueError(f"col_indices: expected token positions in [0, {seq_len_k}), got values outside")
-    valid = used & (cols >= 0) & (cols < seq_len_k)
-    block_of = (cols // layout.block_size[1]).clamp(0, layout.num_k_blocks - 1)
-    valid &= ~layout.to_dense().gather(-1, block_of)
-    # sort with Sk as the sentinel of a dropped slot, then drop repeats and sort again
-    vals = torch.where(valid, cols, seq_len_k).sort(-1).values
-    repeat = torch.zeros_like(valid)
-    repeat[..., 1:] = vals[..., 1:] == vals[..., :-1]
-    vals = torch.where(repeat, seq_len_k, vals).sort(-1).values
-    kept = vals < seq_len_k
-    return BlockLayout(
-        layout.kv_num_blocks,
-        layout.kv_indices,
-        layout.seq_len_q,
-        layout.seq_len_k,
-        layout.block_size,
-        col_counts=kept.sum(-1, dtype=torch.int32),
-        col_indices=torch.where(kept, vals, 0).to(torch.int32).contiguous(),
-    )
-
-
-__all__ = ["BlockLayout", "causal_block_mask", "full_block_mask", "block_bounds", "dense_layout", "with_columns"]
+__all__ = ["BlockLayout", "causal_block_mask", "full_block_mask", "block_bounds", "dense_layout"]

@@ -14,6 +14,7 @@ from conftest import assert_attention_close, randn
 
 import sparseflash as sf
 from sparseflash.layouts import causal_block_mask, with_columns
+from sparseflash.layouts.columns import columns_to_dense
 from sparseflash.metrics import attention_recall, row_recall
 from sparseflash.patterns import registry
 from sparseflash.patterns.minference import vertical_slash_indices
@@ -62,7 +63,7 @@ def test_with_columns_sorts_merges_and_drops_columns_in_kept_blocks():
     assert layout.col_indices[0, 0, 1, :2].tolist() == [3, 249]
     layout.check_indices()
     assert torch.equal(layout.to_dense(), mask)  # blocks unchanged
-    dense_cols = layout.columns_to_dense()
+    dense_cols = columns_to_dense(layout)
     assert dense_cols.shape == (1, 1, 2, 250) and dense_cols.sum() == 5 and dense_cols[0, 0, 1, 249]
     assert layout.nbytes == blocks.nbytes + 4 * (2 + 2 * 5)
     assert "columns=5" in repr(layout)
@@ -313,7 +314,7 @@ def test_vertical_slash_columns_are_minference_verticals(gen, shape, heads):
     horizon = torch.clamp((torch.arange(qb) + 1) * 32, max=sq) - 1 + sk - sq
     want = want[:, :, None, :] & (torch.arange(sk)[None, :] <= horizon[:, None])
     kept_blocks = layout.to_dense().repeat_interleave(32, -1)[..., :sk]
-    cols = layout.columns_to_dense()
+    cols = columns_to_dense(layout)
     assert torch.equal(cols | (want & kept_blocks), want), "columns are not MInference's verticals"
     assert not (cols & kept_blocks).any()
     assert layout.col_capacity == (30 if heads == "q" else 30 * hq // hkv)

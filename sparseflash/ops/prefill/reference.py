@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sparseflash.layouts.columns import columns_to_dense
+
 if TYPE_CHECKING:
     from sparseflash.layouts import BlockLayout
 
@@ -56,7 +58,8 @@ def token_mask(
 
     ``blocks`` is a dense block mask ``(B or 1, H or 1, Qb, Kb)`` (``BlockLayout.to_dense()``) of
     ``block_size`` blocks; H is 1, the KV heads or the query heads. ``columns`` (with ``blocks``) is the
-    layout's token columns ``(B or 1, H, Qb, Sk)`` (``BlockLayout.columns_to_dense()``), kept besides the blocks.
+    layout's token columns ``(B or 1, H, Qb, Sk)`` (:func:`sparseflash.layouts.columns.columns_to_dense`), kept
+    besides the blocks.
     """
     q_pos = torch.arange(rows.start, rows.stop, device=device)
     k_pos = torch.arange(seq_len_k, device=device)
@@ -83,7 +86,7 @@ def token_mask(
 def _block_args(layout: BlockLayout | None) -> dict:
     if layout is None:
         return {}
-    return {"blocks": layout.to_dense(), "block_size": layout.block_size, "columns": layout.columns_to_dense()}
+    return {"blocks": layout.to_dense(), "block_size": layout.block_size, "columns": columns_to_dense(layout)}
 
 
 def _group_mask(mask: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tensor:
