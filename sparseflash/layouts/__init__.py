@@ -15,6 +15,7 @@ from sparseflash.layouts.block import (
     dense_layout,
     full_block_mask,
 )
+from sparseflash.layouts.columns import with_columns
 from sparseflash.layouts.permuted import PermutedLayout
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "causal_block_mask",
     "dense_layout",
     "full_block_mask",
+    "with_columns",
 ]

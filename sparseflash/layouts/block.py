@@ -20,6 +20,9 @@ position, so one ordered list suffices: the kernel applies the mask exactly on t
 suffix of each ordered row). :meth:`split_full` computes Flex's split, :meth:`to_flex` hands it over and
 :meth:`from_flex` merges it back.
 
+Token columns (MInference's vertical lines, optional: ``col_counts``/``col_indices``): single key positions a
+query block keeps besides its blocks; :mod:`sparseflash.layouts.columns` describes them.
+
 Memory is metadata only, never an ``Sq x Sk`` tensor: at 128K tokens with 128 x 128 blocks
 (``Qb = Kb = 1024``), a full-capacity per-query-head layout for 32 heads holds
 ``32 * 1024 * 1024 * 4 B = 128 MiB`` of indices plus 128 KiB of counts; per KV head (8) it is 32 MiB, and a
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparseflash._validate import check_tensor
+from sparseflash.layouts import columns
 from sparseflash.layouts.geometry import (  # noqa: F401  (block sizes and geometry: re-exported for layouts/)
     DEFAULT_BLOCK_SIZE,
     SUPPORTED_BLOCK_SIZES,
@@ -62,6 +66,9 @@ class BlockLayout:
         seq_len_q: query length the layout was built for.
         seq_len_k: key length the layout was built for.
         block_size: ``(block_q, block_k)``.
+        col_counts: None, or int32 ``(B, H, Qb)``: token columns kept per query block (module docstring).
+        col_indices: None, or int32 ``(B, H, Qb, Ccol)``: their ascending token positions; given with
+            ``col_counts`` (both or neither).
     """
 
     kv_num_blocks: torch.Tensor
@@ -69,6 +76,8 @@ class BlockLayout:
     seq_len_q: int
     seq_len_k: int
     block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE
+    col_counts: torch.Tensor | None = None
+    col_indices: torch.Tensor | None = None
     _dense_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +112,7 @@ class BlockLayout:
             )
         if idx.device != num.device:
             raise ValueError(f"kv_indices: expected device {num.device} (from kv_num_blocks), got {idx.device}")
+        columns.check_metadata(self)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -130,18 +140,38 @@ class BlockLayout:
         return self.kv_num_blocks.device
 
     @property
+    def has_columns(self) -> bool:
+        """Whether the layout carries token columns (``col_counts`` / ``col_indices``)."""
+        return self.col_counts is not None
+
+    @property
+    def col_capacity(self) -> int:
+        """Column slots per query block (``Ccol``); 0 without columns."""
+        return self.col_indices.shape[3] if self.has_columns else 0
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of metadata held (counts and indices)."""
-        return sum(t.numel() * t.element_size() for t in (self.kv_num_blocks, self.kv_indices))
+        """Bytes of metadata held (counts and indices, columns included)."""
+        tensors = [self.kv_num_blocks, self.kv_indices] + (
+            [self.col_counts, self.col_indices] if self.has_columns else []
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str) -> BlockLayout:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return BlockLayout(
             self.kv_num_blocks.to(device),
             self.kv_indices.to(device),
             self.seq_len_q,
             self.seq_len_k,
             self.block_size,
+            col_counts=move(self.col_counts),
+            col_indices=move(self.col_indices),
         )
+
+    def without_columns(self) -> BlockLayout:
+        """The same kept blocks, no token columns (shares the block tensors)."""
+        return BlockLayout(self.kv_num_blocks, self.kv_indices, self.seq_len_q, self.seq_len_k, self.block_size)
 
     # ------------------------------------------------------------ conversions
     @classmethod
@@ -271,26 +301,9 @@ class BlockLayout:
         Raises:
             ValueError: a layout with more than one query block, or batch/heads it cannot serve.
         """
-        if self.num_q_blocks != 1:
-            raise ValueError(
-                f"layout: expected one query block (a decode layout, seq_len_q <= block_q), got {self.num_q_blocks}"
-            )
-        if (
-            self.batch not in (1, batch)
-            or self.num_heads not in (1, num_kv_heads, num_heads)
-            or (num_kv_heads < 1 or num_heads % num_kv_heads)
-        ):
-            raise ValueError(
-                f"layout: expected batch 1 or {batch} and heads 1, {num_kv_heads} or {num_heads}, got batch "
-                f"{self.batch} and heads {self.num_heads}"
-            )
-        keep = self.to_dense()[:, :, 0]  # (B or 1, H, Kb) with H in (1, Hkv, Hq)
-        if keep.shape[1] == num_heads and num_heads != num_kv_heads:
-            keep = keep.reshape(keep.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).any(2)
-        keep = keep.expand(batch, num_kv_heads, keep.shape[-1])
-        counts = keep.sum(-1, dtype=torch.int32)
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept block ids first, ascending
-        return order.to(torch.int32).contiguous(), counts.contiguous(), self.block_size[1]
+        from sparseflash.layouts.decode_lists import decode_block_lists
+
+        return decode_block_lists(self, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
     # ---------------------------------------------------------------- metrics
     def density(self, *, causal: bool = True) -> float:
@@ -301,6 +314,10 @@ class BlockLayout:
         allowed = causal_block_mask(self.seq_len_q, self.seq_len_k, self.block_size, causal=causal, device=self.device)
         kept = (self.to_dense() & allowed).sum(dtype=torch.float64)
         return float(kept / (allowed.sum() * self.batch * self.num_heads))
+
+    def token_density(self, *, causal: bool = True) -> float:
+        """Kept (query, key) pairs, blocks and columns, over allowed pairs: :func:`.columns.token_density`."""
+        return columns.token_density(self, causal=causal)
 
     # -------------------------------------------------------------- checking
     def validate(self, q: torch.Tensor, k: torch.Tensor, *, check_indices: bool = True) -> None:
@@ -334,7 +351,8 @@ class BlockLayout:
             self.check_indices()
 
     def check_indices(self) -> None:
-        """Raise ``ValueError`` unless counts lie in [0, capacity] and used indices ascend within [0, Kb)."""
+        """Raise ``ValueError`` unless counts lie in [0, capacity] and used indices ascend within [0, Kb) (and
+        token columns pass :func:`.columns.check_indices`: one more host sync)."""
         num, idx = self.kv_num_blocks, self.kv_indices
         used = torch.arange(self.capacity, device=self.device) < num.unsqueeze(-1)
         bad_count = ((num < 0) | (num > self.capacity)).any()
@@ -349,12 +367,14 @@ class BlockLayout:
             raise ValueError(
                 "layout.kv_indices: expected strictly ascending block ids in each row, got a row that is not"
             )
+        columns.check_indices(self)
 
     def __repr__(self) -> str:
         return (
             f"BlockLayout(batch={self.batch}, heads={self.num_heads}, blocks={self.num_q_blocks}x{self.num_k_blocks}, "
             f"capacity={self.capacity}, block_size={self.block_size}, seq_len=({self.seq_len_q}, {self.seq_len_k}), "
-            f"device={self.device})"
+            + (f"columns={self.col_capacity}, " if self.has_columns else "")
+            + f"device={self.device})"
         )
 
 

@@ -34,6 +34,11 @@ def to_flex_block_mask(layout: Any, *, causal: bool, num_heads: int | None, bloc
     """:meth:`BlockLayout.to_flex` (its docstring says what the arguments do)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    if layout.has_columns:
+        raise ValueError(
+            f"layout: a layout with token columns (col_counts/col_indices, capacity {layout.col_capacity}) has no "
+            "FlexAttention BlockMask form (Flex keeps whole blocks); use layout.without_columns() for the blocks"
+        )
     if num_heads is not None:
         if isinstance(num_heads, bool) or not isinstance(num_heads, int):
             raise TypeError(f"num_heads: expected a positive int (query heads) or None, got {num_heads!r}")

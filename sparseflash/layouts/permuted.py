@@ -60,6 +60,8 @@ class PermutedLayout:
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, BlockLayout):
             raise TypeError(f"blocks: expected a BlockLayout, got {type(self.blocks).__name__}")
+        if self.blocks.has_columns:
+            raise ValueError("blocks: expected a BlockLayout without token columns (PBS-Attn keeps whole blocks)")
         if not isinstance(self.perm, torch.Tensor):
             raise TypeError(f"perm: expected a torch.Tensor, got {type(self.perm).__name__}")
         if self.perm.dim() != 3 or self.perm.shape[0] != self.batch or self.perm.shape[2] != self.seq_len_k:

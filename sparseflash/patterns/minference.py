@@ -27,8 +27,13 @@ tiles at *unaligned* token offsets plus ``column_count/column_index`` of single 
   layout has no per-token structure, so everything inside a kept block is computed.
 
 So the layout computes every pair MInference computes (recall is at least MInference's on the same scores)
-at a higher density than the ``(vertical_size + slash_size) / row length`` token budget suggests. The
-exact two-loop kernel is not implemented here.
+at a higher density than the ``(vertical_size + slash_size) / row length`` token budget suggests.
+
+``columns=True`` removes the first loss: the verticals become the layout's token columns (MInference's single
+gathered keys, :func:`sparseflash.layouts.with_columns`), listed for each query block that has a row seeing
+them and not already inside one of its kept blocks; only the slashes (and the forced diagonal blocks) map onto
+blocks. The prefill kernel gathers the columns, so their cost follows the vertical budget
+(:meth:`BlockLayout.token_density`). The slashes keep their block mapping (no unaligned tiles).
 
 Layout heads: **per query head** (``H = num_heads``) by default, as MInference selects per query head (K/V
 are never copied: query head ``h`` scores against KV head ``h // G``); ``heads='kv'`` gives one layout per
@@ -41,7 +46,7 @@ import torch
 
 from sparseflash import _options as opt
 from sparseflash._validate import check_qk
-from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import BlockLayout, with_columns
 from sparseflash.layouts import geometry as geo
 from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import selection as sel
@@ -152,6 +157,7 @@ def vertical_slash(
     sink_tokens: int = 30,
     local_diagonals: int = 100,
     heads: str = "q",
+    columns: bool = False,
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -167,12 +173,15 @@ def vertical_slash(
         block_size: (block_q, block_k) of the layout.
         causal: must be True (the pattern is defined for causal prefill).
         heads: 'q' (per query head, MInference) or 'kv' (union over each GQA group, one layout per KV head).
+        columns: False (default): each vertical keeps its key block in every query block below it. True: the
+            verticals become token columns of the layout (MInference's semantics; capacity ``v`` per query
+            block, ``G * v`` with ``heads='kv'``), the slashes stay mapped onto blocks.
         last_q, vertical_size, slash_size, sink_tokens, local_diagonals, scale, backend: see
             :func:`vertical_slash_indices`.
 
     Returns:
         BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb) (per query head, the default) or
-        (batch, num_kv_heads, Qb) with ``heads='kv'``.
+        (batch, num_kv_heads, Qb) with ``heads='kv'``; with ``columns``, its token columns too.
 
     Raises:
         ValueError: bad q/k shapes or an option out of range (the message names it and what is accepted).
@@ -193,7 +202,9 @@ def vertical_slash(
         opt.check_positive_int(f"{name}: {option}", value)
     opt.check_nonnegative_int(f"{name}: sink_tokens", sink_tokens)
     layout_heads = opt.layout_heads(name, heads, num_heads, num_kv_heads)
-    columns, distances = vertical_slash_indices(
+    if not isinstance(columns, bool):
+        raise ValueError(f"{name}: columns: expected True or False, got {columns!r}")
+    verticals, distances = vertical_slash_indices(
         q,
         k,
         last_q=last_q,
@@ -204,8 +215,30 @@ def vertical_slash(
         scale=scale,
         backend=backend,
     )
-    mask = vertical_slash_block_mask(columns, distances, seq_len_q, seq_len_k, block_size)
+    block_verticals = verticals[..., :0] if columns else verticals  # with columns, only slashes map onto blocks
+    mask = vertical_slash_block_mask(block_verticals, distances, seq_len_q, seq_len_k, block_size)
     mask = sel.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
     if layout_heads != num_heads:
         mask = sel.group_heads(mask, num_kv_heads)
-    return sel.to_layout(mask, seq_len_q, seq_len_k, block_size)
+        verticals = verticals.reshape(verticals.shape[0], num_kv_heads, -1)  # the group's columns, together
+    layout = sel.to_layout(mask, seq_len_q, seq_len_k, block_size)
+    if not columns:
+        return layout
+    return with_columns(layout, vertical_columns(verticals, seq_len_q, seq_len_k, block_size[0]), check=False)
+
+
+def vertical_columns(verticals: torch.Tensor, seq_len_q: int, seq_len_k: int, block_q: int) -> torch.Tensor:
+    """Per query block, the kept key positions some of its rows see (bottom-right causal); -1 for the others.
+
+    Args:
+        verticals: int64 (batch, heads, v), key positions.
+
+    Returns:
+        int64 (batch, heads, Qb, v), for :func:`sparseflash.layouts.with_columns` (which drops the -1 entries and
+        the columns inside kept blocks). No host sync.
+    """
+    num_q_blocks = -(-seq_len_q // block_q)
+    q_last = torch.clamp((torch.arange(num_q_blocks, device=verticals.device) + 1) * block_q, max=seq_len_q) - 1
+    horizon = q_last + (seq_len_k - seq_len_q)  # the last key some row of the block sees
+    rows = verticals[:, :, None, :].expand(-1, -1, num_q_blocks, -1)
+    return torch.where(rows <= horizon[:, None], rows, -1)

@@ -98,6 +98,9 @@ def block_sparse_attention(
         layout: a :class:`sparseflash.BlockLayout` built for (Sq, Sk), batch 1 or B, heads 1, Hkv or Hq.
             The causal mask (and the sequence ends) are applied inside the blocks that need it only. A
             ``PermutedLayout`` (PBS-Attn) runs through :func:`sparseflash.permuted_block_sparse_attention`.
+            A layout with token columns (:func:`sparseflash.layouts.with_columns`) also attends each query
+            block's single key columns, gathered after its blocks, under the same causal / sequence-end mask;
+            ``check_indices`` then also checks that no column lies inside a kept block.
         seq_lens: optional int32 (B,) valid lengths of a padded batch (Sq == Sk); each sequence may have its
             own layout (layout batch B). Padded tokens neither attend nor are attended. Its values are checked
             on the host (one sync).
@@ -114,7 +117,7 @@ def block_sparse_attention(
             into tiles of the kernel's key width; blocks needing the causal / sequence-end mask come last and
             are never skipped. With ``pack_gqa`` a program's rows span the heads of a GQA group, and the
             decision is taken over all of them. The PyTorch path replays the same walk (float32). Not
-            supported with a ``PermutedLayout``.
+            supported with a ``PermutedLayout`` or a layout with token columns.
         skip_stats: optional int32 ``(2,)`` tensor on q's device (with ``skip_threshold`` only): key tiles
             skipped and visited are added to ``skip_stats[0]`` and ``skip_stats[1]``.
 
@@ -133,7 +136,8 @@ def block_sparse_attention(
         TypeError: bad tensor types/dtypes, or a layout that is not a BlockLayout (``None`` included: use
             :func:`sparseflash.flash_attention` for dense attention).
         ValueError: shape/device mismatches, a layout that does not fit q and k, bad skip_threshold /
-            skip_stats (or either with a PermutedLayout), and inputs requiring grad on the Triton backend.
+            skip_stats (or either with a PermutedLayout or token columns), and inputs requiring grad on the
+            Triton backend.
     """
     dims = check_qkv(q, k, v)
     skip_threshold = check_skip(skip_threshold, skip_stats, q.device)
@@ -156,6 +160,11 @@ def block_sparse_attention(
     scale = check_scale(scale, dims.head_dim)
     check_seq_lens(seq_lens, dims, q.device, padding_side)
     layout.validate(q, k, check_indices=check_indices)
+    if skip_threshold is not None and layout.has_columns:
+        raise ValueError(
+            f"skip_threshold: expected None with a layout that has token columns (col_counts/col_indices), got "
+            f"{skip_threshold}"
+        )
     backend = check_backend(backend, q.device)
     check_grad(backend, q=q, k=k, v=v)
     out, lse = sparse_forward(

@@ -81,7 +81,8 @@ def dropped_block_attention(
 
     Raises:
         TypeError, ValueError: bad q/k/v (as :func:`sparseflash.flash_attention`), a layout that does not fit
-            them or is a permuted one (its blocks index permuted keys), a bad ``scale`` or ``backend``.
+            them or is a permuted one (its blocks index permuted keys), a layout with token columns, a bad
+            ``scale`` or ``backend``.
 
     Returns:
         ``(out, lse)``: out ``(B, Hq, Sq, D)`` in q's dtype (0 on rows with no eligible dropped block), lse
@@ -90,6 +91,11 @@ def dropped_block_attention(
     """
     if not isinstance(layout, BlockLayout):  # a PermutedLayout indexes permuted keys
         raise TypeError(f"layout: expected a BlockLayout over the original keys, got {type(layout).__name__}")
+    if layout.has_columns:  # a dropped block may hold attended columns: its pooled token would count them twice
+        raise ValueError(
+            "layout: expected a layout without token columns (col_counts/col_indices): dropped blocks would "
+            "count the columns inside them twice"
+        )
     check_qkv(q, k, v)
     layout.validate(q, k, check_indices=False)
     batch, num_heads, seq_q, dim = q.shape

@@ -7,13 +7,17 @@ heads of a group share each K/V tile), QPT = BLOCK_M // PACK queries per program
 
 Per program: one (batch, head-pack, query tile). The KV loop runs in two phases: key tiles that every row of
 the tile may see, with no mask, then the tiles that need the causal / sequence-end / padding mask. With a
-block layout the loop walks the tile's ordered block list; blocks needing no mask form a prefix of it.
+block layout the loop walks the tile's ordered block list; blocks needing no mask form a prefix of it. A layout
+with token columns (``HAS_COLS``) adds a third loop after the blocks: the query block's columns in tiles of
+``BLOCK_N`` gathered keys (K/V rows loaded by position), each masked per (row, key) pair; every row of a packed
+GQA program shares its query block's columns. Without columns the loop is compiled out.
 Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; a row with
 nothing to attend writes 0 and lse -inf.
 
 Non-finite K/V: keys outside ``[0, S_K)`` and outside the valid range of a padded sequence are never loaded,
-nor are blocks a layout drops; in the masked tiles a non-finite value is zeroed before the P @ V product and
-only the rows attending it turn NaN (a non-finite key is masked to -inf for the rows that skip it).
+nor are blocks a layout drops (nor column slots past a row's count); in the masked and gathered tiles a
+non-finite value is zeroed before the P @ V product when some stored row does not attend its key, and only the
+rows attending it turn NaN (a non-finite key is masked to -inf for the rows that skip it).
 
 Block skipping (``SKIP``, :mod:`.tile`): an unmasked key tile whose logits lie, for every stored row, more than
 ``skip_thr`` (base 2) below the row's running maximum is dropped after ``Q K^T``: V is not loaded. Tiles are
@@ -26,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparseflash.ops.prefill.tile import _attend_tile
+from sparseflash.ops.prefill.tile import _attend_gathered, _attend_tile
 from sparseflash.ops.triton_common import LN2
 
 
@@ -39,6 +43,8 @@ def prefill_fwd_kernel(
     LSE,
     KV_NUM,
     KV_IDX,
+    COL_NUM,
+    COL_IDX,
     WORK_ORDER,
     SEQ_LO,
     SEQ_HI,
@@ -68,6 +74,13 @@ def prefill_fwd_kernel(
     stride_ih,
     stride_im,
     stride_ik,
+    stride_cnb,
+    stride_cnh,
+    stride_cnm,
+    stride_cib,
+    stride_cih,
+    stride_cim,
+    stride_cik,
     HQ,
     G,
     LAYOUT_DIV,
@@ -85,6 +98,7 @@ def prefill_fwd_kernel(
     LAYOUT_BLOCK_Q: tl.constexpr,
     LAYOUT_BLOCK_K: tl.constexpr,
     CAPACITY_POW2: tl.constexpr,
+    HAS_COLS: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr,
     RETURN_LSE: tl.constexpr,
     OFFS_64: tl.constexpr,
@@ -248,6 +262,40 @@ def prefill_fwd_kernel(
             if STATS:
                 n_skip += skipped
                 n_tiles += 1
+        if HAS_COLS:  # the query block's token columns, BLOCK_N gathered keys at a time, after its blocks
+            n_cols = tl.load(COL_NUM + b64 * stride_cnb + layout_h * stride_cnh + q_block * stride_cnm)
+            col_row = COL_IDX + b64 * stride_cib + layout_h * stride_cih + q_block.to(tl.int64) * stride_cim
+            for start_c in range(0, n_cols, BLOCK_N):
+                acc, l_i, m_i = _attend_gathered(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    K_head,
+                    V_head,
+                    col_row,
+                    start_c,
+                    n_cols,
+                    stride_cik,
+                    q_pos,
+                    row_ok,
+                    seq_lo,
+                    seq_hi,
+                    guard_from,
+                    stride_ks,
+                    stride_kd,
+                    stride_vs,
+                    stride_vd,
+                    S_K,
+                    causal_offset,
+                    qk_scale,
+                    CAUSAL,
+                    HAS_SEQ_LENS,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    OFFS_64,
+                )
     else:
         lo = 0
         hi = any_see

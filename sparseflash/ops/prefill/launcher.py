@@ -248,13 +248,23 @@ def prefill_forward(
         n_strides = (num.stride(0) if layout.batch > 1 else 0, num.stride(1), num.stride(2))
         i_strides = (idx.stride(0) if layout.batch > 1 else 0, idx.stride(1), idx.stride(2), idx.stride(3))
         capacity_pow2 = triton.next_power_of_2(layout.capacity)
+        # work per query block in keys: kept blocks times block_k, plus the gathered columns
+        work = num * layout.block_size[1] + (layout.col_counts if layout.has_columns else 0)
         work_order = _longest_first(
-            num, batch, num_packs, pack, layout_div, num_tiles, queries_per_tile, layout.block_size[0]
+            work, batch, num_packs, pack, layout_div, num_tiles, queries_per_tile, layout.block_size[0]
         )
         layout_block = layout.block_size
     else:
         num = idx = work_order = dummy
         layout_div, n_strides, i_strides, capacity_pow2, layout_block = 1, (0, 0, 0), (0, 0, 0, 0), 1, (16, 16)
+    has_cols = sparse and layout.has_columns
+    if has_cols:
+        col_num, col_idx = layout.col_counts, layout.col_indices
+        cn_strides = (col_num.stride(0) if layout.batch > 1 else 0, col_num.stride(1), col_num.stride(2))
+        ci_strides = (col_idx.stride(0) if layout.batch > 1 else 0, *col_idx.stride()[1:])
+    else:
+        col_num = col_idx = dummy
+        cn_strides, ci_strides = (0, 0, 0), (0, 0, 0, 0)
 
     grid = (num_tiles * num_bh,)
     prefill_fwd_kernel[grid](
@@ -265,6 +275,8 @@ def prefill_forward(
         lse if lse is not None else dummy,
         num,
         idx,
+        col_num,
+        col_idx,
         work_order,
         seq_lo,
         seq_hi,
@@ -277,6 +289,8 @@ def prefill_forward(
         *out.stride(),
         *n_strides,
         *i_strides,
+        *cn_strides,
+        *ci_strides,
         num_heads,
         group,
         layout_div,
@@ -294,6 +308,7 @@ def prefill_forward(
         LAYOUT_BLOCK_Q=layout_block[0],
         LAYOUT_BLOCK_K=layout_block[1],
         CAPACITY_POW2=capacity_pow2,
+        HAS_COLS=has_cols,
         HAS_SEQ_LENS=seq_lens is not None,
         RETURN_LSE=return_lse,
         OFFS_64=_needs_int64(q, k, v, out),
@@ -307,7 +322,7 @@ def prefill_forward(
 
 
 def _longest_first(
-    kv_num_blocks: torch.Tensor,
+    work_per_block: torch.Tensor,
     batch: int,
     num_packs: int,
     pack: int,
@@ -316,9 +331,10 @@ def _longest_first(
     queries_per_tile: int,
     block_q: int,
 ) -> torch.Tensor:
-    """Program ids ``(b * num_packs + hp) * num_tiles + t`` ordered by kept blocks, most first (int32, on GPU)."""
-    device = kv_num_blocks.device
+    """Program ids ``(b * num_packs + hp) * num_tiles + t`` ordered by work (``(B, H, Qb)``: kept blocks, or keys
+    with columns), most first (int32, on GPU)."""
+    device = work_per_block.device
     layout_heads = (torch.arange(num_packs, device=device) * pack) // layout_div
     q_blocks = (torch.arange(num_tiles, device=device) * queries_per_tile) // block_q
-    work = kv_num_blocks[:, layout_heads][:, :, q_blocks].expand(batch, num_packs, num_tiles)
+    work = work_per_block[:, layout_heads][:, :, q_blocks].expand(batch, num_packs, num_tiles)
     return torch.argsort(work.reshape(-1), descending=True, stable=True).to(torch.int32)

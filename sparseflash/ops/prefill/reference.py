@@ -10,7 +10,8 @@ Semantics shared by every prefill entry point (dense and block-sparse):
                                                  0 0
                                                  1 0
                                                  1 1
-* a block layout keeps key block ``J`` for query block ``I`` (see :class:`sparseflash.BlockLayout`);
+* a block layout keeps key block ``J`` for query block ``I`` (see :class:`sparseflash.BlockLayout`), and with
+  token columns also single keys ``j`` for query block ``I``; the causal and sequence-end masks apply to both;
 * ``seq_lens`` (B,) marks the valid tokens of a padded batch (``Sq == Sk``): ``[0, len)`` when right-padded,
   ``[S - len, S)`` when left-padded; padded tokens neither attend nor are attended;
 * a query row with no key to attend to gives output 0 and log-sum-exp ``-inf``;
@@ -24,6 +25,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from sparseflash.layouts.columns import columns_to_dense
 
 if TYPE_CHECKING:
     from sparseflash.layouts import BlockLayout
@@ -46,6 +49,7 @@ def token_mask(
     causal: bool,
     blocks: torch.Tensor | None = None,
     block_size: tuple[int, int] = (128, 128),
+    columns: torch.Tensor | None = None,
     seq_lens: torch.Tensor | None = None,
     padding_side: str = "right",
     device: torch.device | str = "cpu",
@@ -53,7 +57,9 @@ def token_mask(
     """Boolean mask ``(B or 1, Hq or 1, len(rows), Sk)``; True where query ``rows[i]`` may attend key ``j``.
 
     ``blocks`` is a dense block mask ``(B or 1, H or 1, Qb, Kb)`` (``BlockLayout.to_dense()``) of
-    ``block_size`` blocks; H is 1, the KV heads or the query heads.
+    ``block_size`` blocks; H is 1, the KV heads or the query heads. ``columns`` (with ``blocks``) is the
+    layout's token columns ``(B or 1, H, Qb, Sk)`` (:func:`sparseflash.layouts.columns.columns_to_dense`), kept
+    besides the blocks.
     """
     q_pos = torch.arange(rows.start, rows.stop, device=device)
     k_pos = torch.arange(seq_len_k, device=device)
@@ -69,6 +75,8 @@ def token_mask(
         block_q, block_k = block_size
         keep = blocks.to(device)[:, :, q_pos // block_q, :]  # (Bl, Hl, rows, Kb)
         keep = keep.repeat_interleave(block_k, dim=-1)[..., :seq_len_k]
+        if columns is not None:
+            keep = keep | columns.to(device)[:, :, q_pos // block_q, :]
         if keep.shape[1] not in (1, num_heads):
             keep = keep.repeat_interleave(num_heads // keep.shape[1], dim=1)
         mask = mask & keep
@@ -78,7 +86,7 @@ def token_mask(
 def _block_args(layout: BlockLayout | None) -> dict:
     if layout is None:
         return {}
-    return {"blocks": layout.to_dense(), "block_size": layout.block_size}
+    return {"blocks": layout.to_dense(), "block_size": layout.block_size, "columns": columns_to_dense(layout)}
 
 
 def _group_mask(mask: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tensor:
@@ -225,6 +233,9 @@ def block_sparse_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PyTorch path: per run of query blocks, gather their kept key blocks and attend over those only.
 
+    A layout's token columns are gathered too (single key rows, after the blocks), up to the widest column row
+    of the run.
+
     Query blocks go in runs whose score tensor ``(B, Hq, rows, kept keys)`` stays under ``max_scores``
     elements and wastes at most a quarter on rows keeping fewer blocks than the widest. Slots past a row's
     count, keys past Sk and masked keys are masked. Without ``return_lse`` a run goes through SDPA when what
@@ -235,6 +246,9 @@ def block_sparse_torch(
     Returns out (B, Hq, Sq, D) in q's dtype and lse (B, Hq, Sq) float32 (None without ``return_lse``).
     """
     widths = layout.kv_num_blocks.amax(dim=(0, 1)).clamp(1, layout.capacity).tolist()  # per query block
+    col_widths = [0] * len(widths)
+    if layout.has_columns:
+        col_widths = layout.col_counts.amax(dim=(0, 1)).clamp(0, layout.col_capacity).tolist()
     block_q, block_k = layout.block_size
     per_block = q.shape[0] * q.shape[1] * block_q * block_k  # scores of one (query block, key block) pair
     # K/V as rows of whole key blocks (B * Hkv * Kb, block_k * D), the last block zero-padded: a gather copies
@@ -260,6 +274,7 @@ def block_sparse_torch(
             first,
             last,
             width,
+            max(col_widths[first:last]),
             causal=causal,
             scale=scale,
             seq_lens=seq_lens,
@@ -281,6 +296,7 @@ def _query_block_run(
     first: int,
     last: int,
     width: int,
+    col_width: int,
     *,
     causal: bool,
     scale: float,
@@ -288,7 +304,7 @@ def _query_block_run(
     padding_side: str,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Query blocks ``[first, last)`` over their first ``width`` kept key blocks: out and lse of their rows.
+    """Query blocks ``[first, last)`` over their first ``width`` kept key blocks and ``col_width`` token columns.
 
     The ``n = last - first`` query blocks join the batch dimension: q ``(B * n, Hq, block_q, D)`` against the
     gathered keys ``(B * n, heads, width * block_k, D)``, heads the KV heads when the layout is shared by each
@@ -308,6 +324,11 @@ def _query_block_run(
     ids = layout.kv_indices[:, :, first:last, :width].long().masked_fill(~used, 0)
     pos = (ids[..., None] * block_k + torch.arange(block_k, device=device)).flatten(-2)  # (Bl, Hl, n, L)
     key_ok = used.repeat_interleave(block_k, dim=-1) & (pos < seq_len_k)
+    if col_width:  # token columns after the blocks; unused slots read key 0 and are masked
+        col_used = torch.arange(col_width, device=device) < layout.col_counts[:, :, first:last, None]
+        col_pos = layout.col_indices[:, :, first:last, :col_width].long().masked_fill(~col_used, 0)
+        pos = torch.cat([pos, col_pos], dim=-1)
+        key_ok = torch.cat([key_ok, col_used & (col_pos < seq_len_k)], dim=-1)
     q_pos = (first * block_q + torch.arange(n * block_q, device=device)).view(n, block_q)
     mask = key_ok[..., None, :] & (q_pos < seq_len_q)[:, :, None]  # (Bl, Hl, n, block_q, L)
     if causal:
@@ -325,6 +346,13 @@ def _query_block_run(
         t.index_select(0, flat.flatten()).view(batch * n, heads, width * block_k, head_dim)
         for t in (k_blocks, v_blocks)
     )
+    if col_width:  # single key rows of the padded (B * Hkv * Kb * block_k, D) view
+        flat = fold((b_idx * num_kv_heads + h_idx) * (layout.num_k_blocks * block_k) + col_pos)
+        k_col, v_col = (
+            t.view(-1, head_dim).index_select(0, flat.flatten()).view(batch * n, heads, col_width, head_dim)
+            for t in (k_blocks, v_blocks)
+        )
+        k_sel, v_sel = torch.cat([k_sel, k_col], dim=2), torch.cat([v_sel, v_col], dim=2)
     rows = q[:, :, first * block_q : last * block_q]
     rows = fold(torch.nn.functional.pad(rows, (0, 0, 0, n * block_q - rows.shape[2])).unflatten(2, (n, block_q)))
     mask = fold(mask)

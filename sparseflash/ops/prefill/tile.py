@@ -9,6 +9,9 @@ an unmasked tile, when every stored row's tile maximum lies more than ``skip_thr
 maximum, the tile is dropped: no V load, no ``P @ V``, and ``m_i``, ``l_i``, ``acc`` unchanged. A NaN row
 maximum is never "below", so such a tile is kept. Masked tiles (causal diagonal, sequence end, padding) are
 always computed. ``SKIP`` is a constexpr: without it the code is the kernel's plain step.
+
+Token columns (:func:`_attend_gathered`): a tile of single keys gathered by position from a layout's column list,
+always masked per pair, never skipped.
 """
 
 from __future__ import annotations
@@ -130,3 +133,74 @@ def _attend_tile(
             )
             m_i = m_new
     return acc, l_i, m_i, skipped
+
+
+@triton.jit
+def _attend_gathered(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_head,
+    V_head,
+    col_row,
+    start_c,
+    n_cols,
+    stride_ck,
+    q_pos,
+    row_ok,
+    seq_lo,
+    seq_hi,
+    guard_from,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    S_K,
+    causal_offset,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    OFFS_64: tl.constexpr,
+):
+    """Token columns ``[start_c, start_c + BLOCK_N)`` of a query block's column list ``col_row`` (``n_cols``
+    used): their K/V rows are gathered (one pointer per key) into one tile, masked per (row, key) pair like the
+    masked path of :func:`_attend_tile` (causal, sequence ends, slots past ``n_cols``). Returns ``(acc, l_i, m_i)``.
+
+    The NaN guard of the product is on when a gathered key lies at or past ``guard_from`` (a key some stored row
+    does not attend); a non-finite key is masked to -inf for the rows that skip it.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = start_c + offs_n
+    kv_ok = slot < n_cols
+    k_pos = tl.load(col_row + slot * stride_ck, mask=kv_ok, other=0)  # [BLOCK_N] gathered key positions
+    kv_ok = kv_ok & (k_pos >= 0) & (k_pos < S_K)
+    if HAS_SEQ_LENS:  # padding is never loaded
+        kv_ok = kv_ok & (k_pos >= seq_lo) & (k_pos < seq_hi)
+    if OFFS_64:
+        k_row = k_pos.to(tl.int64)
+    else:
+        k_row = k_pos
+    d_ok = offs_d < HEAD_DIM
+    # [BLOCK_D, BLOCK_N]: one column of K per gathered key
+    k = tl.load(
+        K_head + offs_d[:, None] * stride_kd + k_row[None, :] * stride_ks,
+        mask=d_ok[:, None] & kv_ok[None, :],
+        other=0.0,
+    )
+    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    ok = kv_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
+    qk = tl.where(ok, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    guard = tl.max(tl.where(kv_ok, k_pos, -1), 0) >= guard_from
+    acc, l_i = _rescale_and_pv(acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, guard)
+    return acc, l_i, m_new
