@@ -9,6 +9,8 @@ Shapes: ``mask`` is a bool block mask ``(..., Qb, Kb)`` (usually ``(B, H, Qb, Kb
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sparseflash._options import check_choice
@@ -47,6 +49,39 @@ def forced_mask(
         dist = first_diag[:, None] - cols[None, :]
         forced |= (dist >= 1) & (dist <= local_blocks)
     return forced & allowed
+
+
+def selection_geometry(
+    seq_len_q: int,
+    seq_len_k: int,
+    block_size: tuple[int, int],
+    *,
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    causal: bool = True,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(allowed, forced)``: :func:`~sparseflash.layouts.geometry.causal_block_mask` and :func:`forced_mask` (with
+    the diagonal), made once per shape, options and device and then shared: **read-only** bool ``(Qb, Kb)``.
+
+    Built at every layer call they were about 70 small device ops, most of the selection's launches after the
+    scoring kernel (Qwen2.5-Coder-1.5B at 16K on an H200: the selection was bound by the host there).
+    """
+    key = (int(seq_len_q), int(seq_len_k), tuple(block_size), int(sink_blocks), int(local_blocks), bool(causal))
+    return _selection_geometry(*key, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _selection_geometry(
+    seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], sink_blocks: int, local_blocks: int, causal: bool,
+    device: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    allowed = causal_block_mask(seq_len_q, seq_len_k, block_size, causal=causal, device=device)
+    forced = forced_mask(
+        seq_len_q, seq_len_k, block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, causal=causal,
+        device=device,
+    )  # fmt: skip
+    return allowed, forced
 
 
 def force_blocks(

@@ -15,7 +15,6 @@ import torch
 from sparseflash import _options as opt
 from sparseflash._validate import check_qk
 from sparseflash.layouts import BlockLayout
-from sparseflash.layouts import geometry as geo
 from sparseflash.ops.scores.antidiagonal import (  # noqa: F401  (re-exported: the estimator lives in ops/scores)
     DEFAULT_STRIDE,
     STRIDES,
@@ -84,9 +83,8 @@ def xattention(
     else:
         tau = opt.resolve_threshold("xattention", threshold, target_recall, DEFAULT_THRESHOLD)
     est = xattention_scores(q, k, stride=stride, block_size=bs, causal=causal, scale=scale, backend=backend)
-    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, bs, causal=causal, device=q.device)
     local_blocks = opt.check_nonnegative_int("xattention: local_blocks", local_blocks)
-    forced = sel.forced_mask(
+    allowed, forced = sel.selection_geometry(
         seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal, device=q.device
     )
     extra_blocks = opt.check_nonnegative_int("xattention: extra_blocks", extra_blocks)

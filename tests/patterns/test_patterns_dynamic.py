@@ -414,3 +414,21 @@ def test_xattention_extra_blocks_keeps_one_more_block_per_row_where_one_is_left(
     assert torch.equal(added, left.clamp(max=1))  # exactly one more block per row, where one is left
     with pytest.raises(ValueError, match="extra_blocks"):
         patterns.select("xattention", q, k, extra_blocks=-1)
+
+
+def test_selection_geometry_is_shared_and_never_modified(gen):
+    """xattention's (allowed, forced) masks are made once per shape and device, and selecting never changes them."""
+    bs = (32, 32)
+    allowed, forced = sel.selection_geometry(300, 300, bs, sink_blocks=1, local_blocks=1, device="cpu")
+    again = sel.selection_geometry(300, 300, bs, sink_blocks=1, local_blocks=1, device=torch.device("cpu"))
+    assert again[0] is allowed and again[1] is forced
+    assert torch.equal(allowed, geo.causal_block_mask(300, 300, bs))
+    assert torch.equal(forced, sel.forced_mask(300, 300, bs, sink_blocks=1, local_blocks=1))
+    before = (allowed.clone(), forced.clone())
+    q, k = randn(gen, 1, 2, 300, 16, dtype=torch.float32), randn(gen, 1, 1, 300, 16, dtype=torch.float32)
+    first = patterns.select("xattention", q, k, block_size=bs, stride=4, threshold=0.6, local_blocks=1)
+    second = patterns.select("xattention", q, k, block_size=bs, stride=4, threshold=0.6, local_blocks=1)
+    assert torch.equal(first.to_dense(), second.to_dense())
+    assert torch.equal(allowed, before[0]) and torch.equal(forced, before[1])
+    other = sel.selection_geometry(300, 300, bs, sink_blocks=1, local_blocks=2, device="cpu")[1]
+    assert not torch.equal(other, forced)  # the options are part of the key
