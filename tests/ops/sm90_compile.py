@@ -43,7 +43,7 @@ ANTIDIAG_CASES = {
     "stride8_d128": dict(STRIDE=8, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64, BLOCK_U=128, R=16, CAUSAL=True),
     "stride16_d96_full": dict(STRIDE=16, HEAD_DIM=96, BLOCK_D=128, BLOCK_T=64, BLOCK_U=128, R=8, CAUSAL=False),
 }
-DROPPED_POINTERS = {"Q": "*bf16", "KM": "*fp32", "VM": "*bf16", "KEEP": "*i1", "O": "*bf16", "LSE": "*fp32"}
+DROPPED_POINTERS = {"Q": "*bf16", "KM": "*fp32", "VM": "*bf16", "KEEP": "*u8", "O": "*bf16", "LSE": "*fp32"}
 DROPPED_BASE = dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_KB=64, LAYOUT_BLOCK_Q=128, LAYOUT_BLOCK_K=128, OFFS_64=False,
     SPLIT_K=True,
