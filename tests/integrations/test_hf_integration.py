@@ -813,3 +813,23 @@ def test_patch_defaults_are_the_safe_options(gen):
     with patched(model, "flexprefill") as m:
         assert patch_state(m).options == {}
     assert hf.with_safe_options("xattention", {"calibration": "x.json"}) == {"calibration": "x.json"}
+
+
+def test_work_density_counts_token_columns():
+    """A layout's token columns are work too: each costs ``block_q`` pairs, 1 / block_k of a block per query block."""
+    from sparseflash.integrations.hf.forward import _work_density
+    from sparseflash.layouts import BlockLayout, with_columns
+
+    seq, bs = 256, (32, 32)
+    blocks = BlockLayout.from_dense(
+        patterns.selection.forced_mask(seq, seq, bs)[None, None].expand(1, 2, -1, -1).contiguous(),
+        seq_len_q=seq,
+        seq_len_k=seq,
+        block_size=bs,
+    )  # the diagonal only: 8 of the 36 causal blocks per head
+    cols = torch.zeros(1, 2, 8, 1, dtype=torch.int32)  # key 0 in every query block but the first (its diagonal)
+    counts = torch.tensor([[[0, 1, 1, 1, 1, 1, 1, 1]] * 2], dtype=torch.int32)
+    layout = with_columns(blocks, cols, counts)
+    assert _work_density(blocks, 0) == pytest.approx(8 / 36)
+    assert _work_density(layout, 0) == pytest.approx(8 / 36 + 7 / (32 * 36))
+    assert _work_density(layout, 32) == pytest.approx(8 / 36 + 7 / (32 * 36) + 32 * 256 / (32 * 32 * 36))

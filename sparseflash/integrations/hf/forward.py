@@ -186,12 +186,16 @@ def _prefill(
 
 
 def _work_density(layout: Any, tail: int) -> float:
-    """The layout's causal block density plus ``tail`` exact rows over all keys, in causal-block units (<= 1)."""
+    """The layout's causal block density plus ``tail`` exact rows over all keys and its token columns (a column of a
+    query block is ``block_q`` pairs: ``1 / block_k`` of a block), in causal-block units (<= 1)."""
     from sparseflash.layouts import causal_block_mask
 
     bq, bk = layout.block_size
-    allowed = int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum())
-    extra = tail * layout.seq_len_k / (bq * bk * max(allowed, 1))
+    allowed = max(int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum()), 1)
+    extra = tail * layout.seq_len_k / (bq * bk * allowed)
+    if getattr(layout, "has_columns", False):
+        columns_per_head = float(layout.col_counts.sum(dtype=torch.float64)) / (layout.batch * layout.num_heads)
+        extra += columns_per_head / (bk * allowed)
     return min(1.0, layout.density() + extra)
 
 
