@@ -123,6 +123,9 @@ def test_xattention_triton_config_must_hold_whole_blocks(gen):
     q = randn(gen, 1, 1, 64, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="config"):
         xattention_scores_triton(q, q, stride=2, block_size=32, config=(8, 64, 4, 1))
+    for bad in [(16, 64), (16, 64, 4, 0), (16, 64, 4.0, 1), "16,64,4,1"]:
+        with pytest.raises(ValueError, match=r"config: expected \(BLOCK_T, BLOCK_U, num_warps, num_stages\)"):
+            xattention_scores_triton(q, q, stride=2, block_size=32, config=bad)
 
 
 def test_xattention_stride_one_is_the_exact_block_mass(gen):

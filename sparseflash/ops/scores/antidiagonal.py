@@ -308,6 +308,12 @@ def xattention_scores_triton(
     r = block // stride
     rows, cols = -(-seq_len_q // stride), -(-seq_len_k // stride)
     num_q_blocks, num_k_blocks = -(-seq_len_q // block), -(-seq_len_k // block)
+    if config is not None and (
+        not isinstance(config, (tuple, list))
+        or len(config) != 4
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in config)
+    ):
+        raise ValueError(f"config: expected (BLOCK_T, BLOCK_U, num_warps, num_stages), positive ints, got {config!r}")
     block_t, block_u, num_warps, num_stages = _tile_config(rows, r, q.device) if config is None else config
     if block_t % r or block_u % r:
         raise ValueError(f"config: expected BLOCK_T and BLOCK_U multiples of block / stride = {r}, got {config}")
