@@ -44,6 +44,21 @@ def _rescale_and_pv(acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stri
 
 
 @triton.jit
+def _masked_step(qk, kv_ok, row_ok, k_pos, q_pos, causal_offset, m_i, qk_scale, CAUSAL: tl.constexpr):
+    """Online-softmax step of a tile that needs a mask: ``(p, alpha, m_new)``. Pairs outside the stored rows, the
+    valid keys ``kv_ok`` and (``CAUSAL``) the bottom-right horizon get -inf; rows with nothing seen yet stay at 0."""
+    ok = kv_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
+    qk = tl.where(ok, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, m_new
+
+
+@triton.jit
 def _attend_tile(
     acc,
     l_i,
@@ -98,33 +113,18 @@ def _attend_tile(
     qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
     skipped = 0
     if MASKED:
-        ok = kv_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
-        qk = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p, alpha, m_new = _masked_step(qk, kv_ok, row_ok, k_pos, q_pos, causal_offset, m_i, qk_scale, CAUSAL)
         acc, l_i = _rescale_and_pv(
             acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, start_n + BLOCK_N > guard_from
         )
         m_i = m_new
     else:
         m_tile = tl.max(qk, 1) * qk_scale  # [BLOCK_M]
+        keep = 1  # a Python constant without SKIP: the branch below is resolved when compiling
         if SKIP:
             # kept unless every stored row is below (the first tile, m_i = -inf, never is; NaN is never below)
             keep = tl.max((row_ok & ~(m_tile < m_i - skip_thr)).to(tl.int32), 0)
-            if keep > 0:
-                m_new = tl.maximum(m_i, m_tile)
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                acc, l_i = _rescale_and_pv(
-                    acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, False
-                )
-                m_i = m_new
-            skipped = 1 - keep
-        else:
+        if keep > 0:
             m_new = tl.maximum(m_i, m_tile)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -132,6 +132,7 @@ def _attend_tile(
                 acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, False
             )
             m_i = m_new
+        skipped = 1 - keep
     return acc, l_i, m_i, skipped
 
 
@@ -193,14 +194,7 @@ def _attend_gathered(
         other=0.0,
     )
     qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
-    ok = kv_ok[None, :] & row_ok[:, None]
-    if CAUSAL:
-        ok = ok & (k_pos[None, :] <= q_pos[:, None] + causal_offset)
-    qk = tl.where(ok, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+    p, alpha, m_new = _masked_step(qk, kv_ok, row_ok, k_pos, q_pos, causal_offset, m_i, qk_scale, CAUSAL)
     guard = tl.max(tl.where(kv_ok, k_pos, -1), 0) >= guard_from
     acc, l_i = _rescale_and_pv(acc, l_i, p, alpha, V_head, k_row, kv_ok, offs_d, d_ok, stride_vs, stride_vd, guard)
     return acc, l_i, m_new
