@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sf.unpatch(model)
         kl = float(kl_per_row(ref, lp).mean())
-        sparse = [d for layer, d in densities if layer in sparse_layers]
+        sparse = [float(d) for layer, d in densities if layer in sparse_layers]
         print(
             f"{name:<8} KL {kl:.5f}  density of the sparse layers {sum(sparse) / max(len(sparse), 1):.3f}"
             f"  ({time.perf_counter() - t0:.0f} s)",

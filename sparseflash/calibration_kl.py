@@ -191,7 +191,7 @@ def measure_sensitivity(
             kl = float(kl_per_row(ref, _log_probs(model, ids, window)).mean())
         finally:
             unpatch(model)
-        return kl, sum(seen) / len(seen) if seen else 1.0
+        return kl, sum(float(d) for d in seen) / len(seen) if seen else 1.0
 
     values = [float(v) for v in values]
     table = Sensitivity(layers if not per_head else [], values, [], [], int(window), dense_kl, [] if per_head else None)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from sparseflash.integrations import hf
 from sparseflash.integrations.hf.plan import PATCH_KEYS
 from sparseflash.patterns.registry import available, check_options
@@ -68,13 +70,13 @@ class MethodRun:
     """
 
     method: str
-    densities: list[float] = field(default_factory=list)
+    densities: list[float | torch.Tensor] = field(default_factory=list)
 
     def reset(self) -> None:
         self.densities.clear()
 
-    def record(self, layer: int, density: float) -> None:
-        self.densities.append(float(density))
+    def record(self, layer: int, density: float | torch.Tensor) -> None:
+        self.densities.append(density)  # a 0-dim device tensor for sparse layers: read after the forward
 
     def density(self) -> float | None:
         """Mean over the recorded layer prefills (1.0 for sdpa and dense, None if nothing was recorded)."""
@@ -82,7 +84,7 @@ class MethodRun:
             return 1.0
         if not self.densities:
             return None
-        return sum(self.densities) / len(self.densities)
+        return sum(float(d) for d in self.densities) / len(self.densities)
 
 
 @contextlib.contextmanager

@@ -225,8 +225,18 @@ def test_approximate_dropped_adds_the_pooled_blocks(gen, monkeypatch):
     assert len(calls) == 2  # one per sparse layer
     assert rel_err(approx, plain) > 1e-4
     assert hf.DEFAULT_APPROXIMATE_DROPPED in (True, False)
+    calls.clear()
+    with patched(model, "streaming", approximate_dropped=4, **opts):  # pools of 4 keys inside 16-key blocks
+        assert patch_state(model).approximate_dropped == 4
+        pooled = logits(model, ids)
+    assert len(calls) == 2
+    assert rel_err(pooled, plain) > 1e-4 and rel_err(pooled, approx) > 1e-6
     with pytest.raises(TypeError, match="approximate_dropped"):
-        patch(model, "streaming", approximate_dropped=1)
+        patch(model, "streaming", approximate_dropped="yes")
+    with pytest.raises(ValueError, match="approximate_dropped.*got 3"):
+        patch(model, "streaming", approximate_dropped=3)
+    with pytest.raises(ValueError, match="approximate_dropped.*block_k = 16.*got 32"):
+        patch(model, "streaming", approximate_dropped=32, **SPARSE)
     with pytest.raises(ValueError, match="approximate_dropped.*permuted"):
         patch(model, "permuted", approximate_dropped=True)
 
@@ -237,7 +247,7 @@ def test_on_prefill_hook_reports_work_density(gen):
     ids = ids_for(gen, 1, 160)
     seen = []
     with patched(model, "streaming", min_sparse_len=0, dense_layers=[0], dense_last_queries=16, **SPARSE):
-        patch_state(model).on_prefill = lambda layer, d: seen.append((layer, d))
+        patch_state(model).on_prefill = lambda layer, d: seen.append((layer, float(d)))
         logits(model, ids)
         layout = patterns.select("streaming", torch.zeros(1, 4, 160, 16), torch.zeros(1, 2, 160, 16), **SPARSE)
     allowed = int(causal_block_mask(160, 160, (16, 16)).sum())
@@ -441,7 +451,7 @@ def test_pattern_resolved_once_per_plan_and_hook_sees_every_prefill(gen, monkeyp
         state = patch_state(m)
         assert all(plan.select is info.fn for plan in state.plans.values())
         seen = []
-        state.on_prefill = lambda layer, density: seen.append((layer, density))
+        state.on_prefill = lambda layer, density: seen.append((layer, float(density)))
 
         def broken(*args, **kwargs):
             raise AssertionError("the registry was consulted after patch time")
@@ -617,7 +627,7 @@ def test_every_pattern_at_defaults_matches_masked_reference(method, gen):
     ref = reference_run(model, method, {}, lambda m: logits(m, ids))
     densities = []
     with patched(model, method, min_sparse_len=0, dense_last_queries=0):
-        patch_state(model).on_prefill = lambda layer, density: densities.append(density)
+        patch_state(model).on_prefill = lambda layer, density: densities.append(float(density))
         out = logits(model, ids)
         assert patch_state(model).calls == {"sparse": 2}
     assert len(densities) == 2
@@ -768,7 +778,9 @@ def test_pattern_scale_is_checked_at_patch_time(value):
         ("xattention", {"block_size": 48}, ValueError, r"block_size: expected .*got \(48, 48\)"),
         ("xattention", {"min_sparse_len": -5}, ValueError, r"min_sparse_len: expected an int >= 0, got -5"),
         ("xattention", {"dense_last_queries": -1}, ValueError, r"dense_last_queries: expected an int >= 0, got -1"),
-        ("xattention", {"approximate_dropped": 3}, TypeError, r"approximate_dropped: expected a bool, got int 3"),
+        ("xattention", {"approximate_dropped": 3}, ValueError, r"approximate_dropped: expected True, False or a power"),
+        ("xattention", {"approximate_dropped": 1.0}, TypeError, r"approximate_dropped: expected a bool or an int"),
+        ("xattention", {"approximate_dropped": 256}, ValueError, r"dividing xattention's block_k = 128, got 256"),
         ("xattention", {"dense_layers": 7}, TypeError, r"dense_layers: expected an iterable of layer indices, got 7"),
         ("xattention", {"dense_layers": ["0"]}, TypeError, r"dense_layers: expected layer indices as ints, got str"),
         (
@@ -830,6 +842,6 @@ def test_work_density_counts_token_columns():
     cols = torch.zeros(1, 2, 8, 1, dtype=torch.int32)  # key 0 in every query block but the first (its diagonal)
     counts = torch.tensor([[[0, 1, 1, 1, 1, 1, 1, 1]] * 2], dtype=torch.int32)
     layout = with_columns(blocks, cols, counts)
-    assert _work_density(blocks, 0) == pytest.approx(8 / 36)
-    assert _work_density(layout, 0) == pytest.approx(8 / 36 + 7 / (32 * 36))
-    assert _work_density(layout, 32) == pytest.approx(8 / 36 + 7 / (32 * 36) + 32 * 256 / (32 * 32 * 36))
+    assert float(_work_density(blocks, 0)) == pytest.approx(8 / 36)
+    assert float(_work_density(layout, 0)) == pytest.approx(8 / 36 + 7 / (32 * 36))
+    assert float(_work_density(layout, 32)) == pytest.approx(8 / 36 + 7 / (32 * 36) + 32 * 256 / (32 * 32 * 36))

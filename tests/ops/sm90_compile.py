@@ -45,7 +45,7 @@ ANTIDIAG_CASES = {
 }
 DROPPED_POINTERS = {"Q": "*bf16", "KM": "*fp32", "VM": "*bf16", "KEEP": "*u8", "O": "*bf16", "LSE": "*fp32"}
 DROPPED_BASE = dict(
-    HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_KB=64, LAYOUT_BLOCK_Q=128, LAYOUT_BLOCK_K=128, OFFS_64=False,
+    HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_KB=64, LAYOUT_BLOCK_Q=128, LAYOUT_BLOCK_K=128, POOL=128, OFFS_64=False,
     SPLIT_K=True,
 )  # fmt: skip
 
@@ -76,6 +76,14 @@ def cases() -> dict:
         out["scoring/" + name] = (_antidiag_kernel, consts, ANTIDIAG_POINTERS, {"qk_scale"}, 8, 3)
     fp32 = {**DROPPED_POINTERS, "Q": "*fp32", "VM": "*fp32", "O": "*fp32"}
     out["dropped/bf16_split"] = (dropped_blocks_fwd_kernel, DROPPED_BASE, DROPPED_POINTERS, {"qk_scale"}, 4, 2)
+    out["dropped/bf16_pool16"] = (
+        dropped_blocks_fwd_kernel,
+        {**DROPPED_BASE, "POOL": 16},
+        DROPPED_POINTERS,
+        {"qk_scale"},
+        4,
+        2,
+    )
     out["dropped/fp32"] = (dropped_blocks_fwd_kernel, {**DROPPED_BASE, "SPLIT_K": False}, fp32, {"qk_scale"}, 4, 2)
     return out
 

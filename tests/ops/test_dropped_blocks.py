@@ -88,6 +88,41 @@ def test_bad_input_is_named(gen):
         dropped_block_attention(q, k, v, layout, scale=float("nan"))
     with pytest.raises(ValueError):
         dropped_block_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], layout)  # layout for 64 tokens
+    for bad in (0, 3, 32):  # not a power of two dividing block_k = 16
+        with pytest.raises(ValueError, match="pool_size.*block_k = 16.*got " + str(bad)):
+            dropped_block_attention(q, k, v, layout, pool_size=bad)
+    with pytest.raises(TypeError, match="pool_size"):
+        dropped_block_attention(q, k, v, layout, pool_size=4.0)
+
+
+@pytest.mark.parametrize("pool", [1, 4, 8])
+@pytest.mark.parametrize("sq,sk,heads,kv", [(100, 100, 4, 2), (64, 150, 2, 2)])
+def test_pools_match_loop_reference(gen, sq, sk, heads, kv, pool):
+    """Pools of ``pool`` keys inside each dropped block (a ragged last pool where Sk is ragged)."""
+    q = torch.randn(1, heads, sq, 16, generator=gen)
+    k, v = (torch.randn(1, kv, sk, 16, generator=gen) for _ in range(2))
+    layout = _layout(gen, heads, sq, sk, 16)
+    out, lse = dropped_block_attention(q, k, v, layout, scale=0.3, pool_size=pool)
+    ref_out, ref_lse = dropped_block_attention_reference(q, k, v, layout, scale=0.3, pool_size=pool)
+    finite = torch.isfinite(ref_lse)
+    assert finite.any() and torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4)
+    assert torch.allclose(out.double(), ref_out, atol=1e-4)
+
+
+def test_single_key_pools_are_exact_attention_over_dropped_blocks(gen):
+    """pool_size 1: each pooled token is a key, so the merged result is exact attention over the kept tokens and
+    every key of the eligible dropped blocks."""
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=gen) for _ in range(3))
+    layout = _layout(gen, 2, 96, 96, 16)
+    sparse, lse = block_sparse_attention(q, k, v, layout, return_lse=True, scale=0.25)
+    merged, _ = merge_attention_states(sparse, lse, *dropped_block_attention(q, k, v, layout, scale=0.25, pool_size=1))
+    kept = token_mask(range(96), 96, 96, num_heads=2, causal=True, blocks=layout.to_dense(), block_size=(16, 16))
+    drop = eligible_dropped(layout).repeat_interleave(16, 2).repeat_interleave(16, 3)  # (1, 2, 96, 96)
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.25
+    ref = torch.softmax(scores.masked_fill(~(kept | drop), -math.inf), -1) @ v.double()
+    assert drop.any()
+    assert torch.allclose(merged.double(), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ Triton kernel (interpreter)
@@ -105,6 +140,13 @@ def _random_layout(gen, batch, heads, sq, sk, block_size, keep=0.35, empty_row=N
         mask[..., empty_row, :] = True  # nothing dropped: no eligible block
     return BlockLayout.from_dense(mask, seq_len_q=sq, seq_len_k=sk, block_size=block_size)
 
+
+TRITON_POOL_CASES = [
+    # batch, Hq, Hkv, Sq, Sk, block_size, layout batch, layout heads, dtype, pool_size
+    (1, 4, 2, 200, 200, (32, 32), 1, 4, torch.float32, 8),
+    (2, 2, 1, 100, 250, (32, 32), 1, 1, torch.bfloat16, 16),  # ragged last pool eligible
+    (1, 2, 2, 97, 97, (16, 16), 1, 2, torch.float16, 1),
+]
 
 TRITON_CASES = [
     # batch, Hq, Hkv, Sq, Sk, block_size, layout batch, layout heads, dtype
@@ -134,6 +176,21 @@ def test_triton_matches_reference_and_torch(gen, case):
     assert rel_err(out, torch_out.float()) <= 2 * REL_TOL[dtype]
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "case", TRITON_POOL_CASES, ids=lambda c: "B{}-H{}-KV{}-Sq{}-Sk{}-blk{}-LB{}-LH{}-{}-pool{}".format(*c)
+)
+def test_triton_pools_match_reference(gen, case):
+    batch, heads, kv, sq, sk, block_size, lb, lh, dtype, pool = case
+    q = randn(gen, batch, heads, sq, 32, dtype=dtype)
+    k, v = (randn(gen, batch, kv, sk, 32, dtype=dtype) for _ in range(2))
+    layout = _random_layout(gen, lb, lh, sq, sk, block_size, empty_row=0)
+    out, lse = dropped_block_attention(q, k, v, layout, scale=0.3, pool_size=pool, backend="triton")
+    ref_out, ref_lse = dropped_block_attention_reference(q, k, v, layout, scale=0.3, pool_size=pool)
+    assert torch.isfinite(ref_lse).any()
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
 def test_rows_without_eligible_blocks_are_zero_not_nan(gen, backend):
     """A NaN value in a block no row may take whole (the last one) leaves the rows with nothing eligible 0."""
@@ -159,8 +216,9 @@ def test_backend_is_validated(gen):
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pool", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_triton_matches_torch(dtype):
+def test_gpu_triton_matches_torch(dtype, pool):
     """Realistic shape (Qwen2.5-1.5B-like, 8K): Triton path against the float32 PyTorch path."""
     gen = torch.Generator(device="cuda").manual_seed(8192)
     q = torch.randn(1, 12, 8192, 128, device="cuda", dtype=dtype, generator=gen)
@@ -168,8 +226,8 @@ def test_gpu_triton_matches_torch(dtype):
     mask = torch.rand(1, 2, 64, 64, device="cuda", generator=gen) < 0.3
     mask &= causal_block_mask(8192, 8192, (128, 128), device="cuda")
     layout = BlockLayout.from_dense(mask, seq_len_q=8192, seq_len_k=8192, block_size=(128, 128))
-    out, lse = dropped_block_attention(q, k, v, layout)  # auto: Triton on CUDA
-    ref_out, ref_lse = dropped_block_attention(q, k, v, layout, backend="torch")
+    out, lse = dropped_block_attention(q, k, v, layout, pool_size=pool)  # auto: Triton on CUDA
+    ref_out, ref_lse = dropped_block_attention(q, k, v, layout, pool_size=pool, backend="torch")
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     finite = torch.isfinite(lse)

@@ -169,7 +169,17 @@ def _prefill(
             backend=state.backend,
         )
         out, _ = merge_attention_states(
-            out, lse, *dropped_block_attention(q, k, v, layout, scale=scaling, backend=state.backend)
+            out,
+            lse,
+            *dropped_block_attention(
+                q,
+                k,
+                v,
+                layout,
+                scale=scaling,
+                pool_size=None if state.approximate_dropped is True else state.approximate_dropped,
+                backend=state.backend,
+            ),
         )
     else:
         out = block_sparse_attention(
@@ -185,18 +195,25 @@ def _prefill(
     return out
 
 
-def _work_density(layout: Any, tail: int) -> float:
+def _work_density(layout: Any, tail: int) -> torch.Tensor:
     """The layout's causal block density plus ``tail`` exact rows over all keys and its token columns (a column of a
-    query block is ``block_q`` pairs: ``1 / block_k`` of a block), in causal-block units (<= 1)."""
+    query block is ``block_q`` pairs: ``1 / block_k`` of a block), in causal-block units (<= 1).
+
+    Returns a 0-dim float64 tensor on the layout's device, computed without a host sync (reading it syncs), so the
+    ``on_prefill`` hook does not stall the forward it observes.
+    """
     from sparseflash.layouts import causal_block_mask
 
+    layout = getattr(layout, "blocks", layout)  # a PermutedLayout computes its BlockLayout over permuted keys
     bq, bk = layout.block_size
-    allowed = max(int(causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk)).sum()), 1)
-    extra = tail * layout.seq_len_k / (bq * bk * allowed)
+    allowed_mask = causal_block_mask(layout.seq_len_q, layout.seq_len_k, (bq, bk), device=layout.device)
+    allowed = allowed_mask.sum(dtype=torch.float64).clamp_min(1.0)
+    kept = (layout.to_dense() & allowed_mask).sum(dtype=torch.float64) / (layout.batch * layout.num_heads)
+    extra = tail * layout.seq_len_k / (bq * bk)
     if getattr(layout, "has_columns", False):
-        columns_per_head = float(layout.col_counts.sum(dtype=torch.float64)) / (layout.batch * layout.num_heads)
-        extra += columns_per_head / (bk * allowed)
-    return min(1.0, layout.density() + extra)
+        columns_per_head = layout.col_counts.sum(dtype=torch.float64) / (layout.batch * layout.num_heads)
+        kept = kept + columns_per_head / bk
+    return ((kept + extra) / allowed).clamp_max(1.0)
 
 
 def _decode(

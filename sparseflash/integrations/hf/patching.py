@@ -49,6 +49,7 @@ from sparseflash.integrations.hf.plan import (  # noqa: F401  (the public names 
     _check_pattern_options,
     _layer_overrides,
     _patch_settings,
+    check_dropped_pool,
     check_patch_options,
     probe_qk,
     with_safe_options,
@@ -78,8 +79,9 @@ def patch(model: Any, method: str = DEFAULT_METHOD, **options: Any) -> Any:
             * ``approximate_dropped``: each block a row's layout drops enters its softmax as one pooled token
               (mean key, mean value, log of its size added to the logit), so the row's normaliser and output
               account for the dropped mass (:mod:`sparseflash.ops.prefill.dropped_blocks`; cost ~1/(block/2) of dense
-              attention). Not for ``permuted`` (its blocks index permuted keys). Default
-              :data:`DEFAULT_APPROXIMATE_DROPPED`.
+              attention). An int ``n`` (a power of two dividing the layout's ``block_k``) pools every ``n`` keys
+              of a dropped block instead: a closer estimate for ``block_k / n`` times that cost. Not for
+              ``permuted`` (its blocks index permuted keys). Default :data:`DEFAULT_APPROXIMATE_DROPPED`.
             * ``layer_options``: per-layer overrides ``{layer: "dense" | method | {"method": m, **opts}}``;
               a dict without ``"method"`` (or with the patch's own method) updates the global options, another
               method starts from its defaults.
@@ -252,9 +254,13 @@ def _build_state(
             select=get_pattern(layer_method).fn if layer_method != DENSE else None,
         )
     approximate_dropped = settings["approximate_dropped"]
+    check_dropped_pool(
+        approximate_dropped, [(p.method, p.options, f"layer {i}'s {p.method}") for i, p in plans.items()]
+    )
     if approximate_dropped and any(p.method == "permuted" for p in plans.values()):
         raise ValueError(
-            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), got True"
+            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), "
+            f"got {approximate_dropped!r}"
         )
     return PatchState(
         method=method,

@@ -66,21 +66,22 @@ class PatchState:
 
     ``on_prefill``: an optional hook ``(layer_idx, density)`` called after every prefill of a layer through the
     ``sparse`` or ``dense`` routes: 1.0 for a dense prefill, else the layout's causal block density plus the exact
-    last query rows in the same units (the work done, relative to dense). Setting it costs one host sync per
-    sparse layer call; the evaluation harness uses it to report densities.
+    last query rows in the same units (the work done, relative to dense), as a 0-dim float64 tensor on the
+    model's device computed without a host sync: read it (``float(d)``) after the forward, so the hook does not
+    stall the prefill it observes. The evaluation harness uses it to report densities.
     """
 
     method: str
     options: dict[str, Any]
     min_sparse_len: int
     dense_last_queries: int
-    approximate_dropped: bool
+    approximate_dropped: bool | int  # an int: keys per pooled token (True: one pooled token per block)
     decode: str
     backend: str
     plans: dict[int, LayerPlan]
     previous_attn_implementation: str | None
     calls: Counter = field(default_factory=Counter)
-    on_prefill: Callable[[int, float], None] | None = None
+    on_prefill: Callable[[int, float | torch.Tensor], None] | None = None
 
 
 def with_safe_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,8 +173,10 @@ def check_patch_options(method: str, options: Mapping[str, Any] | None = None, n
     plans = [(method, global_options, method)] + [(m, o, f"layer_options[{i}]") for i, (m, o) in overrides.items()]
     if settings["approximate_dropped"] and any(m == "permuted" for m, _, _ in plans):
         raise ValueError(
-            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), got True"
+            "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), "
+            f"got {settings['approximate_dropped']!r}"
         )
+    check_dropped_pool(settings["approximate_dropped"], plans)
     seen: set[str] = set()
     for layer_method, layer_opts, where in plans:
         key = repr((layer_method, sorted(layer_opts.items())))
@@ -224,6 +227,25 @@ def _probe_pattern(method: str, options: Mapping[str, Any], where: str) -> None:
         raise cls(str(err) if where == method else f"{where}: {err}") from None
 
 
+def check_dropped_pool(pool: bool | int, plans: Iterable[tuple[str, Mapping[str, Any], str]]) -> None:
+    """An int ``approximate_dropped`` (keys per pooled token) must divide the block_k of every sparse plan
+    ``(method, options, where)``; raises ValueError naming the plan."""
+    if isinstance(pool, bool):
+        return
+    from sparseflash.patterns import options_of
+
+    for layer_method, layer_opts, where in plans:
+        if layer_method == DENSE:
+            continue
+        block = layer_opts.get("block_size", options_of(layer_method).get("block_size", 128))
+        block_k = block[-1] if isinstance(block, list | tuple) else block
+        if isinstance(block_k, int) and block_k % pool:
+            raise ValueError(
+                f"approximate_dropped: expected keys per pooled token dividing {where}'s block_k = {block_k}, "
+                f"got {pool}"
+            )
+
+
 def _patch_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Take the patch options out of ``options`` (in place; the pattern's options stay) and check them."""
     _check_method(method)
@@ -239,9 +261,17 @@ def _patch_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
         "dense_last_queries", options.pop("dense_last_queries", DEFAULT_DENSE_LAST_QUERIES), 0
     )
     approximate_dropped = options.pop("approximate_dropped", DEFAULT_APPROXIMATE_DROPPED)
-    if not isinstance(approximate_dropped, bool):
+    if not isinstance(approximate_dropped, bool | int):
         raise TypeError(
-            f"approximate_dropped: expected a bool, got {type(approximate_dropped).__name__} {approximate_dropped!r}"
+            "approximate_dropped: expected a bool or an int (keys per pooled token), got "
+            f"{type(approximate_dropped).__name__} {approximate_dropped!r}"
+        )
+    if not isinstance(approximate_dropped, bool) and (
+        approximate_dropped < 1 or approximate_dropped & (approximate_dropped - 1)
+    ):
+        raise ValueError(
+            f"approximate_dropped: expected True, False or a power of two >= 1 (keys per pooled token), "
+            f"got {approximate_dropped}"
         )
     backend = options.pop("backend", "auto")
     if backend not in BACKENDS:

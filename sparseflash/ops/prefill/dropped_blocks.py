@@ -55,6 +55,24 @@ def eligible_dropped(layout: BlockLayout) -> torch.Tensor:
     return whole & ~layout.to_dense()
 
 
+def check_pool_size(pool_size: object, block_k: int) -> int:
+    """``pool_size`` checked against the layout's ``block_k`` (None: ``block_k``); raises ValueError/TypeError."""
+    if pool_size is None:
+        return block_k
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+        raise TypeError(f"pool_size: expected an int, got {type(pool_size).__name__} {pool_size!r}")
+    if pool_size < 1 or pool_size & (pool_size - 1) or block_k % pool_size:
+        raise ValueError(
+            f"pool_size: expected a power of two dividing the layout's block_k = {block_k}, got {pool_size}"
+        )
+    return pool_size
+
+
+def _pools_of(mask: torch.Tensor, per_block: int, num_pools: int) -> torch.Tensor:
+    """A ``(..., Kb)`` block mask as a ``(..., Kp)`` pooled-token mask (each block's ``per_block`` pools)."""
+    return mask.repeat_interleave(per_block, dim=-1)[..., :num_pools] if per_block > 1 else mask
+
+
 def _per_query_head(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
     """A (B, H', Qb, Kb) mask with H' in (1, Hkv, Hq) repeated onto the Hq query heads (group of ``h // G``)."""
     return mask if mask.shape[1] == num_heads else mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
@@ -67,6 +85,7 @@ def dropped_block_attention(
     layout: BlockLayout,
     *,
     scale: float | None = None,
+    pool_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row over the pooled tokens of its dropped blocks (module docstring).
@@ -75,6 +94,10 @@ def dropped_block_attention(
         q: ``(B, Hq, Sq, D)``. k, v: ``(B, Hkv, Sk, D)``, ``Hq`` a multiple of ``Hkv``; fp16/bf16/fp32.
         layout: the :class:`~sparseflash.BlockLayout` the sparse attention used (heads 1, Hkv or Hq; batch 1 or B).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        pool_size: keys per pooled token, a power of two dividing the layout's ``block_k``; default ``block_k``
+            (one pooled token per dropped block). Smaller pools estimate the dropped mass and values more
+            closely (Jensen's gap shrinks with the spread of the logits inside a pool) for ``block_k / pool_size``
+            times the work.
         backend: 'auto' (the Triton kernel on CUDA, PyTorch on the CPU), 'triton' (CUDA, or CPU tensors under
             ``TRITON_INTERPRET=1``) or 'torch'. The kernel reads float32 key means (split in two for fp16/bf16
             tensor-core dots) and value means in q's dtype; PyTorch works in float32.
@@ -82,7 +105,7 @@ def dropped_block_attention(
     Raises:
         TypeError, ValueError: bad q/k/v (as :func:`sparseflash.flash_attention`), a layout that does not fit
             them or is a permuted one (its blocks index permuted keys), a layout with token columns, a bad
-            ``scale`` or ``backend``.
+            ``scale``, ``pool_size`` or ``backend``.
 
     Returns:
         ``(out, lse)``: out ``(B, Hq, Sq, D)`` in q's dtype (0 on rows with no eligible dropped block), lse
@@ -104,8 +127,9 @@ def dropped_block_attention(
     scale = check_scale(scale, dim)
     backend = check_backend(backend, q.device)
     bq, bk = layout.block_size
-    k_mean, counts = block_means(k, bk)  # (B, Hkv, Kb, D)
-    v_mean, _ = block_means(v, bk)
+    pool = check_pool_size(pool_size, bk)
+    k_mean, counts = block_means(k, pool)  # (B, Hkv, Kp, D)
+    v_mean, _ = block_means(v, pool)
     if backend == "triton":
         from sparseflash.ops.prefill.dropped_blocks_kernel import dropped_blocks_triton
 
@@ -116,10 +140,12 @@ def dropped_block_attention(
             layout.to_dense(),
             seq_len_k=k.shape[2],
             block_size=layout.block_size,
+            pool_size=pool,
             scale=scale,
         )
-    bias = torch.log(counts)  # (Kb,)
-    dropped = _per_query_head(eligible_dropped(layout), num_heads).expand(batch, num_heads, -1, -1)
+    bias = torch.log(counts)  # (Kp,)
+    dropped = _pools_of(_per_query_head(eligible_dropped(layout), num_heads), bk // pool, k_mean.shape[2])
+    dropped = dropped.expand(batch, num_heads, -1, -1)
     out = torch.zeros(batch, num_heads, seq_q, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, num_heads, seq_q), -math.inf, dtype=torch.float32, device=q.device)
     km = k_mean.repeat_interleave(group, dim=1)  # (B, Hq, Kb, D): Kb << Sk, cheap
@@ -129,7 +155,7 @@ def dropped_block_attention(
         stop = min(start + step, seq_q)
         rows = torch.arange(start, stop, device=q.device) // bq
         logits = torch.matmul(q[:, :, start:stop].float(), km.transpose(-1, -2)) * scale + bias
-        mask = dropped[:, :, rows]  # (B, Hq, rows, Kb)
+        mask = dropped[:, :, rows]  # (B, Hq, rows, Kp)
         logits = logits.masked_fill(~mask, -math.inf)
         chunk_lse = torch.logsumexp(logits, dim=-1)
         weights = torch.exp(logits - torch.where(torch.isfinite(chunk_lse), chunk_lse, 0.0)[..., None])
@@ -146,12 +172,14 @@ def dropped_block_attention_reference(
     layout: BlockLayout,
     *,
     scale: float | None = None,
+    pool_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 loop version of :func:`dropped_block_attention` (one row, head and block at a time; tests only)."""
     batch, num_heads, seq_q, dim = q.shape
     group = num_heads // k.shape[1]
     scale = dim**-0.5 if scale is None else scale
     bq, bk = layout.block_size
+    pool = bk if pool_size is None else pool_size
     dropped = _per_query_head(eligible_dropped(layout), num_heads)
     out = torch.zeros(batch, num_heads, seq_q, dim, dtype=torch.float64)
     lse = torch.full((batch, num_heads, seq_q), -math.inf, dtype=torch.float64)
@@ -160,16 +188,12 @@ def dropped_block_attention_reference(
             kh, vh = k[b, h // group].double(), v[b, h // group].double()
             for i in range(seq_q):
                 blocks = dropped[min(b, dropped.shape[0] - 1), h, i // bq].nonzero().flatten().tolist()
-                if not blocks:
+                pools = [(s, min(s + pool, k.shape[2])) for j in blocks for s in range(j * bk, (j + 1) * bk, pool)]
+                pools = [(s, e) for s, e in pools if s < e]
+                if not pools:
                     continue
-                logit = torch.stack(
-                    [
-                        q[b, h, i].double() @ kh[j * bk : (j + 1) * bk].mean(0) * scale
-                        + math.log(kh[j * bk : (j + 1) * bk].shape[0])
-                        for j in blocks
-                    ]
-                )
+                logit = torch.stack([q[b, h, i].double() @ kh[s:e].mean(0) * scale + math.log(e - s) for s, e in pools])
                 p = torch.softmax(logit, 0)
-                out[b, h, i] = sum(p[n] * vh[j * bk : (j + 1) * bk].mean(0) for n, j in enumerate(blocks))
+                out[b, h, i] = sum(p[n] * vh[s:e].mean(0) for n, (s, e) in enumerate(pools))
                 lse[b, h, i] = torch.logsumexp(logit, 0)
     return out, lse

@@ -1,7 +1,8 @@
 """Triton kernel for :func:`sparseflash.ops.prefill.dropped_blocks.dropped_block_attention` (the CUDA path).
 
-One program per (tile of ``BLOCK_M`` query rows, batch * query head). It walks the pooled key blocks ``J`` in
-tiles of ``BLOCK_KB`` from the block means ``k_mean, v_mean`` ``(B, Hkv, Kb, D)``, computed beforehand by
+One program per (tile of ``BLOCK_M`` query rows, batch * query head). It walks the pooled tokens ``J`` (one per
+``POOL`` keys: one per layout block by default, or several per block) in tiles of ``BLOCK_KB`` from the means
+``k_mean, v_mean`` ``(B, Hkv, Kp, D)``, computed beforehand by
 :func:`~sparseflash.ops.prefill.dropped_blocks.block_means` in float32. ``k_mean`` stays float32; for fp16/bf16
 inputs each tile is split into a q-dtype high part and the q-dtype remainder, two tensor-core dots whose sum is
 as accurate as a float32 mean (a bf16-rounded mean alone would move the logits by up to ``2**-9`` of their size,
@@ -9,12 +10,12 @@ more than the reference tolerance of the lse). ``v_mean`` is stored in q's dtype
 before ``p @ v_mean`` as in the prefill kernel. fp32 inputs: fp32 means and IEEE fp32 dots (no tensor cores,
 still small). For each row the loop keeps the blocks that are
 
-* dropped by the layout: the layout's dense keep mask ``(B or 1, H', Qb, Kb)``, ``H'`` in ``{1, Hkv, Hq}``,
+* in a block dropped by the layout: the layout's dense keep mask ``(B or 1, H', Qb, Kb)``, ``H'`` in ``{1, Hkv, Hq}``,
   read in place (query head ``h`` reads layout head ``h // (Hq / H')``, batch stride 0 for a shared layout), and
 * wholly before the row block's first query under bottom-right causality (computed here from positions; the
   loop stops at the last block that can qualify, so on average it reads half of the ``Kb`` blocks).
 
-Logit ``scale * q . k_mean_J + log n_J`` (``n_J = block_k``, the last block ``Sk - (Kb - 1) * block_k``); online
+Logit ``scale * q . k_mean_J + log n_J`` (``n_J = POOL``, the last pool ``Sk - (Kp - 1) * POOL``); online
 softmax in base 2 with fp32 running max and sum; ``acc += p @ v_mean``. A row with no eligible block writes
 out 0 and lse -inf. Non-finite means are not special-cased (as in the PyTorch path): a NaN mean of an eligible
 block makes its row NaN, and so does a NaN value mean of a skipped block inside a visited tile (``0 * NaN`` in
@@ -75,13 +76,14 @@ def dropped_blocks_fwd_kernel(
     LAYOUT_DIV,
     S_Q,
     S_K,
-    KB,
+    KP,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KB: tl.constexpr,
     LAYOUT_BLOCK_Q: tl.constexpr,
     LAYOUT_BLOCK_K: tl.constexpr,
+    POOL: tl.constexpr,
     OFFS_64: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -101,11 +103,12 @@ def dropped_blocks_fwd_kernel(
     causal_offset = S_K - S_Q
     row_block = (tile * BLOCK_M) // LAYOUT_BLOCK_Q  # the layout row of every row of this program
     first_query = row_block * LAYOUT_BLOCK_Q + causal_offset  # its first query position
-    # keys [0, reach) precede the first query: the whole blocks are the first reach // block_k, or all Kb when
-    # reach is Sk (the ragged last block ends at Sk). Every block the loop visits is whole: only the keep mask is
-    # read per block
+    # keys [0, reach) precede the first query: the whole blocks are the first reach // block_k, or all of them
+    # when reach is Sk (the ragged last block ends at Sk). Every block the loop visits is whole: only the keep mask
+    # is read per pooled token (of the block holding it)
     reach = first_query + 1
-    hi = tl.where(reach >= S_K, KB, tl.maximum(reach, 0) // LAYOUT_BLOCK_K)
+    per_block: tl.constexpr = LAYOUT_BLOCK_K // POOL
+    hi = tl.where(reach >= S_K, KP, (tl.maximum(reach, 0) // LAYOUT_BLOCK_K) * per_block)
 
     if OFFS_64:
         q_row = offs_m.to(tl.int64)
@@ -135,9 +138,9 @@ def dropped_blocks_fwd_kernel(
         else:
             s = tl.dot(q, tl.trans(km), input_precision="ieee")
         s = s * qk_scale  # [BLOCK_M, BLOCK_KB], base 2
-        block_end = tl.minimum((offs_j + 1) * LAYOUT_BLOCK_K, S_K)
-        s += tl.log2(tl.maximum(block_end - offs_j * LAYOUT_BLOCK_K, 1).to(tl.float32))[None, :]  # log2 n_J
-        kept = tl.load(KEEP_row + offs_j * stride_mj, mask=j_ok, other=1)
+        pool_end = tl.minimum((offs_j + 1) * POOL, S_K)
+        s += tl.log2(tl.maximum(pool_end - offs_j * POOL, 1).to(tl.float32))[None, :]  # log2 n_J
+        kept = tl.load(KEEP_row + (offs_j // per_block) * stride_mj, mask=j_ok, other=1)
         eligible = (kept == 0) & j_ok  # [BLOCK_KB]
         s = tl.where(eligible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -168,15 +171,17 @@ def dropped_blocks_triton(
     *,
     seq_len_k: int,
     block_size: tuple[int, int],
+    pool_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on checked inputs.
 
     Args:
-        q: ``(B, Hq, Sq, D)``, any strides. k_mean, v_mean: ``(B, Hkv, Kb, D)`` contiguous; k_mean float32,
-            v_mean in q's dtype.
+        q: ``(B, Hq, Sq, D)``, any strides. k_mean, v_mean: ``(B, Hkv, Kp, D)`` contiguous means over pools of
+            ``pool_size`` keys (``Kp = ceil(Sk / pool_size)``); k_mean float32, v_mean in q's dtype.
         keep: bool ``(B or 1, H', Qb, Kb)``, the layout's dense keep mask (``BlockLayout.to_dense()``).
-        seq_len_k: ``Sk`` (the last block holds ``Sk - (Kb - 1) * block_k`` keys). block_size: the layout's.
+        seq_len_k: ``Sk`` (the last pool holds ``Sk - (Kp - 1) * pool_size`` keys). block_size: the layout's.
+        pool_size: keys per pooled token, a power of two dividing ``block_size[1]``.
 
     Returns:
         out ``(B, Hq, Sq, D)`` in q's dtype, lse ``(B, Hq, Sq)`` float32 (natural log).
@@ -184,10 +189,11 @@ def dropped_blocks_triton(
     from sparseflash.ops.prefill.launcher import _needs_int64
 
     batch, num_heads, seq_len_q, head_dim = q.shape
-    num_kv_heads, num_k_blocks = k_mean.shape[1], k_mean.shape[2]
+    num_kv_heads, num_pools = k_mean.shape[1], k_mean.shape[2]
     assert k_mean.dtype == torch.float32 and v_mean.dtype == q.dtype
     assert k_mean.is_contiguous() and v_mean.shape == k_mean.shape and v_mean.stride() == k_mean.stride()
     block_q, block_k = block_size
+    assert block_k % pool_size == 0
     out = torch.empty(batch, num_heads, seq_len_q, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
     keep = keep.view(torch.uint8)  # same bytes, a dtype every Triton version loads
@@ -213,13 +219,14 @@ def dropped_blocks_triton(
         num_heads // keep.shape[1],
         seq_len_q,
         seq_len_k,
-        num_k_blocks,
+        num_pools,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m,
         BLOCK_KB=_BLOCK_KB,
         LAYOUT_BLOCK_Q=block_q,
         LAYOUT_BLOCK_K=block_k,
+        POOL=pool_size,
         OFFS_64=_needs_int64(q, out),
         SPLIT_K=q.dtype != torch.float32,
         num_warps=8 if head_dim > 128 else 4,
