@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-factor", type=float, default=10.0)
     p.add_argument("--out", required=True)
     p.add_argument("--choose", default=None, help="write the chosen variant here (JSON)")
+    p.add_argument("--choose-method", default=None, help="choose among this method's variants only (default: all)")
     args = p.parse_args(argv)
     variants = load_variants(args.variants)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     if args.choose:
-        best = choose(rows, max(lengths))
+        among = [r for r in rows if args.choose_method in (None, r["method"])]
+        best = choose(among, max(lengths))
         if best is None:
             print("no variant meets the bar", file=sys.stderr)
             Path(args.choose).write_text(json.dumps(None))

@@ -135,8 +135,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=540.0,
         help="skip the remaining cases once this many seconds have passed",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE",
+        help='also time patch(model, method, **options) from a JSON file {"method", "options"} (an accuracy '
+        "sweep's chosen.json), as row LABEL; repeatable; a missing file is reported and skipped",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (plumbing only)")
     return parser
+
+
+def load_variants(specs: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``LABEL=FILE`` specs as ``(label, method, options)``; files that do not exist are skipped with a line."""
+    variants = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--variant: expected LABEL=FILE, got {spec!r}")
+        try:
+            chosen = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            print(f"--variant {label}: {path} does not exist, skipped", flush=True)
+            continue
+        if not isinstance(chosen, dict) or not isinstance(chosen.get("method"), str):
+            raise SystemExit(f"--variant {label}: expected a JSON object with a 'method', got {str(chosen)[:100]}")
+        variants.append((label, chosen["method"], dict(chosen.get("options") or {})))
+    return variants
 
 
 # ----------------------------------------------------------------------------------------- model and prompt
@@ -249,20 +275,30 @@ def layout_recorder(model: Any) -> Iterator[list[float]]:
 
 
 @contextlib.contextmanager
-def method_applied(model: Any, method: str, min_sparse_len: int | None) -> Iterator[None]:
-    """``sdpa``: the model as loaded; else ``sparseflash.patch(model, method)`` inside the block."""
+def method_applied(
+    model: Any, method: str, min_sparse_len: int | None, options: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """``sdpa``: the model as loaded; else ``sparseflash.patch(model, method, **options)`` inside the block."""
     if method == SDPA:
         yield
         return
     from sparseflash.integrations.hf import patched
 
-    options = {} if min_sparse_len is None else {"min_sparse_len": min_sparse_len}
+    options = dict(options or {})
+    if min_sparse_len is not None:
+        options["min_sparse_len"] = min_sparse_len
     with patched(model, method, **options):
         yield
 
 
 def run_case(
-    model: Any, ids: torch.Tensor, method: str, reps: int, clock: _Clock, min_sparse_len: int | None
+    model: Any,
+    ids: torch.Tensor,
+    method: str,
+    reps: int,
+    clock: _Clock,
+    min_sparse_len: int | None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """One (method, length) on a warm model.
 
@@ -275,7 +311,7 @@ def run_case(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     attn_ms = attn_total_ms = None
-    with torch.inference_mode(), method_applied(model, method, min_sparse_len):
+    with torch.inference_mode(), method_applied(model, method, min_sparse_len, options):
         with layout_recorder(model) as densities:
             start = clock.mark()
             logits = forward().logits[0, -1].float()
@@ -398,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = check_methods(args.methods.split(",") if args.methods else default_methods())
     if args.quick:
         lengths, methods = [min(lengths)], methods[:4]
+    runs = [(m, m, {}) for m in methods] + load_variants(args.variant)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu --model random:tiny for plumbing)")
@@ -421,11 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     for seqlen in lengths:
         ids, text = prompt_ids(tok, seqlen, model.config.vocab_size, device)
         ref_logits = None
-        for method in methods:
+        for method, pattern, options in runs:
             row = {
                 "model": name,
                 "seqlen": seqlen,
                 "method": method,
+                **({"pattern": pattern, "options": options} if method != pattern else {}),
                 "impl": "transformers_sdpa" if method == SDPA else "sparseflash",
                 "weights": weights,
                 "prompt": text,
@@ -437,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({**row, "skipped": f"time budget {args.budget_s:.0f} s spent"})
                 continue
             try:
-                measured, logits = run_case(model, ids, method, args.reps, clock, args.min_sparse_len)
+                measured, logits = run_case(model, ids, pattern, args.reps, clock, args.min_sparse_len, options)
             except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as err:
                 rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:300]}"})
                 print(f"{seqlen} {method}: {rows[-1]['error']}", flush=True)

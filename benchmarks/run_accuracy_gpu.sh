@@ -80,11 +80,12 @@ case "$stage" in
   sweep)
     # sweep q15|q05 VARIANTS.json LENGTHS SAMPLES TASKS: {SF} in the variants file becomes $SF
     # SWEEP_NAME=NAME: results in $SF/results/NAME (default sweep_KEY), so sweeps of different questions stay apart
+    # CHOOSE_METHOD=NAME: chosen.json among that method's variants only
     key="$1"; model="$SF/models/${NAMES[$key]}"; name="${SWEEP_NAME:-sweep_$key}"; dir="$SF/results/$name"; mkdir -p "$dir"
     sed -e "s#{SF}#$SF#g" -e "s#{KEY}#$key#g" "$2" > "$dir/variants.json"
     timeout "${STAGE_TIMEOUT:-540}" python3 benchmarks/accuracy_sweep.py --model "$model" --variants "$dir/variants.json" --lengths "${3:-32768}" \
       --samples "${4:-2}" --tasks "${5:-niah_single,niah_multikey,niah_multivalue,agreement}" --batch-size 1 \
-      --out "$dir" --choose "$dir/chosen.json" 2>&1 | tee -a "$dir/log.txt"
+      --out "$dir" --choose "$dir/chosen.json" ${CHOOSE_METHOD:+--choose-method "$CHOOSE_METHOD"} 2>&1 | tee -a "$dir/log.txt"
     pack "$name" ;;
   final)
     # final q15|q05 LENGTHS SAMPLES [CHOSEN.json]: the chosen variant (default: sweep_q15's) against sdpa, + dense KL
@@ -125,9 +126,11 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
   e2e)
     # e2e q15|q05 LENGTHS METHODS: time to first token, SDPA vs patch(model, m) per method (patch()'s options),
     # with the time inside attention, on KJV prose (issue 14: the share attention leaves to speed up)
+    # E2E_VARIANTS="LABEL=FILE ...": also patch(model, method, **options) from those chosen.json files
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/e2e_$key"; mkdir -p "$dir"
+    variants=(); for v in ${E2E_VARIANTS:-}; do variants+=(--variant "$v"); done
     timeout "${STAGE_TIMEOUT:-540}" python3 benchmarks/bench_e2e_prefill.py --model "$model" --lengths "$2" \
-      --methods "${3:-sdpa,dense,xattention}" --budget-s "${E2E_BUDGET:-480}" --out "$dir" 2>&1 \
+      --methods "${3:-sdpa,dense,xattention}" --budget-s "${E2E_BUDGET:-480}" --out "$dir" "${variants[@]}" 2>&1 \
       | grep -v Warning | tee -a "$dir/log.txt"
     pack "e2e_$key" ;;
   prefetch)

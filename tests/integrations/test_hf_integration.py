@@ -827,8 +827,9 @@ def test_patch_defaults_are_the_safe_options(gen):
     assert hf.with_safe_options("xattention", {"calibration": "x.json"}) == {"calibration": "x.json"}
 
 
-def test_work_density_counts_token_columns():
-    """A layout's token columns are work too: each costs ``block_q`` pairs, 1 / block_k of a block per query block."""
+def test_work_density_counts_token_columns_and_pooled_tokens():
+    """A layout's token columns are work too: each costs ``block_q`` pairs, 1 / block_k of a block per query block;
+    so are approximate_dropped's pooled tokens, 1 / pool of a block per eligible dropped block."""
     from sparseflash.integrations.hf.forward import _work_density
     from sparseflash.layouts import BlockLayout, with_columns
 
@@ -845,3 +846,8 @@ def test_work_density_counts_token_columns():
     assert float(_work_density(blocks, 0)) == pytest.approx(8 / 36)
     assert float(_work_density(layout, 0)) == pytest.approx(8 / 36 + 7 / (32 * 36))
     assert float(_work_density(layout, 32)) == pytest.approx(8 / 36 + 7 / (32 * 36) + 32 * 256 / (32 * 32 * 36))
+    from sparseflash.ops.prefill.dropped_blocks import eligible_dropped
+
+    dropped = float(eligible_dropped(blocks).sum()) / 2  # per head: the 28 causal blocks off the diagonal
+    assert dropped == 28
+    assert float(_work_density(blocks, 0, 4)) == pytest.approx(8 / 36 + dropped / (4 * 36))  # pooled tokens

@@ -191,13 +191,17 @@ def _prefill(
         # attend every key exactly: O(tail * N) work, bottom-right causal over the whole prompt
         out[:, :, -tail:] = flash_attention(q[:, :, -tail:], k, v, causal=True, scale=scaling, backend=state.backend)
     if state.on_prefill is not None:
-        state.on_prefill(plan.layer_idx, _work_density(layout, tail))
+        pool = state.approximate_dropped
+        pool = (layout.block_size[1] if pool is True else pool) if pool else None
+        state.on_prefill(plan.layer_idx, _work_density(layout, tail, pool))
     return out
 
 
-def _work_density(layout: Any, tail: int) -> torch.Tensor:
+def _work_density(layout: Any, tail: int, pool: int | None = None) -> torch.Tensor:
     """The layout's causal block density plus ``tail`` exact rows over all keys and its token columns (a column of a
-    query block is ``block_q`` pairs: ``1 / block_k`` of a block), in causal-block units (<= 1).
+    query block is ``block_q`` pairs: ``1 / block_k`` of a block), in causal-block units (<= 1). With ``pool``
+    (``approximate_dropped``'s keys per pooled token) every eligible dropped block adds its pooled tokens, ``1 /
+    pool`` of a block each block.
 
     Returns a 0-dim float64 tensor on the layout's device, computed without a host sync (reading it syncs), so the
     ``on_prefill`` hook does not stall the forward it observes.
@@ -213,6 +217,11 @@ def _work_density(layout: Any, tail: int) -> torch.Tensor:
     if getattr(layout, "has_columns", False):
         columns_per_head = layout.col_counts.sum(dtype=torch.float64) / (layout.batch * layout.num_heads)
         kept = kept + columns_per_head / bk
+    if pool:
+        from sparseflash.ops.prefill.dropped_blocks import eligible_dropped
+
+        dropped = eligible_dropped(layout).sum(dtype=torch.float64) / (layout.batch * layout.num_heads)
+        kept = kept + dropped / pool
     return ((kept + extra) / allowed).clamp_max(1.0)
 
 
