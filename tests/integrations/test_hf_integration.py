@@ -851,3 +851,23 @@ def test_work_density_counts_token_columns_and_pooled_tokens():
     dropped = float(eligible_dropped(blocks).sum()) / 2  # per head: the 28 causal blocks off the diagonal
     assert dropped == 28
     assert float(_work_density(blocks, 0, 4)) == pytest.approx(8 / 36 + dropped / (4 * 36))  # pooled tokens
+
+
+def test_dense_prefills_of_a_sparse_patch_go_to_sdpa_on_cuda_only():
+    """exact_by_sdpa: a pattern patch's dense prefills (dense layers, short prompts, windows) use SDPA on CUDA with
+    backend auto; patch(model, "dense"), an explicit backend and the CPU keep sparseflash's kernels."""
+    from sparseflash.integrations.hf.forward import exact_by_sdpa
+
+    model = tiny_model("llama")
+    with patched(model, "streaming", min_sparse_len=100, dense_layers=[0], **SPARSE) as m:
+        state = patch_state(m)
+        dense_plan, sparse_plan = state.plans[0], state.plans[1]
+        assert exact_by_sdpa(state, dense_plan, 500, None, "cuda")  # a dense layer
+        assert exact_by_sdpa(state, sparse_plan, 99, None, "cuda")  # a short prompt
+        assert exact_by_sdpa(state, sparse_plan, 500, 64, "cuda")  # a window that holds the context
+        assert not exact_by_sdpa(state, sparse_plan, 100, None, "cuda")  # the sparse route
+        assert not exact_by_sdpa(state, dense_plan, 500, None, "cpu")
+    with patched(model, "streaming", min_sparse_len=100, backend="torch", **SPARSE) as m:
+        assert not exact_by_sdpa(patch_state(m), patch_state(m).plans[1], 99, None, "cuda")
+    with patched(model, "dense") as m:
+        assert not exact_by_sdpa(patch_state(m), patch_state(m).plans[1], 99, None, "cuda")

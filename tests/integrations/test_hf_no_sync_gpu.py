@@ -74,3 +74,15 @@ def test_sparse_prefill_adds_no_host_sync(options):
         assert patch_state(model).calls["sparse"] == 4  # 2 layers x (warm-up + checked forward)
     assert patched_syncs <= baseline, f"patched forward synced {patched_syncs} times, unpatched {baseline}"
     assert all(0.0 < float(d) <= 1.0 for d in seen)
+
+
+def test_short_prompts_of_a_sparse_patch_run_sdpa_exactly():
+    """Below min_sparse_len a pattern patch's prefill is transformers' SDPA: the same logits as unpatched."""
+    model = _model()
+    ids = torch.randint(0, 512, (1, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with torch.inference_mode():
+        plain = model(input_ids=ids, use_cache=False).logits
+        with patched(model, "xattention", min_sparse_len=2048):
+            out = model(input_ids=ids, use_cache=False).logits
+            assert patch_state(model).calls == {"dense_sdpa": 2}
+    assert torch.equal(out, plain)

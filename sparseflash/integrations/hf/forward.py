@@ -4,6 +4,8 @@
   ``patterns.get(method).fn(q, k, **options)`` then :func:`sparseflash.block_sparse_attention`.
 * ``dense``: the other prefills (``method="dense"``, dense layers, short prompts, sliding-window layers whose
   whole context fits in their window): :func:`sparseflash.flash_attention`.
+* ``dense_sdpa``: those same dense prefills of a model patched with a pattern, on CUDA with ``backend="auto"``:
+  transformers' SDPA, as the unpatched model (:func:`exact_by_sdpa`).
 * ``decode``: one new token over the KV cache: :func:`sparseflash.ops.decode.decode_attention` (split-KV), or
   :func:`sparseflash.flash_attention` (exact under bottom-right causality) in builds without it.
 * ``decode_sparse``: the same with ``decode="sparse"`` on a sparse layer: the pattern picks key blocks for the
@@ -119,6 +121,11 @@ def attention_forward(
             mask = _window_mask(seq_q, seq_k, window, query.device)
             return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
         if seq_q == seq_k:
+            if exact_by_sdpa(state, plan, seq_q, window, query.device.type):
+                state.calls["dense_sdpa"] += 1
+                if state.on_prefill is not None:
+                    state.on_prefill(plan.layer_idx, 1.0)
+                return _sdpa(module, query, key, value, None, scaling, dropout, kwargs)
             out = _prefill(state, plan, query, key, value, scaling, window)
         elif seq_q == 1:
             out = _decode(state, plan, query, key, value, scaling, window)
@@ -132,6 +139,23 @@ def attention_forward(
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     out = _prefill_padded(state, plan, query, key, value, scaling, padding)
     return out.transpose(1, 2).contiguous(), None
+
+
+def exact_by_sdpa(state: PatchState, plan: LayerPlan, seq_q: int, window: int | None, device_type: str) -> bool:
+    """Whether a dense prefill of a sparse patch goes to PyTorch's SDPA (the ``dense_sdpa`` route).
+
+    A model patched with a pattern computes its dense prefills (dense layers, prompts shorter than
+    ``min_sparse_len``, sliding-window layers whose context fits their window) exactly as the unpatched model
+    would, with transformers' SDPA, on CUDA with ``backend="auto"``: no slower than not patching (our dense kernel
+    is 0.88-0.94x of SDPA inside Qwen2.5-Coder-1.5B on an H200, README). ``patch(model, "dense")`` and
+    ``backend="triton"`` keep sparseflash's own kernels.
+    """
+    return (
+        device_type == "cuda"
+        and state.backend == "auto"
+        and state.method != DENSE
+        and (plan.method == DENSE or window is not None or seq_q < state.min_sparse_len)
+    )
 
 
 def _prefill(
