@@ -14,7 +14,7 @@ import torch
 
 from sparseflash import _options as opt
 from sparseflash._validate import check_qk
-from sparseflash.layouts import BlockLayout
+from sparseflash.layouts import BlockLayout, with_columns
 from sparseflash.ops.scores.antidiagonal import (  # noqa: F401  (re-exported: the estimator lives in ops/scores)
     DEFAULT_STRIDE,
     STRIDES,
@@ -22,10 +22,13 @@ from sparseflash.ops.scores.antidiagonal import (  # noqa: F401  (re-exported: t
     xattention_scores_reference,
     xattention_scores_triton,
 )
+from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import selection as sel
+from sparseflash.patterns.minference import vertical_columns
 from sparseflash.patterns.registry import register
 
 DEFAULT_THRESHOLD = 0.9  # xattn_estimate's scalar default
+LAST_QUERIES = 64  # queries whose attention picks the ``columns`` (MInference's last_q)
 
 
 @register("xattention", kind="dynamic", heads="q")
@@ -41,6 +44,7 @@ def xattention(
     heads: str = "q",
     local_blocks: int = 0,
     extra_blocks: int = 0,
+    columns: int = 0,
     scale: float | None = None,
     backend: str = "auto",
 ) -> BlockLayout:
@@ -62,11 +66,16 @@ def xattention(
             0 (default) is XAttention's rule.
         extra_blocks: per row, also keep this many next-best blocks after the threshold is reached. 0 (default)
             is the paper's rule; 1 is what the official code does in its first chunk (``methods.md`` §7).
+        columns: also keep this many key tokens per head as token columns of the layout (MInference's vertical
+            lines: the keys the last ``min(64, Sq)`` queries attend most, by
+            :func:`~sparseflash.ops.scores.last_queries.last_query_scores`), gathered by the kernel in every query
+            block that sees them and whose kept blocks do not already hold them. 0 (default) adds none. Each
+            column costs ``1 / block_k`` of a block per query block.
         scale: softmax scale for the estimate, default ``1 / sqrt(D)``.
         backend: estimator backend, see :func:`xattention_scores`.
 
     Returns:
-        A :class:`BlockLayout` ``(B, Hq or Hkv, Qb, Kb)``.
+        A :class:`BlockLayout` ``(B, Hq or Hkv, Qb, Kb)``; with ``columns``, its token columns too.
     """
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_k, _ = check_qk("xattention", q, k)
     stride = opt.check_stride("xattention: stride", stride, STRIDES)
@@ -88,7 +97,17 @@ def xattention(
         seq_len_q, seq_len_k, bs, sink_blocks=1, local_blocks=local_blocks, causal=causal, device=q.device
     )
     extra_blocks = opt.check_nonnegative_int("xattention: extra_blocks", extra_blocks)
+    columns = opt.check_nonnegative_int("xattention: columns", columns)
     keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced, extra=extra_blocks)
     if heads == "kv":
         keep = sel.group_heads(keep, num_kv_heads)
-    return sel.to_layout(keep, seq_len_q, seq_len_k, bs)
+    layout = sel.to_layout(keep, seq_len_q, seq_len_k, bs)
+    if not columns:
+        return layout
+    vert, _ = last_query_scores(
+        q, k, num_queries=min(LAST_QUERIES, seq_len_q), causal=causal, scale=scale, slash=False, backend=backend
+    )
+    verticals = vert.topk(min(columns, seq_len_k), dim=-1, sorted=False).indices  # (B, Hq, c)
+    if heads == "kv":
+        verticals = verticals.reshape(batch, num_kv_heads, -1)  # the group's columns, together
+    return with_columns(layout, vertical_columns(verticals, seq_len_q, seq_len_k, bs[0]), check=False)

@@ -45,6 +45,9 @@ def test_xattention_selection_and_dropped_blocks_read_nothing_back(gen):
     assert _forbidden(lambda: dropped_block_attention(q, k, v, layout, backend="torch")) == []
     assert _forbidden(lambda: dropped_block_attention(q, k, v, layout, pool_size=16, backend="torch")) == []
     assert _forbidden(lambda: _work_density(layout, 64, 16)) == []
+    with_cols = patterns.select("xattention", q, k, columns=32, **options)
+    assert _forbidden(lambda: patterns.select("xattention", q, k, columns=32, **options)) == []
+    assert _forbidden(lambda: _work_density(with_cols, 64)) == []
 
 
 def test_the_check_catches_a_python_scalar_written_into_a_tensor():

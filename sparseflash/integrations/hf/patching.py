@@ -49,7 +49,7 @@ from sparseflash.integrations.hf.plan import (  # noqa: F401  (the public names 
     _check_pattern_options,
     _layer_overrides,
     _patch_settings,
-    check_dropped_pool,
+    check_approximate_dropped,
     check_patch_options,
     probe_qk,
     with_safe_options,
@@ -256,7 +256,7 @@ def _build_state(
             select=get_pattern(layer_method).fn if layer_method != DENSE else None,
         )
     approximate_dropped = settings["approximate_dropped"]
-    check_dropped_pool(
+    check_approximate_dropped(
         approximate_dropped, [(p.method, p.options, f"layer {i}'s {p.method}") for i, p in plans.items()]
     )
     if approximate_dropped and any(p.method == "permuted" for p in plans.values()):

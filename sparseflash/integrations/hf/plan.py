@@ -178,7 +178,7 @@ def check_patch_options(method: str, options: Mapping[str, Any] | None = None, n
             "approximate_dropped: expected False with method 'permuted' (its layouts index permuted keys), "
             f"got {settings['approximate_dropped']!r}"
         )
-    check_dropped_pool(settings["approximate_dropped"], plans)
+    check_approximate_dropped(settings["approximate_dropped"], plans)
     seen: set[str] = set()
     for layer_method, layer_opts, where in plans:
         key = repr((layer_method, sorted(layer_opts.items())))
@@ -229,15 +229,23 @@ def _probe_pattern(method: str, options: Mapping[str, Any], where: str) -> None:
         raise cls(str(err) if where == method else f"{where}: {err}") from None
 
 
-def check_dropped_pool(pool: bool | int, plans: Iterable[tuple[str, Mapping[str, Any], str]]) -> None:
-    """An int ``approximate_dropped`` (keys per pooled token) must divide the block_k of every sparse plan
-    ``(method, options, where)``; raises ValueError naming the plan."""
-    if isinstance(pool, bool):
+def check_approximate_dropped(pool: bool | int, plans: Iterable[tuple[str, Mapping[str, Any], str]]) -> None:
+    """``approximate_dropped`` against every sparse plan ``(method, options, where)``: no token columns (a dropped
+    block may hold attended columns: its pooled token would count them twice), and an int (keys per pooled token)
+    must divide the plan's block_k; raises ValueError naming the plan."""
+    if pool is False:
         return
     from sparseflash.patterns import options_of
 
     for layer_method, layer_opts, where in plans:
         if layer_method == DENSE:
+            continue
+        columns = layer_opts.get("columns", False)
+        if columns is True or (not isinstance(columns, bool) and isinstance(columns, int) and columns > 0):
+            raise ValueError(
+                f"approximate_dropped: expected False with token columns ({where}: columns={columns!r}), got {pool!r}"
+            )
+        if isinstance(pool, bool):
             continue
         block = layer_opts.get("block_size", options_of(layer_method).get("block_size", 128))
         block_k = block[-1] if isinstance(block, list | tuple) else block
