@@ -92,7 +92,7 @@ GOOD_CASE = {
         (
             ["eval", "-O", "xattention.approximate_dropped=3"],
             "--method-option",
-            "approximate_dropped: expected a bool, got int 3",
+            "approximate_dropped: expected True, False or a power of two >= 1 (keys per pooled token), got 3",
         ),
         (["eval", "-O", "xattention.scale=NaN"], "--method-option", "scale: expected a finite float > 0"),
         (
