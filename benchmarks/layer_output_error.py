@@ -114,15 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", required=True, help="JSON file or string, as accuracy_sweep.py")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="a .pt file of the captured q/k/v: read when it holds this model, length, seed and layers, else written",
+    )
     args = p.parse_args(argv)
     variants = load_variants(args.variants)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device="cpu", dtype="float32")
-    n_layers = loaded.model.config.num_hidden_layers
+    key = {"model": str(args.model), "length": args.length, "seed": args.seed, "layers": args.layers}
+    cached = torch.load(args.cache) if args.cache is not None and args.cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        name, qkv, n_layers = cached["name"], cached["qkv"], cached["num_layers"]
+    else:
+        loaded = load_model(args.model, device="cpu", dtype="float32")
+        name, n_layers = loaded.name, loaded.model.config.num_hidden_layers
+        wanted = {int(x) % n_layers for x in args.layers.split(",")}
+        qkv = capture_qkv(loaded.model, text_ids(loaded.tokenizer, args.length, args.seed), wanted)
+        del loaded
+        if args.cache is not None:
+            torch.save({"key": key, "name": name, "qkv": qkv, "num_layers": n_layers}, args.cache)
     layers = sorted({int(x) % n_layers for x in args.layers.split(",")})
-    ids = text_ids(loaded.tokenizer, args.length, args.seed)
-    qkv = capture_qkv(loaded.model, ids, set(layers))
-    print(f"# {loaded.name}, {args.length} tokens, layers {layers}: captured in {time.perf_counter() - t0:.0f} s")
+    print(f"# {name}, {args.length} tokens, layers {layers}: q/k/v ready in {time.perf_counter() - t0:.0f} s")
     rows = []
     for layer in layers:
         q, k, v = qkv[layer]
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    head = {"model": loaded.name, "length": args.length, "layers": layers, "seed": args.seed, "device": "cpu"}
+    head = {"model": name, "length": args.length, "layers": layers, "seed": args.seed, "device": "cpu"}
     (args.out / "layer_output_error.json").write_text(json.dumps({**head, "summary": summary, "rows": rows}, indent=1))
     print(f"{'variant':<34} {'density':>8} {'err':>8} {'err_end':>8} {'worst':>8}")
     for s in sorted(summary, key=lambda s: s["density"]):
