@@ -253,7 +253,7 @@ def test_ctrl_c_exit_code_through_python_dash_m(tmp_path):
             "--depths",
             "0,50,100",
             "--samples",
-            "4",
+            "400",  # far more than runs before the signal lands: a finished grid exits 0
             "--out",
             str(out),
             "--no-progress",
