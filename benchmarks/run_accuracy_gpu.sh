@@ -68,8 +68,10 @@ case "$stage" in
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/klcal_$key"; mkdir -p "$dir"
     IFS=, read -r -a targets <<< "$4"
     # PER_HEAD=1: one threshold per query head (1 + heads x (values - 1) forwards per layer)
+    # CAL_BLOCK=64: the layouts' block size; CAL_OPTIONS="-O stride=4 -O extra_blocks=1 -O approximate_dropped=true":
+    # options of every measured run (pattern options are stored in the file; pass patch options to patch as well)
     timeout "${CAL_TIMEOUT:-330}" "${SFCLI[@]}" calibrate --model "$model" --method xattention --length "$2" \
-      ${PER_HEAD:+--kl-per-head} \
+      ${PER_HEAD:+--kl-per-head} ${CAL_BLOCK:+--block-size "$CAL_BLOCK"} ${CAL_OPTIONS:-} \
       --kl-values "$3" --target-kl "${targets[0]}" --seed "${CAL_SEED:-7}" --out "$dir/kl_${targets[0]}.json" 2>&1 \
       | grep -v "^Loading" | tee -a "$dir/log.txt"
     for t in "${targets[@]:1}"; do

@@ -160,6 +160,17 @@ def _no_model(*args, **kwargs):
             ["--target-kl", "0.1", "--kl-per-head", "--method", "permuted"],
             "--kl-per-head: expected --method xattention",
         ),
+        (["--target-kl", "0.1", "-O", "stride"], "--option: expected KEY=VALUE, got 'stride'"),
+        (["--target-kl", "0.1", "-O", "threshold=0.9"], "--option: threshold: not allowed here"),
+        (["--target-kl", "0.1", "-O", "block_size=64"], "--option: block_size: not allowed here (use --block-size)"),
+        (["--target-kl", "0.1", "-O", "stride=5"], "--option: xattention: stride: expected one of"),
+        (
+            ["--target-kl", "0.1", "-O", "approximate_dropped=3"],
+            "--option: xattention: approximate_dropped: expected True, False or a power of two",
+        ),
+        (["--target-kl", "0.1", "-O", "bogus=1"], "--option: xattention: unknown option(s) ['bogus']"),
+        (["-O", "stride=4"], "--option: expected --target-kl with it"),
+        (["--target-kl", "0.1", "--reallocate", "x.json", "-O", "stride=4"], "--option: expected none with"),
     ],
 )
 def test_calibrate_kl_bad_input_exits_2_before_loading(monkeypatch, capsys, argv, message):
@@ -184,6 +195,28 @@ def test_calibrate_kl_command_and_reallocation(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "--target-kl", "1e-12", "--reallocate", str(out), "--out", str(again)]) == 0
     tight = sparseflash.load_calibration(again)
     assert tight.layers == [] and tight.dense_layers == [0, 1] and tight.objective["target_kl"] == 1e-12
+
+
+def test_calibrate_kl_command_options_are_measured_and_stored(tmp_path, tiny_random):
+    """-O options reach every measured run: pattern options go into the file (patch applies them with it), patch
+    options into its objective."""
+    out = tmp_path / "kl.json"
+    argv = ["calibrate", "--model", "tiny-random", "--device", "cpu", "--length", "256", "--block-size", "32"]
+    argv += ["--target-kl", "1.0", "--kl-values", "0.5,0.9", "--kl-window", "32", "--out", str(out)]
+    argv += ["-O", "stride=4", "-O", "extra_blocks=1", "-O", "approximate_dropped=true", "-O", "dense_last_queries=0"]
+    assert main(argv) == 0
+    cal = sparseflash.load_calibration(out)
+    assert cal.options == {"local_blocks": 1, "stride": 4, "block_size": 32, "extra_blocks": 1}
+    assert cal.objective["patch_options"] == {"approximate_dropped": True, "dense_last_queries": 0}
+    assert cal.layers and all(max(e.density) < 1 for e in cal.layers)  # measured sparse: the options took effect
+    model = tiny_random.model
+    sparseflash.patch(model, "xattention", calibration=out, approximate_dropped=True, min_sparse_len=0)
+    try:
+        plans = patch_state(model).plans
+        assert {p.options["stride"] for p in plans.values() if p.method == "xattention"} == {4}
+        assert {p.options["extra_blocks"] for p in plans.values() if p.method == "xattention"} == {1}
+    finally:
+        sparseflash.unpatch(model)
 
 
 def test_per_head_table_measures_each_head_alone_and_allocates_per_head(tiny_random, ids):

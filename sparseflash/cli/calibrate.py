@@ -14,6 +14,7 @@ from sparseflash.cli.args import (
     _check_out_file,
     _device_kind,
     _parse_length,
+    _value,
 )
 from sparseflash.cli.commands import _console, _sanitize
 
@@ -29,6 +30,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _calibrate_kl(args)
     if args.reallocate is not None:
         raise UsageError("--reallocate: expected --target-kl with it")
+    if args.option:
+        raise UsageError(f"--option: expected --target-kl with it (the recall objective takes none), got {args.option}")
     _check_device(args.device)
     kind = _device_kind(args.device)
     length = _parse_length(args.length) if args.length is not None else DEFAULT_LENGTH[kind]
@@ -101,6 +104,9 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
     console = _console()
     if args.kl_per_head and args.method != "xattention":
         raise UsageError(f"--kl-per-head: expected --method xattention (per-head thresholds), got {args.method!r}")
+    if args.reallocate is not None and args.option:
+        raise UsageError(f"--option: expected none with --reallocate (its table was measured), got {args.option}")
+    options = _kl_options(args.method, args.block_size, args.option) if args.reallocate is None else {}
     if args.reallocate is not None:
         from sparseflash.calibration_file import load_calibration
         from sparseflash.calibration_kl import reallocate
@@ -116,7 +122,7 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         raise UsageError(f"--kl-window: expected an int in [1, --length {length}], got {args.kl_window}")
     _check_model(args.model)
 
-    from sparseflash.calibration_kl import calibrate_kl, default_options
+    from sparseflash.calibration_kl import calibrate_kl
     from sparseflash.eval.model import load_model
 
     with console.status(f"loading {args.model} ..."):
@@ -133,14 +139,13 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{v:g}: KL {k:.5f} d {d:.3f}" for v, k, d in zip(values, kls, dens, strict=True))
         console.print(f"layer {row:>3}: {cells}")
 
-    block = args.block_size
     cal = calibrate_kl(
         loaded.model,
         ids.to(loaded.device),
         args.method,
         target_kl=args.target_kl,
         values=values,
-        options={**default_options(args.method), "block_size": block},
+        options=options,
         window=args.kl_window,
         per_head=args.kl_per_head,
         text={"source": source, "tokens": int(ids.shape[1]), "seed": args.seed},
@@ -148,6 +153,42 @@ def _calibrate_kl(args: argparse.Namespace) -> int:
         on_row=show,
     )
     return _report_kl(console, cal, out)
+
+
+def _kl_options(method: str, block_size: int, items: list[str]) -> dict[str, Any]:
+    """The options of every measured run: patch's safe options of ``method``, ``--block-size``, then ``-O``
+    items (checked as ``patch`` checks them, before any load)."""
+    from sparseflash.calibration_file import CALIBRATED
+    from sparseflash.calibration_kl import default_options
+
+    given: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option: expected KEY=VALUE, got {item!r}")
+        given[key.strip()] = _value(value)
+    set_elsewhere = {
+        CALIBRATED[method][0]: "the calibration sets it",
+        "target_recall": "the calibration sets the threshold",
+        "calibration": "this command writes one",
+        "dense_layers": "the KL allocation chooses them",
+        "layer_options": "the calibration sets per-layer values",
+        "block_size": "use --block-size",
+    }
+    for key in given:
+        if key in set_elsewhere:
+            raise UsageError(f"--option: {key}: not allowed here ({set_elsewhere[key]}), got {given[key]!r}")
+    options = {**default_options(method), "block_size": block_size, **given}
+    try:
+        from sparseflash.integrations.hf import check_patch_options
+    except ImportError:  # no transformers: the load reports it
+        return options
+    try:
+        check_patch_options(method, options)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
+        raise UsageError(f"--option: {msg}") from None
+    return options
 
 
 def _report_kl(console: Any, cal: Any, out: Path) -> int:

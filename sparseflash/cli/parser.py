@@ -250,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument(
         "--block-size", type=int, default=128, choices=[32, 64, 128, 256], help="square block size of the layouts"
     )
+    p_cal.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --target-kl: an option of every measured run (repeatable; VALUE as JSON), over patch's safe "
+        "options of the method: a pattern option (e.g. stride=4, extra_blocks=1), stored in the file and applied "
+        "by patch with it, or a patch option (e.g. approximate_dropped=true), recorded in the file's objective "
+        "(pass it to patch too)",
+    )
     p_cal.add_argument("--iterations", type=int, default=8, help="bisection steps (precision 2^-iterations)")
     p_cal.add_argument(
         "--out", default=None, help="the JSON file to write (default results/calibration_<model>_<method>_r<R>.json)"

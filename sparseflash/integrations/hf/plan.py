@@ -119,7 +119,9 @@ def _check_pattern_options(method: str, options: Mapping[str, Any], where: str) 
     try:
         check_options(method, dict(options))
     except ValueError as err:
-        raise ValueError(f"{where}: {err} (patch options: {list(PATCH_KEYS)})") from None
+        said = str(err)  # the pattern's own message names it; say ``where`` once
+        prefix = "" if said.startswith(f"{where}: ") else f"{where}: "
+        raise ValueError(f"{prefix}{said} (patch options: {list(PATCH_KEYS)})") from None
     return dict(options)
 
 
