@@ -89,7 +89,10 @@ def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, optio
         entry = {e.layer: e for e in cal.layers}[layer]
         options = {**cal.options, **options, cal.option: entry.value}
     pool = options.pop("approximate_dropped", False)
+    rows = int(options.pop("merge_query_blocks", 1))
     layout = patterns.select(method, q, k, backend="torch", **options)
+    if rows > 1:
+        layout = merge_query_blocks(layout, rows)
     if pool:
         out, lse = block_sparse_attention(q, k, v, layout, causal=True, return_lse=True, backend="torch")
         pool_size = None if pool is True else int(pool)
@@ -100,6 +103,23 @@ def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, optio
         out = block_sparse_attention(q, k, v, layout, causal=True, backend="torch")
         density = _work_density(layout, 0)
     return out, float(density)
+
+
+def merge_query_blocks(layout: Any, rows: int) -> Any:
+    """The layout with ``rows`` consecutive query blocks merged into one (the union of their key blocks): the
+    block size ``(rows * block_q, block_k)`` a kernel with taller query tiles runs; no token columns."""
+    from sparseflash.layouts import BlockLayout
+
+    mask = layout.to_dense()
+    batch, heads, qb, kb = mask.shape
+    pad = -qb % rows
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(batch, heads, pad, kb)], dim=2)
+    merged = mask.view(batch, heads, -1, rows, kb).any(dim=3)
+    bq, bk = layout.block_size
+    return BlockLayout.from_dense(
+        merged, seq_len_q=layout.seq_len_q, seq_len_k=layout.seq_len_k, block_size=(bq * rows, bk)
+    )
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
