@@ -70,6 +70,16 @@ def capture_qkv(model: Any, ids: torch.Tensor, layers: set[int]) -> dict[int, tu
     return captured
 
 
+def file_ids(tokenizer: Any, path: Path, length: int, seed: int) -> torch.Tensor:
+    """(1, length) token ids of ``path`` from a seeded start (ValueError when the file is too short)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] < length:
+        raise ValueError(f"--text-file: expected at least {length} tokens, got {ids.shape[1]} in {path}")
+    start = (seed * 7919) % (ids.shape[1] - length + 1)
+    return ids[:, start : start + length]
+
+
 def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
     return torch.nn.functional.scaled_dot_product_attention(
@@ -133,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27")
     p.add_argument("--variants", required=True, help="JSON file or string, as accuracy_sweep.py")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument(
+        "--text-file",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file to read the window from (default: the KJV corpus); the seed picks the start",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--cache",
@@ -143,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = load_variants(args.variants)
     t0 = time.perf_counter()
-    key = {"model": str(args.model), "length": args.length, "seed": args.seed, "layers": args.layers}
+    key = {
+        "model": str(args.model),
+        "length": args.length,
+        "seed": args.seed,
+        "layers": args.layers,
+        "text": str(args.text_file or "kjv"),
+    }
     cached = torch.load(args.cache) if args.cache is not None and args.cache.exists() else None
     if cached is not None and cached["key"] == key:
         name, qkv, n_layers = cached["name"], cached["qkv"], cached["num_layers"]
@@ -151,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, device="cpu", dtype="float32")
         name, n_layers = loaded.name, loaded.model.config.num_hidden_layers
         wanted = {int(x) % n_layers for x in args.layers.split(",")}
-        qkv = capture_qkv(loaded.model, text_ids(loaded.tokenizer, args.length, args.seed), wanted)
+        if args.text_file is None:
+            ids = text_ids(loaded.tokenizer, args.length, args.seed)
+        else:
+            ids = file_ids(loaded.tokenizer, args.text_file, args.length, args.seed)
+        qkv = capture_qkv(loaded.model, ids, wanted)
         del loaded
         if args.cache is not None:
             torch.save({"key": key, "name": name, "qkv": qkv, "num_layers": n_layers}, args.cache)
@@ -188,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    head = {"model": name, "length": args.length, "layers": layers, "seed": args.seed, "device": "cpu"}
+    head = {"model": name, "length": args.length, "layers": layers, "seed": args.seed, "text": key["text"]}
+    head["device"] = "cpu"
     (args.out / "layer_output_error.json").write_text(json.dumps({**head, "summary": summary, "rows": rows}, indent=1))
     print(f"{'variant':<34} {'density':>8} {'err':>8} {'err_end':>8} {'worst':>8}")
     for s in sorted(summary, key=lambda s: s["density"]):
