@@ -6,6 +6,8 @@ The estimate ``E[I, J]`` of each (query block, key block) mass comes from
 Selection. Per query-block row, the sink column (key block 0) and the diagonal block(s) are kept and their
 mass counted first; the other causal blocks are added by decreasing ``E`` until the kept mass reaches
 ``threshold`` of the row total (the crossing block included), exactly XAttention's ``find_blocks_chunked``.
+With the Triton backend and one layout per query head this runs as one kernel that searches the cut value
+instead of sorting (:mod:`sparseflash.patterns.mass_select_kernel`); elsewhere in PyTorch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparseflash import _options as opt
-from sparseflash._validate import check_qk
+from sparseflash._validate import check_backend, check_qk
 from sparseflash.layouts import BlockLayout, with_columns
 from sparseflash.ops.scores.antidiagonal import (  # noqa: F401  (re-exported: the estimator lives in ops/scores)
     DEFAULT_STRIDE,
@@ -24,6 +26,11 @@ from sparseflash.ops.scores.antidiagonal import (  # noqa: F401  (re-exported: t
 )
 from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import selection as sel
+from sparseflash.patterns.mass_select_kernel import (
+    fused_selection_fits,
+    mass_select_layout_reference,
+    mass_select_layout_triton,
+)
 from sparseflash.patterns.minference import vertical_columns
 from sparseflash.patterns.registry import register
 
@@ -98,10 +105,14 @@ def xattention(
     )
     extra_blocks = opt.check_nonnegative_int("xattention: extra_blocks", extra_blocks)
     columns = opt.check_nonnegative_int("xattention: columns", columns)
-    keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced, extra=extra_blocks)
-    if heads == "kv":
-        keep = sel.group_heads(keep, num_kv_heads)
-    layout = sel.to_layout(keep, seq_len_q, seq_len_k, bs)
+    geometry = dict(extra=extra_blocks, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=bs)
+    if heads == "q" and check_backend(backend, q.device) == "triton" and fused_selection_fits(est, tau):
+        layout = mass_select_layout_triton(est, tau, allowed, forced, **geometry)  # no sort, no bool mask
+    elif heads == "q":
+        layout = mass_select_layout_reference(est, tau, allowed, forced, **geometry)
+    else:
+        keep = sel.select_by_cumulative_mass(est, tau, allowed, forced=forced, extra=extra_blocks)
+        layout = sel.to_layout(sel.group_heads(keep, num_kv_heads), seq_len_q, seq_len_k, bs)
     if not columns:
         return layout
     vert, _ = last_query_scores(

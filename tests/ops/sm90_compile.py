@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 from sparseflash.ops.prefill.dropped_blocks_kernel import dropped_blocks_fwd_kernel
 from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.scores.antidiagonal import _antidiag_kernel
+from sparseflash.patterns.mass_select_kernel import _mass_select_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -74,6 +75,11 @@ def cases() -> dict:
                                   {"qk_scale", "skip_thr"}, 8, 3)  # fmt: skip
     for name, consts in ANTIDIAG_CASES.items():
         out["scoring/" + name] = (_antidiag_kernel, consts, ANTIDIAG_POINTERS, {"qk_scale"}, 8, 3)
+    select_ptrs = {"SCORES": "*fp32", "THR": "*fp32", "ALLOWED": "*u8", "FORCED": "*u8"}
+    select_ptrs.update({"KV_NUM": "*i32", "KV_IDX": "*i32"})
+    for name, consts in {"scalar_256": dict(PER_HEAD=False, EXTRA=0, BLOCK_K=256),
+                         "per_head_extra_4096": dict(PER_HEAD=True, EXTRA=1, BLOCK_K=4096)}.items():  # fmt: skip
+        out["select/" + name] = (_mass_select_kernel, consts, select_ptrs, {"thr_scalar"}, 4, 1)
     fp32 = {**DROPPED_POINTERS, "Q": "*fp32", "VM": "*fp32", "O": "*fp32"}
     out["dropped/bf16_split"] = (dropped_blocks_fwd_kernel, DROPPED_BASE, DROPPED_POINTERS, {"qk_scale"}, 4, 2)
     out["dropped/bf16_pool16"] = (
