@@ -18,6 +18,7 @@
 #   bash benchmarks/run_accuracy_gpu.sh sweep       # variants on tuning prompts -> $SF/chosen.json
 #   bash benchmarks/run_accuracy_gpu.sh final       # the grid with the chosen setting (n >= 50)
 #   bash benchmarks/run_accuracy_gpu.sh profile q15 32768 2,14,26   # selection/attention/dense times, real q/k
+#   bash benchmarks/run_accuracy_gpu.sh layer q15 131072 2,14,26 16384,32768,65536,131072   # one sparse layer's parts
 #   bash benchmarks/run_accuracy_gpu.sh e2e q15 16384,32768,65536,131072 sdpa,dense,xattention   # TTFT, attention share
 #   bash benchmarks/run_accuracy_gpu.sh prefetch    # the sparse-prefetch switch (needs no model)
 # Results: $OUT/<stage>.tgz (copy into benchmarks/results/ and commit, naming the GPU).
@@ -126,6 +127,16 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
         --tag "$(basename "$f" .pt)" --out "$dir" 2>&1 | grep -v Warning | tail -6 | tee -a "$dir/log.txt"
     done
     pack "profile_$key" ;;
+  layer)
+    # layer q15|q05 CAPTURE_LENGTH LAYERS LENGTHS: one sparse layer piece by piece (scoring, sort vs fused selection,
+    # sparse kernel per tile config, exact tail) against dense ours / SDPA flash / cuDNN, on the model's own q/k
+    key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/layer_$key"; mkdir -p "$dir" "$SF/qk_layer"
+    python3 benchmarks/capture_qk.py --model "$model" --length "$2" --layers "$3" --out "$SF/qk_layer" 2>&1 | tail -3
+    for f in "$SF"/qk_layer/qk_*.pt; do
+      timeout "${STAGE_TIMEOUT:-150}" python3 benchmarks/bench_sparse_layer.py --qk "$f" --lengths "$4" --out "$dir" 2>&1 \
+        | grep -v Warning | tee -a "$dir/log.txt"
+    done
+    pack "layer_$key" ;;
   e2e)
     # e2e q15|q05 LENGTHS METHODS: time to first token, SDPA vs patch(model, m) per method (patch()'s options),
     # with the time inside attention, on KJV prose (issue 14: the share attention leaves to speed up)
@@ -148,5 +159,5 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
     "${SFCLI[@]}" eval --model "$model" --out "$SF/results/$name" --no-progress "$@" \
       2>&1 | tee -a "$SF/results/$name/log.txt"
     pack "$name" ;;
-  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, profile, e2e, prefetch, eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (part, setup, diagnose, calibrate, klcal, sweep, final, profile, layer, e2e, prefetch, eval)"; exit 2 ;;
 esac
