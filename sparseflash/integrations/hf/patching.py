@@ -75,8 +75,9 @@ def patch(model: Any, method: str = DEFAULT_METHOD, **options: Any) -> Any:
               :data:`DEFAULT_MIN_SPARSE_LEN` (16384, the break-even of the time to first token measured on
               Qwen2.5-Coder-1.5B, H200). On CUDA these dense prefills run transformers' SDPA (route
               ``dense_sdpa``), as unpatched.
-            * ``dense_last_queries``: the last this many query rows of every sparse prefill attend all keys
-              exactly (the question and the answer prefix; cost O(n * N), not O(N^2)). Default
+            * ``dense_last_queries``: the last this many query rows of every sparse prefill, rounded up to whole
+              query blocks of the layout, attend all keys exactly (the question and the answer prefix; cost
+              O(n * N), not O(N^2); computed by the sparse kernel as fully kept rows). Default
               :data:`DEFAULT_DENSE_LAST_QUERIES`; 0 turns it off.
             * ``approximate_dropped``: each block a row's layout drops enters its softmax as one pooled token
               (mean key, mean value, log of its size added to the logit), so the row's normaliser and output
