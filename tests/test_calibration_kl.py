@@ -30,7 +30,8 @@ def ids():
 @pytest.fixture(scope="module")
 def cal(tiny_random, ids):
     model = tiny_random.model
-    return calibrate_kl(model, ids, "xattention", target_kl=1.0, values=[0.3, 0.9], options=OPTIONS, window=64)
+    # 1.0 keeps every block (work density 1: a layer left there is made dense by the allocation)
+    return calibrate_kl(model, ids, "xattention", target_kl=1.0, values=[0.3, 1.0], options=OPTIONS, window=64)
 
 
 def _log_probs(model, ids):
@@ -88,7 +89,7 @@ def test_allocation_extremes_and_bad_target():
 def test_measured_kl_is_that_of_the_layer_alone(tiny_random, ids, cal):
     model = tiny_random.model
     table = Sensitivity.from_dict(cal.objective)
-    assert table.layers == [0, 1] and table.values == [0.3, 0.9] and table.dense_kl == 0.0
+    assert table.layers == [0, 1] and table.values == [0.3, 1.0] and table.dense_kl == 0.0
     assert all(0 < d <= 1 for row in table.density for d in row)
 
     with sparseflash.patched(model, "dense"):

@@ -37,9 +37,7 @@ def first_exact_block(layout: BlockLayout, num_rows: int) -> int:
 def can_take_exact_rows(layout: object) -> bool:
     """Whether :func:`with_exact_rows` applies: a plain :class:`BlockLayout` (not a permuted one), without token
     columns (a column inside a fully kept row would count twice), holding every key block per row."""
-    return (
-        isinstance(layout, BlockLayout) and not layout.has_columns and layout.capacity == layout.num_k_blocks
-    )
+    return isinstance(layout, BlockLayout) and not layout.has_columns and layout.capacity == layout.num_k_blocks
 
 
 def with_exact_rows(layout: BlockLayout, num_rows: int, *, causal: bool = True) -> BlockLayout:

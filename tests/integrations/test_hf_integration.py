@@ -183,6 +183,29 @@ def test_sparse_method_matches_masked_reference(arch, gen):
     assert rel_err(out, dense) > 1e-3  # the sparsity is real: dropping blocks changed the logits
 
 
+def test_xattention_exact_tail_is_folded_into_the_layout(gen, monkeypatch):
+    """xattention's layouts take the exact tail as fully kept rows (no separate dense call): same logits as the
+    masked reference with those rows dense, and the reported work density counts them once."""
+    import sparseflash.ops.prefill.dense as dense_module
+
+    model = tiny_model("qwen2")
+    ids = ids_for(gen, 1, 150)
+    opts = dict(block_size=(16, 16), stride=4, threshold=0.5, local_blocks=1)
+    exact = 150 - (150 - 40) // 16 * 16
+    ref = reference_run(model, "xattention", opts, lambda m: logits(m, ids), dense_last=exact)
+    densities = []
+
+    def no_dense_call(*args, **kwargs):
+        raise AssertionError("the exact tail went to a separate flash_attention call")
+
+    monkeypatch.setattr(dense_module, "flash_attention", no_dense_call)
+    with patched(model, "xattention", min_sparse_len=0, dense_last_queries=40, **opts):
+        patch_state(model).on_prefill = lambda layer, d: densities.append(float(d))
+        out = logits(model, ids)
+    assert rel_err(out, ref) < 1e-5
+    assert densities and all(0 < d <= 1 for d in densities)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dense_last_queries_are_exact(arch, gen):
     """The last ``dense_last_queries`` rows of a sparse prefill, rounded up to whole query blocks, attend every
