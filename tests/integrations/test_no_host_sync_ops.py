@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseflash import BlockLayout, causal_block_mask, patterns
 from sparseflash.integrations.hf.forward import _work_density
+from sparseflash.layouts.exact_rows import with_exact_rows
 from sparseflash.ops.prefill.dropped_blocks import dropped_block_attention
 
 FORBIDDEN = ("_local_scalar_dense", "lift_fresh", "nonzero", "is_nonzero")
@@ -48,6 +49,19 @@ def test_xattention_selection_and_dropped_blocks_read_nothing_back(gen):
     with_cols = patterns.select("xattention", q, k, columns=32, **options)
     assert _forbidden(lambda: patterns.select("xattention", q, k, columns=32, **options)) == []
     assert _forbidden(lambda: _work_density(with_cols, 64)) == []
+    folded = with_exact_rows(layout, 256)  # the exact tail as fully kept rows (warms its cache)
+    assert _forbidden(lambda: with_exact_rows(layout, 256)) == []
+    assert _forbidden(lambda: _work_density(folded, 0)) == []
+
+
+def test_fused_selection_kernel_reads_nothing_back(gen):
+    """The Triton path of the selection (interpreter here): per-head thresholds, extra blocks."""
+    q = torch.randn(1, 4, 1000, 64, generator=gen)
+    k = torch.randn(1, 2, 1000, 64, generator=gen)
+    options = {"threshold": [0.8, 0.9, 0.95, 0.5], "local_blocks": 1, "stride": 8, "block_size": 128}
+    patterns.select("xattention", q, k, extra_blocks=1, backend="triton", **options)
+    run = lambda: patterns.select("xattention", q, k, extra_blocks=1, backend="triton", **options)  # noqa: E731
+    assert _forbidden(run) == []
 
 
 def test_the_check_catches_a_python_scalar_written_into_a_tensor():

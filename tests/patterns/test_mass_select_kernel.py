@@ -133,3 +133,29 @@ def test_fits_and_bad_input():
         mass_select_layout_triton(
             torch.rand(2, 3, 3), 0.9, allowed, forced, extra=0, seq_len_q=48, seq_len_k=48, block_size=(16, 16)
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_large_grid_with_int32_overflowing_offsets():
+    """B*H*Qb*Kb > 2^31 entries (offsets in int64), rows of 4096 key blocks in one program: rows sampled across the
+    grid against the sort path. Each row is a shifted permutation of 1..Kb, so its values are distinct and its sums
+    exact in float32 (< 2^24): both paths must agree exactly."""
+    b, h, qb, kb = 1, 129, 4096, 4096
+    assert b * h * qb * kb > 2**31
+    perm = torch.randperm(kb, device="cuda").float() + 1.0
+    cols = torch.arange(kb, device="cuda")
+    scores = torch.empty(b, h, qb, kb, device="cuda")
+    for head in range(h):
+        shift = torch.randint(0, kb, (qb, 1), device="cuda")
+        scores[0, head] = perm[(cols[None, :] + shift) % kb]
+    geometry = dict(sink_blocks=1, local_blocks=1, device="cuda")
+    allowed, forced = sel.selection_geometry(qb * 128, kb * 128, (128, 128), **geometry)
+    args = dict(extra=1, seq_len_q=qb * 128, seq_len_k=kb * 128, block_size=(128, 128))
+    got = mass_select_layout_triton(scores, 0.9, allowed, forced, **args)
+    for head, rows in ((0, slice(0, 64)), (h - 1, slice(qb - 64, qb)), (h // 2, slice(2000, 2064))):
+        part = mass_select_layout_reference(
+            scores[:, head : head + 1], 0.9, allowed, forced, **args
+        )  # one head at a time: the sort path of the whole grid would not fit
+        assert torch.equal(got.kv_num_blocks[:, head, rows], part.kv_num_blocks[:, 0, rows])
+        assert torch.equal(got.kv_indices[:, head, rows], part.kv_indices[:, 0, rows])
