@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 ATTN_NAME = "sf_sparse_prefill"  # no "flash" in the name: transformers treats such names as flash-attn
-# prompts shorter than this stay dense (SDPA on CUDA): the measured break-even of patch(model) on Qwen2.5-Coder-1.5B,
-# H200 (time to first token 1.00x SDPA at 16K, 1.15x at 32K; benchmarks/results/accuracy_h200/.../e2e_q15_v2)
+# prompts shorter than this stay dense (SDPA on CUDA): the shortest length measured where patch(model) beats SDPA on
+# Qwen2.5-Coder-1.5B, H200 (time to first token 1.06x at 16K, 1.20x at 32K; .../accuracy_h200/.../e2e_q15_v3); its
+# accuracy is measured from 16K (the n = 50 retrieval grid), none below
 DEFAULT_MIN_SPARSE_LEN = 16384
 DEFAULT_DENSE_LAST_QUERIES = 256  # final query rows of a sparse prefill computed exactly (question + answer prefix)
 DEFAULT_METHOD = "xattention"
