@@ -9,8 +9,10 @@ on its values) and, for each ``--lengths`` prefix, times with ``do_bench`` (CUDA
 * ``select_fused``: the same from the fused kernel (``mass_select_kernel``), and how many rows' lists differ;
 * ``selection``: the whole ``select("xattention", q, k, **options)`` (scoring + geometry + fused selection);
 * ``sparse_attn``: ``block_sparse_attention`` with that layout (per ``--tiles`` config as well);
-* ``exact_tail``: the last ``dense_last_queries`` rows over all keys (``flash_attention``);
-* ``layer``: what the ``sparse`` route of a patched model does (selection + sparse kernel + exact tail);
+* ``exact_tail``: the last ``dense_last_queries`` rows over all keys as a separate call (``flash_attention``);
+* ``layer``: what the ``sparse`` route of a patched model does: selection, the exact tail as fully kept rows of the
+  layout (``with_exact_rows``), the sparse kernel; ``layer_separate_tail``: the same with the tail as a separate call
+  (the route before the fold);
 * ``dense_ours``, ``sdpa_flash``, ``sdpa_cudnn``: exact causal attention, our kernel and SDPA's (GQA as
   transformers runs it: ``enable_gqa`` for flash, K/V repeated for cuDNN, the repeat not timed).
 
@@ -31,6 +33,7 @@ from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, write_
 
 import sparseflash as sf  # noqa: E402
 from sparseflash.integrations.hf.plan import DEFAULT_DENSE_LAST_QUERIES, SAFE_OPTIONS  # noqa: E402
+from sparseflash.layouts.exact_rows import with_exact_rows  # noqa: E402
 from sparseflash.ops.scores.antidiagonal import xattention_scores_triton  # noqa: E402
 from sparseflash.ops.tuning import TileConfig, tuned  # noqa: E402
 from sparseflash.patterns import select  # noqa: E402
@@ -70,6 +73,10 @@ def one_length(q: torch.Tensor, k: torch.Tensor, n: int, options: dict, tiles: l
         return run
 
     def sparse_route():
+        lay = with_exact_rows(select("xattention", q, k, **options), tail)
+        return sf.block_sparse_attention(q, k, v, lay, causal=True, check_indices=False)
+
+    def separate_tail_route():
         lay = select("xattention", q, k, **options)
         out = sf.block_sparse_attention(q, k, v, lay, causal=True, check_indices=False)
         out[:, :, -tail:] = sf.flash_attention(q[:, :, -tail:], k, v, causal=True)
@@ -83,6 +90,7 @@ def one_length(q: torch.Tensor, k: torch.Tensor, n: int, options: dict, tiles: l
         "sparse_attn": lambda: sf.block_sparse_attention(q, k, v, layout, causal=True, check_indices=False),
         "exact_tail": lambda: sf.flash_attention(q[:, :, -tail:], k, v, causal=True),
         "layer": sparse_route,
+        "layer_separate_tail": separate_tail_route,
         "dense_ours": lambda: sf.flash_attention(q, k, v, causal=True),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, False),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, True),
