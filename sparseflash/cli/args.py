@@ -164,6 +164,23 @@ def _method_names(text: str | None) -> list[str]:
     return names
 
 
+def check_as_patch(
+    method: str, options: dict[str, Any], flag: str, num_layers: int | None = None, after: str = ""
+) -> None:
+    """``options`` of ``method`` checked as ``sparseflash.patch`` checks them; a bad one is a ``UsageError`` naming
+    ``flag`` (``--method-option``, ``--option``) and the method, with ``after`` appended. Without transformers
+    nothing can be patched: the run reports it, so nothing is checked here."""
+    try:
+        from sparseflash.integrations.hf import check_patch_options
+    except ImportError:
+        return
+    try:
+        check_patch_options(method, options, num_layers=num_layers)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
+        raise UsageError(f"{flag}: {msg}{after}") from None
+
+
 def _check_option_values(
     method: str, options: dict[str, Any], num_layers: int | None = None, model_name: str = ""
 ) -> None:
@@ -173,18 +190,8 @@ def _check_option_values(
 
     if method == BASELINE:
         return
-    try:
-        from sparseflash.integrations.hf import check_patch_options
-    except ImportError:  # no transformers: nothing can be patched; the run reports it
-        return
-    try:
-        check_patch_options(method, options, num_layers=num_layers)
-    except (ValueError, TypeError) as err:
-        after = (
-            "" if num_layers is None else (f" (checked after loading the model: {model_name} has {num_layers} layers)")
-        )
-        msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
-        raise UsageError(f"--method-option: {msg}{after}") from None
+    after = "" if num_layers is None else f" (checked after loading the model: {model_name} has {num_layers} layers)"
+    check_as_patch(method, options, "--method-option", num_layers, after)
 
 
 def _check_methods(text: str | None, options: dict[str, dict[str, Any]], first: str | None = None) -> list[str]:

@@ -15,6 +15,7 @@ from sparseflash.cli.args import (
     _device_kind,
     _parse_length,
     _value,
+    check_as_patch,
 )
 from sparseflash.cli.commands import _console, _sanitize
 
@@ -179,15 +180,7 @@ def _kl_options(method: str, block_size: int, items: list[str]) -> dict[str, Any
         if key in set_elsewhere:
             raise UsageError(f"--option: {key}: not allowed here ({set_elsewhere[key]}), got {given[key]!r}")
     options = {**default_options(method), "block_size": block_size, **given}
-    try:
-        from sparseflash.integrations.hf import check_patch_options
-    except ImportError:  # no transformers: the load reports it
-        return options
-    try:
-        check_patch_options(method, options)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        msg = str(err) if str(err).startswith(f"{method}: ") else f"{method}: {err}"
-        raise UsageError(f"--option: {msg}") from None
+    check_as_patch(method, options, "--option")
     return options
 
 
