@@ -28,10 +28,20 @@ def _allowed_counts(
 
 
 def first_exact_block(layout: BlockLayout, num_rows: int) -> int:
-    """The first query block holding one of the last ``num_rows`` query rows (``Qb`` when ``num_rows <= 0``)."""
+    """The first query block holding one of the last ``num_rows`` query rows (``Qb`` when ``num_rows <= 0``).
+
+    ``layout``: anything with ``num_q_blocks``, ``seq_len_q`` and ``block_size`` (a :class:`PermutedLayout` reads
+    them through to its blocks).
+    """
     if num_rows <= 0:
         return layout.num_q_blocks
     return max(0, layout.seq_len_q - num_rows) // layout.block_size[0]
+
+
+def exact_row_count(layout: BlockLayout, num_rows: int) -> int:
+    """``num_rows`` final query rows rounded up to whole query blocks of ``layout`` (at most ``seq_len_q``; 0 when
+    ``num_rows <= 0``)."""
+    return layout.seq_len_q - min(first_exact_block(layout, num_rows) * layout.block_size[0], layout.seq_len_q)
 
 
 def can_take_exact_rows(layout: object) -> bool:

@@ -61,8 +61,7 @@ def _mass_select_kernel(
     geo = qb.to(tl.int64) * num_k_blocks + offs
     allowed = (tl.load(ALLOWED + geo, mask=inb, other=0) != 0) & inb
     forced = (tl.load(FORCED + geo, mask=inb, other=0) != 0) & allowed
-    s = tl.where(allowed, tl.maximum(s, 0.0), 0.0)  # NaN scores count as 0, as clamp_min + where do
-    s = tl.where(s == s, s, 0.0)
+    s = tl.where(allowed & (s == s), tl.maximum(s, 0.0), 0.0)  # NaN and outside allowed: no mass, never kept
     total = tl.sum(s, axis=0)
     acc = tl.sum(tl.where(forced, s, 0.0), axis=0)
     rest = tl.where(forced, 0.0, s)
@@ -74,8 +73,7 @@ def _mass_select_kernel(
     # smallest x (as float32 bits) with acc + G(x) < target, G(x) = mass of the rest strictly above x
     hi = tl.max(rest, axis=0).to(tl.int32, bitcast=True)  # G(max) = 0
     lo = hi * 0  # x = 0.0
-    g0 = acc + tl.sum(tl.where(rest > 0.0, rest, 0.0), axis=0)
-    lo_true = g0 < target  # the whole row fits below the target: the cut is 0 (every positive entry kept)
+    lo_true = acc + tl.sum(rest, axis=0) < target  # G(0) (rest >= 0): the whole row fits below the target
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         x = mid.to(tl.float32, bitcast=True)

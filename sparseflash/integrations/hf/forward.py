@@ -34,7 +34,7 @@ import torch
 
 from sparseflash.integrations.hf.masks import _padding_of, _window_mask
 from sparseflash.integrations.hf.plan import _LAYER_ATTR, ATTN_NAME, DENSE, LayerPlan, PatchState
-from sparseflash.layouts.exact_rows import can_take_exact_rows, first_exact_block, with_exact_rows
+from sparseflash.layouts.exact_rows import can_take_exact_rows, exact_row_count, with_exact_rows
 
 
 # ------------------------------------------------------------------------------------ the attention function
@@ -181,7 +181,7 @@ def _prefill(
     # the last rows (the question and the answer prefix, whose hidden states give the first answer token) attend
     # every key exactly, rounded up to whole query blocks: O(tail * N) work. A plain layout takes them as fully
     # kept rows (one launch, those tiles among the others); token columns or permuted keys: a dense call after.
-    tail = _exact_tail_rows(layout, min(state.dense_last_queries, q.shape[2]))
+    tail = exact_row_count(layout, state.dense_last_queries)
     folded = tail > 0 and can_take_exact_rows(layout)
     if folded:
         layout = with_exact_rows(layout, tail)
@@ -224,14 +224,6 @@ def _prefill(
         pool = (layout.block_size[1] if pool is True else pool) if pool else None
         state.on_prefill(plan.layer_idx, _work_density(layout, 0 if folded else tail, pool))
     return out
-
-
-def _exact_tail_rows(layout: Any, requested: int) -> int:
-    """``requested`` final query rows rounded up to whole query blocks of ``layout`` (0 stays 0)."""
-    blocks = getattr(layout, "blocks", layout)  # a PermutedLayout: its BlockLayout's query blocks
-    if requested <= 0:
-        return 0
-    return blocks.seq_len_q - first_exact_block(blocks, requested) * blocks.block_size[0]
 
 
 def _work_density(layout: Any, tail: int, pool: int | None = None) -> torch.Tensor:
