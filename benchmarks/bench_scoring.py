@@ -2,10 +2,11 @@
 
 For each length (bf16, ``B = 1``, Qwen2.5-Coder-1.5B's attention shape by default: 12 query heads, 2 KV heads,
 d = 128, causal): the scoring kernel (``xattention_scores_triton``) at its default tile config and at each
-``--configs`` entry, ``--baseline FILE`` (an earlier ``antidiagonal.py``, for a before/after in the same run), the
-whole ``select("xattention", ...)`` with ``patch()``'s options, sparseflash's dense ``flash_attention`` and SDPA's
-flash backend. Every variant's estimate is compared with the default's (max abs difference; the estimate sums to
-``block / stride`` per row). Scoring does not depend on the data, so random q/k time it as real q/k do.
+``--configs`` entry (``,flat``: the flattened key-tile loop), ``--baseline FILE`` (an earlier ``antidiagonal.py``,
+for a before/after in the same run), the whole ``select("xattention", ...)`` with ``patch()``'s options,
+sparseflash's dense ``flash_attention`` and SDPA's flash backend. Every variant's estimate is compared with the
+default's (max abs difference; the estimate sums to ``block / stride`` per row). Scoring does not depend on the
+data, so random q/k time it as real q/k do.
 
     python benchmarks/bench_scoring.py [--lengths 16384,32768,65536,131072] [--baseline old.py] [--out DIR]
 """
@@ -27,7 +28,7 @@ from sparseflash.integrations.hf.plan import SAFE_OPTIONS  # noqa: E402
 from sparseflash.ops.scores.antidiagonal import xattention_scores_reference, xattention_scores_triton  # noqa: E402
 from sparseflash.patterns import select  # noqa: E402
 
-CONFIGS = ["64,128,8,3", "128,128,8,3", "64,64,4,3", "128,64,8,3", "64,128,4,3", "64,128,8,2"]
+CONFIGS = ["64,128,8,3", "128,128,8,3", "64,64,4,3", "64,128,8,3,flat", "128,128,8,3,flat", "64,64,4,3,flat"]
 
 
 def one_length(
@@ -50,8 +51,11 @@ def one_length(
         print(f"{n}: kernel vs PyTorch reference, max abs diff {rows[-1]['max_abs_diff']:.2e} (row sums 16)")
         del exact
     variants = {"default": lambda: xattention_scores_triton(q, k, stride=stride)}
-    for cfg in configs:
-        variants[",".join(map(str, cfg))] = lambda cfg=cfg: xattention_scores_triton(q, k, stride=stride, config=cfg)
+    for cfg, flat in configs:
+        name = ",".join(map(str, cfg)) + (",flat" if flat else "")
+        variants[name] = lambda cfg=cfg, flat=flat: xattention_scores_triton(
+            q, k, stride=stride, config=cfg, flatten=flat
+        )
     if baseline is not None:
         variants["baseline"] = lambda: baseline.xattention_scores_triton(q, k, stride=stride)
     variants["select"] = lambda: select("xattention", q, k, **options)
@@ -73,7 +77,9 @@ def main() -> None:
     p.add_argument("--lengths", default="16384,32768,65536,131072")
     p.add_argument("--heads", default="12,2,128", help="Hq,Hkv,d")
     p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--configs", default=";".join(CONFIGS), help="BLOCK_T,BLOCK_U,warps,stages;...")
+    p.add_argument(
+        "--configs", default=";".join(CONFIGS), help="BLOCK_T,BLOCK_U,warps,stages[,flat];... (flat: flattened loop)"
+    )
     p.add_argument("--baseline", default=None, help="an earlier antidiagonal.py to time beside this one")
     args = p.parse_args()
     hq, hkv, d = (int(x) for x in args.heads.split(","))
@@ -83,7 +89,10 @@ def main() -> None:
         baseline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
     options = dict(SAFE_OPTIONS["xattention"], stride=args.stride)
-    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
+    configs = []
+    for c in args.configs.split(";"):
+        fields = c.split(",")
+        configs.append((tuple(int(x) for x in fields[:4]), fields[4:] == ["flat"]))
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
         found = one_length(n, hq, hkv, d, args.stride, configs, baseline, options)

@@ -27,7 +27,11 @@ from sparseflash.patterns import select  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--qk", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--qk", help="a capture_qk.py file")
+    source.add_argument(
+        "--random", metavar="HQ,HKV,D", help="random bf16 q/k of this shape instead (needs --seqlen; no model)"
+    )
     p.add_argument("--method", default="xattention")
     p.add_argument("--options", default="{}", help="pattern options as JSON")
     p.add_argument("--seqlen", type=int, default=None, help="use the first SEQLEN tokens (default: all)")
@@ -35,10 +39,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    saved = torch.load(args.qk, map_location="cpu", weights_only=True)
-    n = args.seqlen or saved["q"].shape[2]
-    q = saved["q"][:, :, :n].cuda().to(torch.bfloat16)
-    k = saved["k"][:, :, :n].cuda().to(torch.bfloat16)
+    if args.qk:
+        saved = torch.load(args.qk, map_location="cpu", weights_only=True)
+        n = args.seqlen or saved["q"].shape[2]
+        q = saved["q"][:, :, :n].cuda().to(torch.bfloat16)
+        k = saved["k"][:, :, :n].cuda().to(torch.bfloat16)
+        source = Path(args.qk).stem
+    else:
+        if not args.seqlen:
+            p.error("--random needs --seqlen")
+        hq, hkv, d = (int(x) for x in args.random.split(","))
+        n = args.seqlen
+        q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+        source = f"random_{hq}x{hkv}x{d}"
     options = json.loads(args.options)
 
     def call() -> object:
@@ -61,12 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}"
-    head = f"{args.method} {json.dumps(options)} on {Path(args.qk).name}, {n} tokens, {shapes}"
+    head = f"{args.method} {json.dumps(options)} on {source}, {n} tokens, {shapes}"
     text = f"{head}\nwall per call (synchronized): median {statistics.median(walls):.3f} ms over {args.reps}\n{table}"
     print(text)
     dest = out_dir(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"select_profile_{args.method}_{Path(args.qk).stem}_{n}.txt").write_text(text)
+    (dest / f"select_profile_{args.method}_{source}_{n}.txt").write_text(text)
 
 
 if __name__ == "__main__":

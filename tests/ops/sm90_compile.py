@@ -40,9 +40,14 @@ PREFILL_CASES = {
     "skip_with_stats": dict(SPARSE=True, SKIP=True, STATS=True),
 }
 ANTIDIAG_POINTERS = {"Q": "*bf16", "K": "*bf16", "P_BUF": "*fp32", "M_BUF": "*fp32", "OUT": "*fp32"}
+_ANTIDIAG_D128 = dict(STRIDE=8, HEAD_DIM=128, BLOCK_D=128, R=16, CAUSAL=True)
 ANTIDIAG_CASES = {
-    "stride8_d128": dict(STRIDE=8, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64, BLOCK_U=128, R=16, CAUSAL=True),
-    "stride16_d96_full": dict(STRIDE=16, HEAD_DIM=96, BLOCK_D=128, BLOCK_T=64, BLOCK_U=128, R=8, CAUSAL=False),
+    "stride8_d128": dict(_ANTIDIAG_D128, BLOCK_T=64, BLOCK_U=128, FLATTEN=False),
+    "stride8_d128_flat": dict(_ANTIDIAG_D128, BLOCK_T=64, BLOCK_U=128, FLATTEN=True),
+    "stride8_d128_flat_128x128": dict(_ANTIDIAG_D128, BLOCK_T=128, BLOCK_U=128, FLATTEN=True),
+    "stride16_d96_full": dict(
+        STRIDE=16, HEAD_DIM=96, BLOCK_D=128, BLOCK_T=64, BLOCK_U=128, R=8, CAUSAL=False, FLATTEN=False
+    ),
 }
 DROPPED_POINTERS = {"Q": "*bf16", "KM": "*fp32", "VM": "*bf16", "KEEP": "*u8", "O": "*bf16", "LSE": "*fp32"}
 DROPPED_BASE = dict(
@@ -51,16 +56,29 @@ DROPPED_BASE = dict(
 )  # fmt: skip
 
 
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cik", "stride_mj", "stride_sk"}
+
+
 def _compile(kernel, constexprs: dict, pointers: dict, floats: set[str], warps: int, stages: int):
-    """Compile ``kernel`` for sm_90; non-constexpr scalars are int32 except ``floats`` (fp32)."""
-    signature, values = {}, {}
-    for param in kernel.params:
+    """Compile ``kernel`` for sm_90; non-constexpr scalars are int32 except ``floats`` (fp32).
+
+    Specialized as a launch on contiguous tensors is: the innermost strides (``UNIT_STRIDES``) are the constant 1
+    and pointers and the other strides are divisible by 16 (what Triton's JIT infers from the values). Without that,
+    loads do not vectorize and the compiler does not pipeline them, so the shared memory checked here would not be
+    what runs.
+    """
+    signature, values, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
         name = param.name
         if param.is_constexpr:
             signature[name], values[name] = "constexpr", constexprs[name]  # KeyError: a new constexpr to list here
+        elif name in UNIT_STRIDES:
+            signature[name], values[name] = "constexpr", 1
         else:
             signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=values)
+            if name in pointers or name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=values, attrs=attrs)
     return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 

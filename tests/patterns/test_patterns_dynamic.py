@@ -110,12 +110,14 @@ def test_xattention_triton_matches_reference(gen, b, hq, hkv, sq, sk, d, stride,
 
 
 @needs_triton
+@pytest.mark.parametrize("flatten", [False, True])
 @pytest.mark.parametrize("config", [(16, 64, 4, 1), (32, 32, 4, 2), (64, 128, 8, 3)])
-def test_xattention_triton_tile_configs_agree(gen, config):
-    """Every tile shape gives the reference's estimate (fast and masked tiles, several query blocks a program)."""
+def test_xattention_triton_tile_configs_agree(gen, config, flatten):
+    """Every tile shape and loop form gives the reference's estimate (fast and masked tiles, several query blocks a
+    program)."""
     q, k = randn(gen, 1, 4, 260, 16, dtype=torch.float32), randn(gen, 1, 2, 330, 16, dtype=torch.float32)
     ref = xattention_scores_reference(q, k, stride=2, block_size=32)
-    out = xattention_scores_triton(q, k, stride=2, block_size=32, config=config)
+    out = xattention_scores_triton(q, k, stride=2, block_size=32, config=config, flatten=flatten)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -126,6 +128,8 @@ def test_xattention_triton_config_must_hold_whole_blocks(gen):
     for bad in [(16, 64), (16, 64, 4, 0), (16, 64, 4.0, 1), "16,64,4,1"]:
         with pytest.raises(ValueError, match=r"config: expected \(BLOCK_T, BLOCK_U, num_warps, num_stages\)"):
             xattention_scores_triton(q, q, stride=2, block_size=32, config=bad)
+    with pytest.raises(TypeError, match="flatten: expected a bool"):
+        xattention_scores_triton(q, q, stride=2, block_size=32, flatten=1)
 
 
 def test_xattention_stride_one_is_the_exact_block_mass(gen):
