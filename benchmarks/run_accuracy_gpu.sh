@@ -122,7 +122,9 @@ open(sys.argv[2],'w').writelines(rows); print(len(rows), 'sdpa cases preloaded')
     key="$1"; model="$SF/models/${NAMES[$key]}"; dir="$SF/results/profile_$key"; mkdir -p "$dir" "$SF/qk"
     python3 benchmarks/capture_qk.py --model "$model" --length "$2" --layers "$3" --out "$SF/qk" 2>&1 | tail -3
     for f in "$SF"/qk/qk_*.pt; do
-      python3 benchmarks/bench_patterns.py --qk "$f" --seqlens 16384 "$2" --methods xattention flexprefill \
+      # PROFILE_METHODS / PROFILE_LENGTHS (space-separated) replace the methods and the lengths
+      python3 benchmarks/bench_patterns.py --qk "$f" --seqlens ${PROFILE_LENGTHS:-16384 $2} \
+        --methods ${PROFILE_METHODS:-xattention flexprefill} \
         --options '{"xattention": {"threshold": 0.95, "local_blocks": 1, "stride": 8}}' \
         --tag "$(basename "$f" .pt)" --out "$dir" 2>&1 | grep -v Warning | tail -6 | tee -a "$dir/log.txt"
     done
