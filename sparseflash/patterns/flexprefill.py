@@ -29,6 +29,12 @@ ragged last block (FlexPrefill's official code rescales the same way); ``seq_len
 block holding the last query of ``I``). Everything stays on the device: no host synchronisation, the
 query-aware branch is computed for every head and kept where the test says so.
 
+With the Triton backend the only sorts left are step 6's top-``n`` choices (rows of ``Kb`` entries): steps 2 and 7
+count and select the covered entries of the vertical and slash lines and of the pooled matrix with
+:mod:`sparseflash.patterns.cover_kernel` (its sort path, the CPU's path, is the reference; the module states the
+tie rule), and steps 6 to 8 end in one kernel that writes the layout (:mod:`sparseflash.patterns.flexprefill_layout`).
+Block means read Q and K in their dtype, summed in float32 (no float32 copy).
+
 ``gamma`` is a cumulative attention-mass threshold, so ``target_recall`` is accepted as its synonym.
 
 Layout heads: **per query head** (``H = num_heads``) by default, as FlexPrefill scores per query head
@@ -39,6 +45,7 @@ group.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -48,6 +55,8 @@ from sparseflash.layouts import BlockLayout
 from sparseflash.layouts import geometry as geo
 from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import selection as sel
+from sparseflash.patterns.cover_kernel import cover_select
+from sparseflash.patterns.flexprefill_layout import flexprefill_layout, slash_geometry
 from sparseflash.patterns.registry import register
 
 DEFAULT_GAMMA = 0.9  # README; the RULER scripts use 0.95 for Llama-3.1-8B and GLM-4-9B
@@ -67,13 +76,29 @@ def cover_count(dist: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of ``x`` (batch, heads, seq, dim) over blocks of ``block`` tokens (the last one ragged), float32."""
-    seq = x.shape[2]
+    """Mean of ``x`` (batch, heads, seq, dim) over blocks of ``block`` tokens (the last one ragged), float32.
+
+    Read in ``x``'s dtype and summed in float32 (no float32 copy of ``x``, no padded copy): the full blocks as one
+    view, the ragged last block apart.
+    """
+    batch, heads, seq, dim = x.shape
+    full = seq // block
+    parts = []
+    if full:
+        blocks = x[:, :, : full * block].view(batch, heads, full, block, dim)
+        parts.append(blocks.sum(3, dtype=torch.float32) / block)
+    if seq > full * block:
+        parts.append(x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (seq - full * block))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
+def block_sums(lines: torch.Tensor, block: int) -> torch.Tensor:
+    """Sums of ``lines`` (..., seq), last dim contiguous, over blocks of ``block`` (the last one ragged): (..., Kb)."""
+    seq = lines.shape[-1]
     num_blocks = -(-seq // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks * block - seq))
-    sums = padded.view(*x.shape[:2], num_blocks, block, x.shape[3]).sum(3)
-    counts = torch.clamp(seq - torch.arange(num_blocks, device=x.device) * block, max=block)
-    return sums / counts[:, None].to(torch.float32)
+    if seq < num_blocks * block:
+        lines = torch.nn.functional.pad(lines, (0, num_blocks * block - seq))
+    return lines.view(*lines.shape[:-1], num_blocks, block).sum(-1)
 
 
 def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -90,6 +115,11 @@ def _grouped_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     num_kv = y.shape[1]
     out = torch.matmul(x.view(batch, num_kv, num_heads // num_kv, rows, dim), y.unsqueeze(2).transpose(-1, -2))
     return out.view(batch, num_heads, rows, y.shape[2])
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32 (the value a float32 tensor holds)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _dense(
@@ -132,7 +162,8 @@ def flexprefill(
         max_budget: maximum budget in tokens (None: no limit).
         heads: 'q' (per query head, FlexPrefill) or 'kv' (union over each GQA group, one layout per KV head).
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        backend: 'auto', 'triton' or 'torch' for the last-query scores.
+        backend: 'auto', 'triton' or 'torch' for the last-query scores, the coverage and the layout ('auto':
+            Triton on CUDA).
 
     Returns:
         BlockLayout with ``kv_num_blocks`` int32 (batch, num_heads, Qb), or (batch, num_kv_heads, Qb) with
@@ -173,52 +204,48 @@ def flexprefill(
     if seq_len_k <= max(2 * block, min_blocks * block):
         return _dense(batch, layout_heads, seq_len_q, seq_len_k, block_size, q.device)
     device = q.device
+    allowed = sel.selection_geometry(seq_len_q, seq_len_k, block_size, device=device)[0]  # read-only
+    rows_with_blocks = slash_geometry(seq_len_q, seq_len_k, block, str(device))[2]
 
     # 1. last-block statistics (token level), as distributions (FlexPrefill divides by the row count)
     rows = min(block, seq_len_q)
     vert, slash = last_query_scores(q, k, num_queries=rows, causal=True, scale=scale, slash=True, backend=backend)
-    vert, slash = vert / rows, slash / rows
-    # 2. budgets in blocks
-    n_vert = (cover_count(vert, gamma) // block + 1).clamp(min_blocks, max_blocks)
-    n_slash = (cover_count(slash, gamma) // block + 1).clamp(min_blocks, max_blocks)
-    # 3. pooled per key block
-    pad = num_k_blocks * block - seq_len_k
-    vert_blocks = torch.nn.functional.pad(vert, (0, pad)).view(batch, num_heads, num_k_blocks, block).sum(-1)
-    slash_blocks = torch.nn.functional.pad(slash, (0, pad)).view(batch, num_heads, num_k_blocks, block).sum(-1)
+    lines = torch.empty(2, batch, num_heads, seq_len_k, dtype=torch.float32, device=device)  # vertical, slash
+    torch.div(vert, rows, out=lines[0])
+    torch.div(slash, rows, out=lines[1])
+    # 2. budgets: gamma coverage of each line without a sort (cover_kernel), plus the crossing entry
+    count = cover_select(lines.view(-1, seq_len_k), gamma, backend=backend)[0].view(2, batch, num_heads)
+    budgets = ((count + 1) // block + 1).clamp(min_blocks, max_blocks)  # (2, B, Hq): vertical, slash
+    # 3. both pooled per key block (slash by the key each diagonal meets in the last row): (2, B, Hq, Kb)
+    line_blocks = block_sums(lines, block)
     # 4. query-aware test: pooled estimate of the last block's distribution vs the measured one
     k_mean = block_means(k, block)  # (B, Hkv, Kb, D)
     q_last = q[:, :, seq_len_q - rows :].float().mean(2, keepdim=True) * scale  # (B, Hq, 1, D)
     p_hat = torch.softmax(_grouped_dot(q_last, k_mean).squeeze(2), dim=-1)
-    query_aware = sqrt_js_divergence(p_hat, vert_blocks) < tau  # (B, Hq)
-    n_vert = torch.where(query_aware, min_blocks, n_vert)
-    n_slash = torch.where(query_aware, min_blocks, n_slash)
-    # 5. forced sink column and main diagonal group (after the divergence test)
-    last_diag = (seq_len_k - 1) // block
-    vert_blocks[..., 0] = float("inf")
-    slash_blocks[..., last_diag] = float("inf")
-    # 6. vertical and slash blocks
-    allowed = geo.causal_block_mask(seq_len_q, seq_len_k, block_size, device=device)  # (Qb, Kb)
-    mask = sel.select_topk(vert_blocks, n_vert)[:, :, None, :] & allowed
-    offset = seq_len_k - seq_len_q
-    q_last_pos = torch.clamp((torch.arange(num_q_blocks, device=device) + 1) * block, max=seq_len_q) - 1 + offset
-    diag_block = torch.div(q_last_pos, block, rounding_mode="floor")  # key block of each row block's last query
-    group = torch.arange(num_k_blocks, device=device)[None, :] - diag_block[:, None] + last_diag  # (Qb, Kb)
-    in_range = (group >= 0) & (group <= last_diag) & allowed
-    slash_keep = sel.select_topk(slash_blocks, n_slash)  # (B, Hq, Kb) over diagonal groups
-    picked = slash_keep.gather(-1, group.clamp(0, num_k_blocks - 1).reshape(1, 1, -1).expand(batch, num_heads, -1))
-    mask |= picked.view(batch, num_heads, num_q_blocks, num_k_blocks) & in_range
-    # 7. query-aware heads: global gamma-coverage of the pooled block attention
+    query_aware = sqrt_js_divergence(p_hat, line_blocks[0]) < tau  # (B, Hq)
+    budgets = torch.where(query_aware, min_blocks, budgets)
+    # 7 (first half). global gamma coverage of the pooled block attention, again without a sort: a row with an
+    # allowed block sums to 1, so the rows cover gamma times their number (as float32, as the sort path has it)
     q_mean = block_means(q, block) * scale  # (B, Hq, Qb, D)
-    pooled = _grouped_dot(q_mean, k_mean).masked_fill(~allowed, float("-inf"))
-    pooled = torch.softmax(pooled, dim=-1).nan_to_num(0.0).flatten(2)  # rows with no allowed block: 0
-    values, order = pooled.sort(dim=-1, descending=True)
-    rows_with_blocks = allowed.any(-1).sum()  # each such row of the pooled matrix sums to 1
-    covered = values.cumsum(-1) <= gamma * rows_with_blocks
-    coverage = torch.zeros_like(covered).scatter_(-1, order, covered)
-    coverage = coverage.view(batch, num_heads, num_q_blocks, num_k_blocks) & allowed
-    mask |= coverage & query_aware[:, :, None, None]
-    # 8. diagonal blocks
-    mask = sel.force_blocks(mask, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size)
-    if layout_heads != num_heads:
-        mask = sel.group_heads(mask, num_kv_heads)
-    return sel.to_layout(mask, seq_len_q, seq_len_k, block_size)
+    pooled = _grouped_dot(q_mean, k_mean).masked_fill_(~allowed, float("-inf"))
+    pooled = torch.softmax(pooled, dim=-1).nan_to_num_(0.0).view(batch * num_heads, -1)  # no allowed block: 0
+    pooled_target = _float32(_float32(gamma) * rows_with_blocks)  # the sort path's float32 product
+    coverage = cover_select(pooled, pooled_target, backend=backend)[1].view(
+        batch, num_heads, num_q_blocks, num_k_blocks
+    )
+    # 5. forced sink column and main diagonal group (after the divergence test)
+    line_blocks[0, ..., 0] = float("inf")
+    line_blocks[1, ..., (seq_len_k - 1) // block] = float("inf")
+    # 6 to 8. top vertical columns and slash groups; the layout: those, the covered blocks of query-aware heads,
+    # the diagonal, the union over each GQA group with heads='kv' (flexprefill_layout: one kernel, no mask)
+    line_keep = sel.select_topk(line_blocks, budgets)  # (2, B, Hq, Kb)
+    return flexprefill_layout(
+        line_keep,
+        coverage,
+        query_aware,
+        seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k,
+        block=block,
+        layout_heads=layout_heads,
+        backend=backend,
+    )

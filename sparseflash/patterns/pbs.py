@@ -35,6 +35,11 @@ Differences from the release: ``seq_len_q == seq_len_k`` is required (as in the 
 need no special case (``N <= S`` gives one segment, i.e. dense causal); pooled means are over real tokens of
 a ragged last block; the release's kernel runs both stages in one launch, here they are two launches plus a
 merge (the same blocks).
+
+On the GPU (the Triton backend) the selection copies neither Q nor K: the pooled keys of ``K'`` are gathered by a
+kernel (:mod:`sparseflash.patterns.permuted_means`) and step 3, from the block probabilities to the layout, is one
+kernel without sort (:mod:`sparseflash.patterns.pbs_layout`, which states its tie rule); the PyTorch path (the
+CPU's) is their reference.
 """
 
 from __future__ import annotations
@@ -43,11 +48,16 @@ import torch
 
 from sparseflash import _options as opt
 from sparseflash._validate import check_qk
-from sparseflash.layouts import causal_block_mask
-from sparseflash.layouts.permuted import DEFAULT_SEGMENT, PermutedLayout, inverse_perm
+from sparseflash.layouts.permuted import DEFAULT_SEGMENT, PermutedLayout
 from sparseflash.ops.scores.last_queries import last_query_scores
 from sparseflash.patterns import selection as sel
 from sparseflash.patterns.flexprefill import block_means
+from sparseflash.patterns.pbs_layout import pbs_layout, segment_geometry
+from sparseflash.patterns.permuted_means import (  # noqa: F401  (re-exported: the pooled keys of K')
+    permuted_block_means,
+    permuted_block_means_reference,
+    permuted_block_means_triton,
+)
 from sparseflash.patterns.registry import register
 
 DEFAULT_THRESHOLD = 0.9
@@ -68,33 +78,17 @@ def segment_permutation(importance: torch.Tensor, segment_size: int) -> torch.Te
         int64 (batch, heads, seq_len_k): ``perm[p]`` = original position of the key at slot ``p``.
     """
     batch, heads, seq_len = importance.shape
-    num_segments = seq_len // segment_size
-    perm = identity_perm(batch, heads, seq_len, importance.device)
-    if num_segments:
-        body = importance[..., : num_segments * segment_size].reshape(batch, heads, num_segments, segment_size)
-        order = body.argsort(dim=-1, descending=True, stable=True)
-        starts = torch.arange(num_segments, device=importance.device)[:, None] * segment_size
-        perm[..., : num_segments * segment_size] = (order + starts).reshape(batch, heads, -1)
+    body_len = seq_len // segment_size * segment_size
+    if not body_len:
+        return identity_perm(batch, heads, seq_len, importance.device)
+    body = importance[..., :body_len].reshape(batch, heads, -1, segment_size)
+    order = body.argsort(dim=-1, descending=True, stable=True)
+    order += torch.arange(0, body_len, segment_size, device=importance.device)[:, None]  # segment starts
+    perm = order.view(batch, heads, body_len)
+    if body_len < seq_len:
+        tail = torch.arange(body_len, seq_len, device=importance.device).expand(batch, heads, -1)
+        perm = torch.cat([perm, tail], dim=-1)
     return perm
-
-
-def permuted_block_means(k: torch.Tensor, perm: torch.Tensor, block: int) -> torch.Tensor:
-    """Block means of ``K' = k[perm]`` without building ``K'``: float32 (batch, perm_heads, Kb, head_dim).
-
-    Args:
-        k: (batch, num_kv_heads, seq_len, head_dim). perm: int64 (batch, perm_heads, seq_len), ``perm_heads``
-            a multiple of ``num_kv_heads`` (query heads of a group share their KV head's keys).
-    """
-    batch, num_kv_heads, seq_len, head_dim = k.shape
-    perm_heads = perm.shape[1]
-    group = perm_heads // num_kv_heads
-    num_blocks = -(-seq_len // block)
-    key_block = (inverse_perm(perm) // block).view(batch, num_kv_heads, group, seq_len, 1)
-    src = k.float().unsqueeze(2).expand(batch, num_kv_heads, group, seq_len, head_dim)
-    sums = torch.zeros(batch, num_kv_heads, group, num_blocks, head_dim, dtype=torch.float32, device=k.device)
-    sums.scatter_add_(3, key_block.expand(-1, -1, -1, -1, head_dim), src)
-    counts = torch.clamp(seq_len - torch.arange(num_blocks, device=k.device) * block, max=block)
-    return (sums / counts[:, None].to(torch.float32)).view(batch, perm_heads, num_blocks, head_dim)
 
 
 @register("permuted", kind="dynamic", heads="q")
@@ -131,7 +125,8 @@ def permuted(
             (per KV head, importance averaged over the group; K'/V' keep num_kv_heads heads). Default: as
             ``heads``.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        backend: 'auto', 'triton' or 'torch' for the importance scores.
+        backend: 'auto', 'triton' or 'torch' for the importance scores, the pooled keys and the selection
+            ('auto': Triton on CUDA).
 
     Returns:
         PermutedLayout: ``kv_num_blocks`` int32 (batch, num_heads, Qb) and ``perm`` int64
@@ -197,27 +192,30 @@ def permuted(
         perm = identity_perm(batch, perm_heads, seq_len, device)
 
     # 3. block selection on (Q, K') over earlier segments
-    seg = torch.arange(num_blocks, device=device) // (segment_size // block)
-    earlier = seg[None, :] < seg[:, None]  # (Qb, Kb)
-    allowed = causal_block_mask(seq_len, seq_len, block_size, device=device)
-    own = (seg[None, :] == seg[:, None]) & allowed
-    if seq_len > segment_size:
-        k_mean = permuted_block_means(k, perm, block)  # (B, Hp, Kb, D), no K' copy
-        q_mean = block_means(q, block) * scale  # (B, Hq, Qb, D)
-        scores = torch.matmul(
-            q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
-            k_mean.unsqueeze(2).transpose(-1, -2),
-        ).view(batch, num_heads, num_blocks, num_blocks)
-        probs = torch.softmax(scores.masked_fill(~earlier, float("-inf")), dim=-1).nan_to_num(0.0)
-        mask = sel.select_by_cumulative_mass(probs, threshold, earlier)
-        if force_sink:
-            sink_slot = (perm[..., :segment_size] == 0).int().argmax(-1)  # (B, Hp): slot of token 0
-            sink_block = (sink_slot // block).repeat_interleave(num_heads // perm_heads, dim=1)  # (B, Hq)
-            is_sink = torch.arange(num_blocks, device=device) == sink_block[..., None]  # (B, Hq, Kb)
-            mask |= is_sink[:, :, None, :] & earlier
-        mask |= own
-    else:  # a single segment: dense causal
-        mask = own.expand(batch, num_heads, -1, -1).contiguous()
-    if layout_heads != num_heads:
-        mask = sel.group_heads(mask, num_kv_heads)
-    return PermutedLayout(sel.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
+    _, not_earlier, own = segment_geometry(seq_len, block, segment_size, str(device))  # (Qb, Kb), read-only
+    if seq_len <= segment_size:  # a single segment: dense causal
+        mask = own.expand(batch, layout_heads, -1, -1)
+        return PermutedLayout(sel.to_layout(mask, seq_len, seq_len, block_size), perm, segment_size)
+    k_mean = permuted_block_means(k, perm, block, backend=backend)  # (B, Hp, Kb, D), no K' copy
+    q_mean = block_means(q, block) * scale  # (B, Hq, Qb, D)
+    scores = torch.matmul(
+        q_mean.view(batch, perm_heads, num_heads // perm_heads, num_blocks, head_dim),
+        k_mean.unsqueeze(2).transpose(-1, -2),
+    ).view(batch, num_heads, num_blocks, num_blocks)
+    probs = torch.softmax(scores.masked_fill_(not_earlier, float("-inf")), dim=-1).nan_to_num_(0.0)
+    sink_block = None
+    if force_sink:
+        sink_slot = (perm[..., :segment_size] == 0).int().argmax(-1)  # (B, Hp): slot of token 0
+        sink_block = (sink_slot // block).repeat_interleave(num_heads // perm_heads, dim=1)  # (B, Hq)
+    # the cumulative-mass blocks, the sink block, the own segment, the GQA union: one kernel (pbs_layout)
+    blocks = pbs_layout(
+        probs,
+        threshold,
+        sink_block,
+        seq_len=seq_len,
+        block=block,
+        segment_size=segment_size,
+        layout_heads=layout_heads,
+        backend=backend,
+    )
+    return PermutedLayout(blocks, perm, segment_size)

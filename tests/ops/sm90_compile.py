@@ -18,7 +18,11 @@ from triton.compiler import ASTSource
 from sparseflash.ops.prefill.dropped_blocks_kernel import dropped_blocks_fwd_kernel
 from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.scores.antidiagonal import _antidiag_kernel
+from sparseflash.patterns.cover_kernel import CHUNK, CHUNK_TILE, SUB, _cover_round_kernel, _cover_write_kernel
+from sparseflash.patterns.flexprefill_layout import _flexprefill_layout_kernel
 from sparseflash.patterns.mass_select_kernel import _mass_select_kernel
+from sparseflash.patterns.pbs_layout import _pbs_layout_kernel
+from sparseflash.patterns.permuted_means import ROWS, _permuted_block_means_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -57,6 +61,7 @@ DROPPED_BASE = dict(
 
 
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cik", "stride_mj", "stride_sk"}
+UNIT_STRIDES |= {"stride_xc", "stride_ps", "stride_pk"}
 
 
 def _compile(kernel, constexprs: dict, pointers: dict, floats: set[str], warps: int, stages: int):
@@ -98,6 +103,31 @@ def cases() -> dict:
     for name, consts in {"scalar_256": dict(PER_HEAD=False, EXTRA=0, BLOCK_K=256),
                          "per_head_extra_4096": dict(PER_HEAD=True, EXTRA=1, BLOCK_K=4096)}.items():  # fmt: skip
         out["select/" + name] = (_mass_select_kernel, consts, select_ptrs, {"thr_scalar"}, 4, 1)
+    cover_ptrs = {"X": "*fp32", "TARGET": "*fp32", "SUMS": "*fp32", "COUNTS": "*i32"}
+    cover_ptrs.update({"NGT": "*i32", "BAD": "*i32", "PREFIX": "*i32", "ABOVE": "*fp32", "COUNT_OUT": "*i64"})
+    cover_ptrs["KEEP"] = "*u8"
+    cover = dict(PER_ROW=False, CHUNK=CHUNK, SUB=SUB, CHUNK_TILE=CHUNK_TILE)
+    scalar = {"target_scalar"}
+    out["cover/round"] = (_cover_round_kernel, {**cover, "LAST": False}, cover_ptrs, scalar, 4, 3)
+    out["cover/round_last_per_row"] = (
+        _cover_round_kernel,
+        {**cover, "LAST": True, "PER_ROW": True},
+        cover_ptrs,
+        scalar,
+        4,
+        3,
+    )
+    out["cover/write"] = (_cover_write_kernel, cover, cover_ptrs, scalar, 4, 3)
+    means = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK=128, ROWS=ROWS)
+    means_ptrs = {"K": "*bf16", "PERM": "*i64", "OUT": "*fp32"}
+    out["permuted_means/bf16_d128"] = (_permuted_block_means_kernel, means, means_ptrs, set(), 4, 3)
+    flex_ptrs = {n: "*u8" for n in ("LINES", "COVER", "QUERY_AWARE", "ALLOWED", "FORCED", "IN_RANGE")}
+    flex_ptrs.update({"GROUP": "*i64", "KV_NUM": "*i32", "KV_IDX": "*i32"})
+    out["layout/flexprefill_512"] = (_flexprefill_layout_kernel, dict(BLOCK_K=512), flex_ptrs, set(), 4, 3)
+    pbs_ptrs = {"PROBS": "*fp32", "SINK": "*i64", "EARLIER": "*u8", "OWN": "*u8", "KV_NUM": "*i32", "KV_IDX": "*i32"}
+    for name, consts, warps in (("pbs_sink_1024", dict(FORCE_SINK=True, BLOCK_K=1024), 4),
+                                ("pbs_no_sink_4096", dict(FORCE_SINK=False, BLOCK_K=4096), 8)):  # fmt: skip
+        out["layout/" + name] = (_pbs_layout_kernel, consts, pbs_ptrs, {"threshold"}, warps, 3)
     fp32 = {**DROPPED_POINTERS, "Q": "*fp32", "VM": "*fp32", "O": "*fp32"}
     out["dropped/bf16_split"] = (dropped_blocks_fwd_kernel, DROPPED_BASE, DROPPED_POINTERS, {"qk_scale"}, 4, 2)
     out["dropped/bf16_pool16"] = (

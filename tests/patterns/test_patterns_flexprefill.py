@@ -173,12 +173,27 @@ def test_helpers():
 
 
 @pytest.mark.interpret
-def test_triton_scores_give_same_layout(gen):
-    q, k = _qk(gen, 1, 2, 1, 300, 300, 32, dtype=torch.float16)
-    opts = dict(block_size=(32, 32), gamma=0.9, min_budget=32)
-    a = registry.select("flexprefill", q, k, backend="triton", **opts)
-    b = registry.select("flexprefill", q, k, backend="torch", **opts)
-    assert torch.equal(a.to_dense(), b.to_dense())
+@pytest.mark.parametrize(
+    "shape, dtype, options",
+    [
+        ((1, 4, 2, 333, 333), torch.float16, dict(gamma=0.9)),
+        ((1, 4, 1, 300, 300), torch.bfloat16, dict(gamma=0.6, tau=10.0, heads="kv")),
+        ((1, 2, 2, 130, 390), torch.float32, dict(gamma=0.95, tau=0.3, max_budget=96)),
+        ((2, 2, 1, 257, 257), torch.float32, dict(gamma=0.99, tau=100.0)),
+    ],
+    ids=["gqa-ragged", "all-query-aware-kv-layout", "chunked", "batch-high-gamma"],
+)
+def test_triton_path_gives_the_torch_layout(gen, shape, dtype, options):
+    """The Triton path (last-query kernels, the sort-free coverage, the layout kernel) against the PyTorch path
+    (the sort path, the bool mask and from_dense: the behaviour before the kernels): the very same layout."""
+    batch, hq, hkv, sq, sk = shape
+    q, k = _qk(gen, batch, hq, hkv, sq, sk, 32, dtype=dtype)
+    opts = dict(block_size=(32, 32), min_budget=32, **options)
+    fast = registry.select("flexprefill", q, k, backend="triton", **opts)
+    slow = registry.select("flexprefill", q, k, backend="torch", **opts)
+    assert torch.equal(fast.kv_num_blocks, slow.kv_num_blocks)
+    assert torch.equal(fast.kv_indices, slow.kv_indices)
+    assert 0 < fast.density() < 1
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,30 @@ def test_permuted_block_means_match_gather():
     torch.testing.assert_close(means[:, :, 1], k_perm[:, :, 32:64].mean(2))
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "shape, dtype, options",
+    [
+        ((1, 4, 2, 333), torch.float16, dict(threshold=0.9)),
+        ((2, 4, 1, 300), torch.bfloat16, dict(threshold=0.7, heads="kv", segment_size=128)),
+        ((1, 4, 2, 352), torch.float32, dict(threshold=0.5, permute_heads="kv", force_sink=False)),
+    ],
+    ids=["gqa-ragged", "kv-layout-batch", "kv-perm-aligned-no-sink"],
+)
+def test_triton_path_gives_the_torch_layout(gen, shape, dtype, options):
+    """The Triton path (importance kernels, gathered K' means, the step-3 layout kernel) against the PyTorch path
+    (scatter_add means, the sort path, from_dense: the behaviour before the kernels): the same layout and perm."""
+    batch, hq, hkv, n = shape
+    q, k, _ = _qkv(gen, batch, hq, hkv, n, 32, dtype=dtype)
+    opts = {"block_size": (32, 32), "segment_size": 64, **options}
+    fast = registry.select("permuted", q, k, backend="triton", **opts)
+    slow = registry.select("permuted", q, k, backend="torch", **opts)
+    assert torch.equal(fast.perm, slow.perm)
+    assert torch.equal(fast.blocks.kv_num_blocks, slow.blocks.kv_num_blocks)
+    assert torch.equal(fast.blocks.kv_indices, slow.blocks.kv_indices)
+    assert 0 < fast.density() < 1
+
+
 @pytest.mark.parametrize("heads, permute_heads", [("q", None), ("q", "kv"), ("kv", None)])
 def test_properties(gen, heads, permute_heads):
     q, k, _ = _qkv(gen, 2, 4, 2, 333, 32)
