@@ -23,6 +23,7 @@ from sparseflash._validate import check_backend
 from sparseflash.layouts import BlockLayout
 from sparseflash.layouts import geometry as geo
 from sparseflash.patterns import selection as sel
+from sparseflash.patterns.row_kernels import store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -90,13 +91,7 @@ def _flexprefill_layout_kernel(
         covered = tl.load(cover_base + offs * stride_ck, mask=inb, other=0) != 0
         aware = tl.load(QUERY_AWARE + bh_q) != 0
         keep = keep | vertical | slash | (covered & aware)
-    keep = keep & allowed
-    kept = keep.to(tl.int32)
-    num_kept = tl.sum(kept, axis=0)
-    dropped = (inb & ~keep).to(tl.int32)
-    pos = tl.where(keep, tl.cumsum(kept, axis=0) - 1, num_kept + tl.cumsum(dropped, axis=0) - 1)
-    tl.store(KV_NUM + row, num_kept)
-    tl.store(KV_IDX + row.to(tl.int64) * num_k_blocks + pos, offs, mask=inb)
+    store_layout_row(KV_NUM, KV_IDX, row, keep & allowed, offs, inb, num_k_blocks)
 
 
 def _check(

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from sparseflash.layouts.block import BlockLayout
+from sparseflash.patterns.row_kernels import mass_cut, store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -70,28 +71,13 @@ def _mass_select_kernel(
     else:
         thr = thr_scalar
     target = thr * total
-    # smallest x (as float32 bits) with acc + G(x) < target, G(x) = mass of the rest strictly above x
-    hi = tl.max(rest, axis=0).to(tl.int32, bitcast=True)  # G(max) = 0
-    lo = hi * 0  # x = 0.0
-    lo_true = acc + tl.sum(rest, axis=0) < target  # G(0) (rest >= 0): the whole row fits below the target
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        x = mid.to(tl.float32, bitcast=True)
-        ok = (acc + tl.sum(tl.where(rest > x, rest, 0.0), axis=0)) < target
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid)
-    cut = tl.where(lo_true, 0.0, hi.to(tl.float32, bitcast=True))
+    cut = mass_cut(rest, acc, target)  # smallest x with acc + G(x) < target, G(x) = mass of the rest above x
     cut = tl.where(acc < target, cut, float("inf"))  # forced mass reaches the target: nothing else
     for _ in range(EXTRA):  # the next-largest positive entry below the cut (a tie: all of it)
         nxt = tl.max(tl.where((rest < cut) & (rest > 0.0), rest, -1.0), axis=0)
         cut = tl.where(nxt > 0.0, nxt, cut)
     keep = forced | ((rest >= cut) & (rest > 0.0))
-    kept = keep.to(tl.int32)
-    num_kept = tl.sum(kept, axis=0)
-    dropped = (inb & ~keep).to(tl.int32)
-    pos = tl.where(keep, tl.cumsum(kept, axis=0) - 1, num_kept + tl.cumsum(dropped, axis=0) - 1)
-    tl.store(KV_NUM + row, num_kept)
-    tl.store(KV_IDX + row.to(tl.int64) * num_k_blocks + pos, offs, mask=inb)
+    store_layout_row(KV_NUM, KV_IDX, row, keep, offs, inb, num_k_blocks)
 
 
 def mass_select_layout_reference(

@@ -31,6 +31,7 @@ import triton.language as tl
 from sparseflash._validate import check_backend
 from sparseflash.layouts import BlockLayout, causal_block_mask
 from sparseflash.patterns import selection as sel
+from sparseflash.patterns.row_kernels import mass_cut, store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -86,16 +87,7 @@ def _pbs_layout_kernel(
         nan = tl.max((raw != raw).to(tl.int32), axis=0) > 0  # the sort path's total is NaN: nothing selected
         s = tl.where(raw > 0.0, raw, 0.0)
         target = threshold * tl.sum(s, axis=0)
-        # the cut: the smallest x >= 0 (as float32 bits) whose mass strictly above, G(x), is below the target
-        hi = tl.max(s, axis=0).to(tl.int32, bitcast=True)  # G(max) = 0 < target when target > 0
-        lo = hi * 0
-        lo_ok = tl.sum(s, axis=0) < target  # G(0): every positive block fits below the target
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            ok = tl.sum(tl.where(s > mid.to(tl.float32, bitcast=True), s, 0.0), axis=0) < target
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid)
-        cut = tl.where(lo_ok, 0.0, hi.to(tl.float32, bitcast=True))
+        cut = mass_cut(s, 0.0, target)  # the smallest x >= 0 whose mass strictly above, G(x), is below the target
         above = tl.sum(tl.where(s > cut, s, 0.0), axis=0)
         tie = (s == cut) & (s > 0.0)
         ties = tl.sum(tie.to(tl.int32), axis=0)
@@ -110,13 +102,7 @@ def _pbs_layout_kernel(
         keep = keep | tl.where(active, picked & (s > 0.0), False)
         if FORCE_SINK:
             keep = keep | ((offs == tl.load(SINK + b.to(tl.int64) * num_heads + h)) & earlier)
-    keep = keep & inb
-    kept = keep.to(tl.int32)
-    num_kept = tl.sum(kept, axis=0)
-    dropped = (inb & ~keep).to(tl.int32)
-    pos = tl.where(keep, tl.cumsum(kept, axis=0) - 1, num_kept + tl.cumsum(dropped, axis=0) - 1)
-    tl.store(KV_NUM + row, num_kept)
-    tl.store(KV_IDX + row.to(tl.int64) * num_k_blocks + pos, offs, mask=inb)
+    store_layout_row(KV_NUM, KV_IDX, row, keep, offs, inb, num_k_blocks)
 
 
 def _check(probs: torch.Tensor, sink_block: torch.Tensor | None, layout_heads: int) -> None:

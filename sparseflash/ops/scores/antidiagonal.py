@@ -230,7 +230,7 @@ def _tile_config(rows: int, r: int, device: torch.device) -> tuple[int, int, int
     """``(BLOCK_T, BLOCK_U, num_warps, num_stages)``, each block a multiple of the ``r = block / stride`` strided rows
     of a block. On a GPU (``benchmarks/results/selection_h200/``, H200, flattened loop): 64 x 64 tiles up to 2048
     strided rows (16K tokens at stride 8), 64 x 128 up to 8191, 128 x 128 from 8192 (64K tokens at stride 8: 6-10 %
-    faster there, 2-14 % slower below); 16 x 64 for short inputs and the CPU interpreter."""
+    faster there, 6-23 % slower below); 16 x 64 for short inputs and the CPU interpreter."""
     if device.type != "cuda" or rows <= 64:
         return max(16, r), max(64, r), 4, 1
     if rows <= 2048:
