@@ -75,6 +75,17 @@ def _pick_digit(prefix, above, sums, target):
     return prefix * 16 + digit, new_above, digit
 
 
+@triton.jit
+def _program_row(TARGET, target_scalar, PER_ROW: tl.constexpr):
+    """This program's ``(row, chunk, target)``: grid ``(rows, chunks)``, the target per row or one for all."""
+    row = tl.program_id(0)
+    if PER_ROW:
+        target = tl.load(TARGET + row)
+    else:
+        target = target_scalar
+    return row, tl.program_id(1), target
+
+
 @triton.jit(do_not_specialize=["rnd"])
 def _cover_round_kernel(
     X,  # (R, N) float, any strides
@@ -99,13 +110,8 @@ def _cover_round_kernel(
     CHUNK_TILE: tl.constexpr,
 ):
     """Round ``rnd``: fix digit ``rnd - 1`` of the cut from the previous histograms, histogram digit ``rnd``."""
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
+    row, chunk, target = _program_row(TARGET, target_scalar, PER_ROW)
     row64 = row.to(tl.int64)
-    if PER_ROW:
-        target = tl.load(TARGET + row)
-    else:
-        target = target_scalar
     prefix = row * 0
     above = tl.zeros([], dtype=tl.float32)
     if rnd > 0:
@@ -172,13 +178,8 @@ def _cover_write_kernel(
     CHUNK_TILE: tl.constexpr,
 ):
     """Fix the last digit: the cut ``c``, the tie share ``r``; write ``count`` and the covered mask of a chunk."""
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
+    row, chunk, target = _program_row(TARGET, target_scalar, PER_ROW)
     row64 = row.to(tl.int64)
-    if PER_ROW:
-        target = tl.load(TARGET + row)
-    else:
-        target = target_scalar
     state = _LAST_ROUND * num_rows + row
     sums = _row_histogram(SUMS + (state.to(tl.int64) * num_chunks) * 16, num_chunks, CHUNK_TILE)
     cut, above, digit = _pick_digit(tl.load(PREFIX + state), tl.load(ABOVE + state), sums, target)

@@ -23,7 +23,7 @@ from sparseflash._validate import check_backend
 from sparseflash.layouts import BlockLayout
 from sparseflash.layouts import geometry as geo
 from sparseflash.patterns import selection as sel
-from sparseflash.patterns.row_kernels import store_layout_row
+from sparseflash.patterns.row_kernels import layout_row, store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -68,13 +68,7 @@ def _flexprefill_layout_kernel(
     stride_ck,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, layout head, qb) flattened, qb fastest
-    qb = row % num_q_blocks
-    bh = row // num_q_blocks
-    hl = bh % layout_heads
-    b = bh // layout_heads
-    offs = tl.arange(0, BLOCK_K)
-    inb = offs < num_k_blocks
+    b, hl, qb, offs, inb = layout_row(num_q_blocks, layout_heads, num_k_blocks, BLOCK_K)  # hl: the layout head
     cell = qb.to(tl.int64) * num_k_blocks + offs
     allowed = (tl.load(ALLOWED + cell, mask=inb, other=0) != 0) & inb
     in_range = tl.load(IN_RANGE + cell, mask=inb, other=0) != 0
@@ -91,7 +85,7 @@ def _flexprefill_layout_kernel(
         covered = tl.load(cover_base + offs * stride_ck, mask=inb, other=0) != 0
         aware = tl.load(QUERY_AWARE + bh_q) != 0
         keep = keep | vertical | slash | (covered & aware)
-    store_layout_row(KV_NUM, KV_IDX, row, keep & allowed, offs, inb, num_k_blocks)
+    store_layout_row(KV_NUM, KV_IDX, tl.program_id(0), keep & allowed, offs, inb, num_k_blocks)
 
 
 def _check(

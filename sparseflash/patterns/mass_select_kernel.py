@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from sparseflash.layouts.block import BlockLayout
-from sparseflash.patterns.row_kernels import mass_cut, store_layout_row
+from sparseflash.patterns.row_kernels import layout_row, mass_cut, store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -50,13 +50,7 @@ def _mass_select_kernel(
     EXTRA: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, h, qb) flattened, qb fastest
-    qb = row % num_q_blocks
-    bh = row // num_q_blocks
-    h = bh % num_heads
-    b = bh // num_heads
-    offs = tl.arange(0, BLOCK_K)
-    inb = offs < num_k_blocks
+    b, h, qb, offs, inb = layout_row(num_q_blocks, num_heads, num_k_blocks, BLOCK_K)
     ptrs = SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + qb.to(tl.int64) * stride_sq
     s = tl.load(ptrs + offs.to(tl.int64) * stride_sk, mask=inb, other=0.0).to(tl.float32)
     geo = qb.to(tl.int64) * num_k_blocks + offs
@@ -77,7 +71,7 @@ def _mass_select_kernel(
         nxt = tl.max(tl.where((rest < cut) & (rest > 0.0), rest, -1.0), axis=0)
         cut = tl.where(nxt > 0.0, nxt, cut)
     keep = forced | ((rest >= cut) & (rest > 0.0))
-    store_layout_row(KV_NUM, KV_IDX, row, keep, offs, inb, num_k_blocks)
+    store_layout_row(KV_NUM, KV_IDX, tl.program_id(0), keep, offs, inb, num_k_blocks)
 
 
 def mass_select_layout_reference(

@@ -31,7 +31,7 @@ import triton.language as tl
 from sparseflash._validate import check_backend
 from sparseflash.layouts import BlockLayout, causal_block_mask
 from sparseflash.patterns import selection as sel
-from sparseflash.patterns.row_kernels import mass_cut, store_layout_row
+from sparseflash.patterns.row_kernels import layout_row, mass_cut, store_layout_row
 
 MAX_KEY_BLOCKS = 16384  # a row of key blocks held in registers (2M tokens at 128-token blocks); longer: PyTorch
 
@@ -69,13 +69,7 @@ def _pbs_layout_kernel(
     FORCE_SINK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, layout head, qb) flattened, qb fastest
-    qb = row % num_q_blocks
-    bh = row // num_q_blocks
-    hl = bh % layout_heads
-    b = bh // layout_heads
-    offs = tl.arange(0, BLOCK_K)
-    inb = offs < num_k_blocks
+    b, hl, qb, offs, inb = layout_row(num_q_blocks, layout_heads, num_k_blocks, BLOCK_K)  # hl: the layout head
     cell = qb.to(tl.int64) * num_k_blocks + offs
     earlier = (tl.load(EARLIER + cell, mask=inb, other=0) != 0) & inb
     keep = tl.load(OWN + cell, mask=inb, other=0) != 0
@@ -102,7 +96,7 @@ def _pbs_layout_kernel(
         keep = keep | tl.where(active, picked & (s > 0.0), False)
         if FORCE_SINK:
             keep = keep | ((offs == tl.load(SINK + b.to(tl.int64) * num_heads + h)) & earlier)
-    store_layout_row(KV_NUM, KV_IDX, row, keep, offs, inb, num_k_blocks)
+    store_layout_row(KV_NUM, KV_IDX, tl.program_id(0), keep, offs, inb, num_k_blocks)
 
 
 def _check(probs: torch.Tensor, sink_block: torch.Tensor | None, layout_heads: int) -> None:

@@ -2,7 +2,8 @@
 
 :mod:`~sparseflash.patterns.mass_select_kernel`, :mod:`~sparseflash.patterns.flexprefill_layout` and
 :mod:`~sparseflash.patterns.pbs_layout` each decide, per layout row, a keep mask over its ``Kb`` key blocks
-(the first and the last by a cumulative-mass cut, :func:`mass_cut`) and store it as the
+(:func:`layout_row` gives its position; the first and the last by a cumulative-mass cut, :func:`mass_cut`) and
+store it as the
 :class:`~sparseflash.layouts.BlockLayout` lists (:func:`store_layout_row`): ``kv_num_blocks[row]`` and
 ``kv_indices[row]`` with the kept blocks first in increasing order, then the dropped ones (the layout's padding
 convention).
@@ -12,6 +13,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def layout_row(num_q_blocks, num_heads, num_k_blocks, BLOCK_K: tl.constexpr):
+    """This program's layout row, rows flattened as ``(b, head, qb)`` with ``qb`` fastest: ``(b, head, qb, offs,
+    inb)``, ``offs`` the block ids ``0..BLOCK_K-1`` and ``inb`` those inside the row's ``num_k_blocks``."""
+    row = tl.program_id(0)
+    qb = row % num_q_blocks
+    bh = row // num_q_blocks
+    offs = tl.arange(0, BLOCK_K)
+    return bh // num_heads, bh % num_heads, qb, offs, offs < num_k_blocks
 
 
 @triton.jit
