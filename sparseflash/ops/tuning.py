@@ -51,12 +51,24 @@ class Tuning:
             On by default: on an H200 (64K, d = 128, ``benchmarks/results/prefetch_h200/``) it was faster in all
             five tile configs tried; with the d = 128 default tiles, 73.6 against 97.4 ms at density 1.0 and 8.5
             against 10.0 ms at density 0.1. ``False`` keeps the plain loop (for comparisons).
+        tma: in the prefill kernel's unmasked key tiles, load K and V through device-side TMA tensor descriptors
+            (``ops.prefill.tma``); masked tiles keep pointer loads. Used only where TMA applies (Hopper or newer,
+            or the interpreter; head dim a power of two; 16-byte aligned strides and base); elsewhere ignored.
+            Off by default: on an H200 (``benchmarks/results/prefill_explore_h200/``, 16K and 64K, causal and not)
+            it was 0.5-4.5 % slower at d = 128 and within +-2 % at d = 64.
+        lazy_rescale: in the prefill kernel's unmasked key tiles, rescale the running output only when some
+            row's maximum grows by more than ``ops.prefill.tile.LAZY_THRESH`` (base 2; FlashAttention-4's trick);
+            the result stays exact up to rounding. Ignored with block skipping (``skip_threshold``), whose
+            decisions use the exact running maximum. Off by default: on the same H200 run it was 5-9 % slower at
+            d = 128 and 0-8 % slower at d = 64 (its program-wide branch costs more than the multiply it saves).
         decode: tile config of the decode split kernel; None: by head dim (``ops.decode.launcher.default_config``).
         decode_ctas_per_sm: program slots per SM assumed by the decode split-count heuristic.
     """
 
     prefill: TileConfig | None = None
     sparse_prefetch: bool = True
+    tma: bool = False
+    lazy_rescale: bool = False
     decode: DecodeConfig | None = None
     decode_ctas_per_sm: int = 2
 
@@ -65,8 +77,9 @@ class Tuning:
             raise TypeError(f"prefill: expected a TileConfig or None, got {type(self.prefill).__name__}")
         if self.decode is not None and not isinstance(self.decode, DecodeConfig):
             raise TypeError(f"decode: expected a DecodeConfig or None, got {type(self.decode).__name__}")
-        if not isinstance(self.sparse_prefetch, bool):
-            raise TypeError(f"sparse_prefetch: expected a bool, got {self.sparse_prefetch!r}")
+        for name in ("sparse_prefetch", "tma", "lazy_rescale"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         ctas = self.decode_ctas_per_sm
         if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
             raise ValueError(f"decode_ctas_per_sm: expected an int >= 1, got {ctas!r}")

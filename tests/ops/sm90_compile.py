@@ -33,7 +33,7 @@ PREFILL_POINTERS.update(
 PREFILL_BASE = dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=64, PACK=1, CAUSAL=True, SPARSE=False, LAYOUT_BLOCK_Q=128,
     LAYOUT_BLOCK_K=128, CAPACITY_POW2=256, HAS_COLS=False, HAS_SEQ_LENS=False, RETURN_LSE=False, OFFS_64=False,
-    PREFETCH=True, SKIP=False, STATS=False,
+    PREFETCH=True, SKIP=False, STATS=False, USE_TMA=False, LAZY_RESCALE=False,
 )  # fmt: skip
 PREFILL_CASES = {
     "dense_causal_d128": {},
@@ -42,6 +42,12 @@ PREFILL_CASES = {
     "sparse_prefetch": dict(SPARSE=True),
     "sparse_columns_packed": dict(SPARSE=True, HAS_COLS=True, PACK=6),
     "skip_with_stats": dict(SPARSE=True, SKIP=True, STATS=True),
+    # Tuning.tma / Tuning.lazy_rescale (issue 13): descriptors need BLOCK_D == HEAD_DIM
+    "dense_causal_d128_tma": dict(USE_TMA=True),
+    "dense_causal_d128_lazy": dict(LAZY_RESCALE=True),
+    "dense_d64_tma_lazy_int64": dict(HEAD_DIM=64, BLOCK_D=64, USE_TMA=True, LAZY_RESCALE=True, OFFS_64=True),
+    "sparse_tma_lazy": dict(SPARSE=True, USE_TMA=True, LAZY_RESCALE=True),
+    "dense_128x128_tma_lazy": dict(BLOCK_N=128, CAUSAL=False, USE_TMA=True, LAZY_RESCALE=True),
 }
 ANTIDIAG_POINTERS = {"Q": "*bf16", "K": "*bf16", "P_BUF": "*fp32", "M_BUF": "*fp32", "OUT": "*fp32"}
 _ANTIDIAG_D128 = dict(STRIDE=8, HEAD_DIM=128, BLOCK_D=128, R=16, CAUSAL=True)

@@ -5,14 +5,13 @@ BLOCK_M rows per program, BLOCK_N keys per inner step, PACK query heads packed i
 (1, or G with GQA packing: row r is query ``t * QPT + r // PACK`` of head ``hp * PACK + r % PACK``, so the
 heads of a group share each K/V tile), QPT = BLOCK_M // PACK queries per program.
 
-Per program: one (batch, head-pack, query tile). The KV loop runs in two phases: key tiles that every row of
-the tile may see, with no mask, then the tiles that need the causal / sequence-end / padding mask. With a
-block layout the loop walks the tile's ordered block list; blocks needing no mask form a prefix of it. A layout
-with token columns (``HAS_COLS``) adds a third loop after the blocks: the query block's columns in tiles of
-``BLOCK_N`` gathered keys (K/V rows loaded by position), each masked per (row, key) pair; every row of a packed
-GQA program shares its query block's columns. Without columns the loop is compiled out.
-Softmax in base 2 with the scale folded in (``qk_scale = scale * log2(e)``); fp32 accumulators; a row with
-nothing to attend writes 0 and lse -inf.
+Per program: one (batch, head-pack, query tile). The KV loop runs in two phases: key tiles that every row of the tile
+may see, with no mask, then the tiles that need the causal / sequence-end / padding mask. With a block layout the loop
+walks the tile's ordered block list; blocks needing no mask form a prefix of it. A layout with token columns
+(``HAS_COLS``) adds a third loop after the blocks: the query block's columns in tiles of ``BLOCK_N`` gathered keys (K/V
+rows loaded by position), each masked per (row, key) pair; every row of a packed GQA program shares its query block's
+columns. Without columns the loop is compiled out. Softmax in base 2 with the scale folded in (``qk_scale = scale *
+log2(e)``); fp32 accumulators; a row with nothing to attend writes 0 and lse -inf.
 
 Non-finite K/V: keys outside ``[0, S_K)`` and outside the valid range of a padded sequence are never loaded,
 nor are blocks a layout drops (nor column slots past a row's count); in the masked and gathered tiles a
@@ -23,6 +22,7 @@ Block skipping (``SKIP``, :mod:`.tile`): an unmasked key tile whose logits lie, 
 ``skip_thr`` (base 2) below the row's running maximum is dropped after ``Q K^T``: V is not loaded. Tiles are
 visited in the order above (ascending keys; with a layout, its order), which the result then depends on. With
 ``STATS``, each program adds its skipped and visited key-tile counts to ``SKIP_STATS[0]`` and ``[1]``.
+Two switches change the unmasked tiles only (:mod:`.tile`): ``USE_TMA`` (:mod:`.tma`) and ``LAZY_RESCALE``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparseflash.ops.prefill.tile import _attend_gathered, _attend_tile
+from sparseflash.ops.prefill.tile import _attend_gathered, _attend_tile, kv_sources
 from sparseflash.ops.triton_common import LN2
 
 
@@ -105,6 +105,8 @@ def prefill_fwd_kernel(
     PREFETCH: tl.constexpr,
     SKIP: tl.constexpr,
     STATS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // PACK
     pid = tl.program_id(0)
@@ -154,6 +156,7 @@ def prefill_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     K_head = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_src, v_src = kv_sources(K_head, V_head, S_K, stride_ks, stride_vs, BLOCK_N, BLOCK_D, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,8 +202,8 @@ def prefill_fwd_kernel(
                 l_i,
                 m_i,
                 q,
-                K_head,
-                V_head,
+                k_src,
+                v_src,
                 start_n,
                 q_pos,
                 row_ok,
@@ -223,6 +226,8 @@ def prefill_fwd_kernel(
                 BLOCK_N,
                 OFFS_64,
                 SKIP,
+                USE_TMA,
+                LAZY_RESCALE,
             )
             if STATS:
                 n_skip += skipped
@@ -310,8 +315,8 @@ def prefill_fwd_kernel(
                 l_i,
                 m_i,
                 q,
-                K_head,
-                V_head,
+                k_src,
+                v_src,
                 start_n,
                 q_pos,
                 row_ok,
@@ -334,6 +339,8 @@ def prefill_fwd_kernel(
                 BLOCK_N,
                 OFFS_64,
                 SKIP,
+                USE_TMA,
+                LAZY_RESCALE,
             )
             if STATS:
                 n_skip += skipped

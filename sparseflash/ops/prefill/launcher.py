@@ -1,7 +1,7 @@
 """Launcher for :mod:`sparseflash.ops.prefill.kernel`: tile choice, GQA packing, scheduling, int64 offsets.
 
-Tuning (tile config, the experimental sparse prefetch) comes from :mod:`sparseflash.ops.tuning`, read at each
-launch, or from the ``config`` argument. :func:`tile_geometry` is the program shape a launch uses, which block
+Tuning (tile config, sparse prefetch, TMA loads, lazy rescaling) comes from :mod:`sparseflash.ops.tuning`, read
+at each launch, or from the ``config`` argument. :func:`tile_geometry` is the program shape a launch uses, which block
 skipping (``skip_threshold``) depends on; the PyTorch path of skipping replays it
 (:mod:`sparseflash.ops.prefill.reference_skip`).
 """
@@ -16,6 +16,7 @@ from sparseflash.layouts import BlockLayout
 from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.prefill.reference import block_sparse_torch, valid_range
 from sparseflash.ops.prefill.reference_skip import TileGeometry, skip_attention_reference
+from sparseflash.ops.prefill.tma import ensure_allocator, tma_usable
 from sparseflash.ops.triton_common import LOG2E
 from sparseflash.ops.tuning import TileConfig, get_tuning
 
@@ -266,6 +267,11 @@ def prefill_forward(
         col_num = col_idx = dummy
         cn_strides, ci_strides = (0, 0, 0), (0, 0, 0, 0)
 
+    # TMA where it applies (else the pointer path); a device-side descriptor needs Triton's scratch allocator.
+    # Lazy rescaling keeps a stale running maximum, which skipping compares against: off when skipping.
+    use_tma = tuning.tma and tma_usable(k, v, head_dim)
+    if use_tma and q.device.type == "cuda":
+        ensure_allocator()
     grid = (num_tiles * num_bh,)
     prefill_fwd_kernel[grid](
         q,
@@ -315,6 +321,8 @@ def prefill_forward(
         PREFETCH=tuning.sparse_prefetch,
         SKIP=skip_threshold is not None,
         STATS=skip_stats is not None,
+        USE_TMA=use_tma,
+        LAZY_RESCALE=tuning.lazy_rescale and skip_threshold is None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
