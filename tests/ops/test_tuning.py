@@ -13,7 +13,7 @@ def test_defaults_are_the_library_tables():
     tuning = get_tuning()
     assert tuning == Tuning() and tuning.prefill is None and tuning.decode is None
     assert tuning.sparse_prefetch and tuning.decode_ctas_per_sm == 2
-    assert default_config(128) == TileConfig(128, 64, 8, 3)
+    assert default_config(128) == TileConfig(128, 128, 8, 3)
 
 
 def test_tuned_changes_fields_for_the_block_only():
@@ -47,5 +47,5 @@ def test_bad_values_rejected(changes, error, match):
 def test_no_environment_variable_is_read(monkeypatch):
     monkeypatch.setenv("SPARSEFLASH_PREFILL_CONFIG", "16,16,1,1")
     monkeypatch.setenv("SPARSEFLASH_DECODE_CTAS_PER_SM", "64")
-    assert default_config(128) == TileConfig(128, 64, 8, 3)
+    assert default_config(128) == TileConfig(128, 128, 8, 3)
     assert choose_num_splits(1, 8, 131072, 132) == choose_num_splits(1, 8, 131072, 132, ctas_per_sm=2)

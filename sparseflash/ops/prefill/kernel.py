@@ -30,6 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sparseflash.ops.prefill.schedule import dense_program
 from sparseflash.ops.prefill.tile import _attend_gathered, _attend_tile, kv_sources
 from sparseflash.ops.triton_common import LN2
 
@@ -115,12 +116,8 @@ def prefill_fwd_kernel(
         work = tl.load(WORK_ORDER + pid)
         tile = work % NUM_TILES
         bh = work // NUM_TILES
-    else:
-        # all heads of one tile rank run together; causal: the longest (last) tiles first
-        bh = pid % NUM_BH
-        tile = pid // NUM_BH
-        if CAUSAL:
-            tile = NUM_TILES - 1 - tile
+    else:  # the packs of one KV head fastest, then its tiles (causal: longest first): K/V shared in L2
+        bh, tile = dense_program(pid, NUM_TILES, HQ, G, PACK, CAUSAL)
     num_packs = HQ // PACK
     b = bh // num_packs
     hp = bh % num_packs
