@@ -15,6 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sparseflash.ops.decode.kernel import decode_split_kernel
 from sparseflash.ops.prefill.dropped_blocks_kernel import dropped_blocks_fwd_kernel
 from sparseflash.ops.prefill.kernel import prefill_fwd_kernel
 from sparseflash.ops.scores.antidiagonal import _antidiag_kernel
@@ -48,6 +49,19 @@ PREFILL_CASES = {
     "dense_d64_tma_lazy_int64": dict(HEAD_DIM=64, BLOCK_D=64, USE_TMA=True, LAZY_RESCALE=True, OFFS_64=True),
     "sparse_tma_lazy": dict(SPARSE=True, USE_TMA=True, LAZY_RESCALE=True),
     "dense_128x128_tma_lazy": dict(BLOCK_N=128, CAUSAL=False, USE_TMA=True, LAZY_RESCALE=True),
+    "dense_causal_d128_128x128": dict(BLOCK_N=128),  # the d = 128 default tile
+}
+DECODE_POINTERS = {n: "*bf16" for n in ("Q", "K", "V", "O")}
+DECODE_POINTERS.update({n: "*fp32" for n in ("LSE", "O_PART", "LSE_PART")})
+DECODE_POINTERS.update({n: "*i32" for n in ("SEQLENS", "PAGE_TABLE", "BLOCK_IDX", "BLOCK_CNT")})
+DECODE_BASE = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, PAGED=False, PAGE_SIZE=1, SPARSE=False,
+                   SPARSE_BLOCK=1, SPLIT=True, RETURN_LSE=False, PREFETCH=True)  # fmt: skip
+DECODE_CASES = {
+    "contiguous_split": {},
+    "paged16_prefetch": dict(PAGED=True, PAGE_SIZE=16),
+    "paged16_per_tile": dict(PAGED=True, PAGE_SIZE=16, PREFETCH=False),
+    "paged64_final_lse": dict(PAGED=True, PAGE_SIZE=64, SPLIT=False, RETURN_LSE=True),
+    "sparse_paged16": dict(PAGED=True, PAGE_SIZE=16, SPARSE=True, SPARSE_BLOCK=128),
 }
 ANTIDIAG_POINTERS = {"Q": "*bf16", "K": "*bf16", "P_BUF": "*fp32", "M_BUF": "*fp32", "OUT": "*fp32"}
 _ANTIDIAG_D128 = dict(STRIDE=8, HEAD_DIM=128, BLOCK_D=128, R=16, CAUSAL=True)
@@ -102,6 +116,8 @@ def cases() -> dict:
     for name, extra in PREFILL_CASES.items():
         out["prefill/" + name] = (prefill_fwd_kernel, {**PREFILL_BASE, **extra}, PREFILL_POINTERS,
                                   {"qk_scale", "skip_thr"}, 8, 3)  # fmt: skip
+    for name, extra in DECODE_CASES.items():
+        out["decode/" + name] = (decode_split_kernel, {**DECODE_BASE, **extra}, DECODE_POINTERS, {"qk_scale"}, 4, 3)
     for name, consts in ANTIDIAG_CASES.items():
         out["scoring/" + name] = (_antidiag_kernel, consts, ANTIDIAG_POINTERS, {"qk_scale"}, 8, 3)
     select_ptrs = {"SCORES": "*fp32", "THR": "*fp32", "ALLOWED": "*u8", "FORCED": "*u8"}

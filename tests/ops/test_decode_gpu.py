@@ -7,6 +7,8 @@ import torch
 from conftest import HAS_GPU, assert_attention_close
 
 from sparseflash.ops.decode.api import decode_attention
+from sparseflash.ops.decode.checks import check_decode_inputs
+from sparseflash.ops.decode.launcher import decode_forward
 from sparseflash.ops.decode.reference import decode_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
@@ -83,6 +85,34 @@ def test_paged_and_sparse_8x32k(poison_empty, page_size):
     kw = dict(kv_block_indices=ids, kv_block_counts=counts, block_size=block)
     out, lse = decode_attention(q, k_pages, v_pages, lengths, page_table=table, return_lse=True, **kw)
     assert_attention_close(out, lse, *_reference(q, k, v, lengths, **kw), DTYPE)
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+def test_paged_paths_match_contiguous(poison_empty, page_size):
+    """Both paged kernel paths (pages looked up one tile ahead, or per tile), dense and sparse, split and not:
+    the contiguous cache's output (the same products in the same order) and the reference's."""
+    gen = _gen(100 + page_size)
+    batch, s_max, block = 4, 32768, 128
+    q, k, v = _rand(gen, batch, HQ, 1, D), _rand(gen, batch, HKV, s_max, D), _rand(gen, batch, HKV, s_max, D)
+    lengths = torch.tensor([s_max, 1, 20000, s_max - page_size - 3], dtype=torch.int32, device="cuda")
+    k_pages, v_pages, table = _paged(gen, k, v, page_size)
+    ids, counts = _sparse_lists(gen, batch, s_max // block, 0.1)
+    for lists in ({}, dict(kv_block_indices=ids, kv_block_counts=counts, block_size=block)):
+        ref = _reference(q, k, v, lengths, **lists)
+        for num_splits in (None, 1):
+            want = decode_attention(q, k, v, lengths, num_splits=num_splits, **lists)
+            for prefetch in (True, False):
+                dims = check_decode_inputs(
+                    q, k_pages, v_pages, lengths, table, ids if lists else None, counts if lists else None,
+                    block if lists else None, num_splits,
+                )  # fmt: skip
+                out, lse = decode_forward(
+                    q, k_pages, v_pages, lengths, dims, scale=D**-0.5, page_table=table, num_splits=num_splits,
+                    return_lse=True, prefetch=prefetch, kv_block_indices=lists.get("kv_block_indices"),
+                    kv_block_counts=lists.get("kv_block_counts"),
+                )  # fmt: skip
+                assert_attention_close(out, lse, *ref, DTYPE)
+                torch.testing.assert_close(out, want, atol=2e-3, rtol=1e-2)
 
 
 def test_cuda_graph_replay():

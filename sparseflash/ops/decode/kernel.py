@@ -19,7 +19,11 @@ plus its log2-sum-exp, fp32, to ``O_PART (B, HKV, NS, ROWS, D)`` / ``LSE_PART (B
   (its loads are predicated off), so a list may hold any distinct block ids below the cache capacity.
 * paged: token ``j`` of sequence ``b`` lives at slot ``j % PAGE_SIZE`` of page ``PAGE_TABLE[b, j // PAGE_SIZE]``;
   when PAGE_SIZE is a multiple of BLOCK_N a tile sits in one page (one page-table load per tile), otherwise
-  each key row looks its page up.
+  each key row looks its page up (:mod:`.tile`). With PREFETCH the loops over tiles every row sees (dense) and
+  over listed blocks (sparse) look up the next tile's pages (and listed block) one step ahead, so that the K/V
+  loads of a step hang on loop-carried values only and pipeline as deep as a contiguous cache's; without it,
+  each step looks up its own (a dependent load the pipeliner spends a stage on). The tiles holding the new
+  tokens (at most a few per split) always look up their own.
 
 ``decode_combine_kernel`` (:mod:`.combine`): one program per (batch, KV head, row); merges the NS partials by
 log-sum-exp.
@@ -38,103 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparseflash.ops.triton_common import LN2, guarded_pv
-
-
-@triton.jit
-def _attend(
-    acc,
-    l_i,
-    m_i,
-    q,
-    K_h,
-    V_h,
-    PT_row,
-    start_n,
-    kv_ok,
-    tile_live,
-    q_pos,
-    qk_scale,
-    stride_kp,
-    stride_ks,
-    stride_kd,
-    stride_vp,
-    stride_vs,
-    stride_vd,
-    stride_ptp,
-    MASK: tl.constexpr,
-    PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    PAGE_ALIGNED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One BLOCK_N-key step of the online softmax over keys ``start_n + [0, BLOCK_N)``.
-
-    MASK: 0 no mask (every row sees every key), 1 keys predicated by ``kv_ok`` only, 2 ``kv_ok`` and causal
-    (key ``j`` visible to a row iff ``j <= q_pos``). ``tile_live``: scalar, some key of the tile is read.
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_pos = start_n + offs_n  # [BLOCK_N]
-    if PAGED:
-        if PAGE_ALIGNED:  # the whole tile sits in one page
-            if MASK == 0:
-                page = tl.load(PT_row + (start_n // PAGE_SIZE) * stride_ptp).to(tl.int64)
-            else:
-                page = tl.load(PT_row + (start_n // PAGE_SIZE) * stride_ptp, mask=tile_live, other=0).to(tl.int64)
-            slot = (start_n % PAGE_SIZE + offs_n).to(tl.int64)
-        else:
-            page = tl.load(PT_row + (k_pos // PAGE_SIZE) * stride_ptp, mask=kv_ok, other=0).to(tl.int64)
-            slot = (k_pos % PAGE_SIZE).to(tl.int64)
-        k_rows = page * stride_kp + slot * stride_ks
-        v_rows = page * stride_vp + slot * stride_vs
-    else:
-        pos = k_pos.to(tl.int64)
-        k_rows = pos * stride_ks
-        v_rows = pos * stride_vs
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    d_ok = offs_d < HEAD_DIM
-    k_ptrs = K_h + k_rows[None, :] + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
-    v_ptrs = V_h + v_rows[:, None] + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
-    if MASK == 0:
-        if EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs, mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
-    qk = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
-    if MASK == 0:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-    else:
-        ok = kv_ok[None, :]
-        if MASK == 2:
-            ok = ok & (k_pos[None, :] <= q_pos[:, None])
-        qk = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if MASK == 0:
-        if EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    else:
-        v = tl.load(v_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-    if MASK == 2:
-        # a key past some row's position may hold NaN/inf: zero it so 0 * NaN never enters the product, and
-        # mark NaN the rows that do attend a non-finite value
-        acc = guarded_pv(acc, p, v)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+from sparseflash.ops.decode.tile import attend_tile, key_rows, tile_pages
+from sparseflash.ops.triton_common import LN2
 
 
 @triton.jit
@@ -190,6 +99,7 @@ def decode_split_kernel(
     SPARSE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
     RETURN_LSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Partial (SPLIT) or final attention of one (split, row tile, batch, KV head).
 
@@ -230,7 +140,8 @@ def decode_split_kernel(
         K_h = K + b64 * stride_kb + h64 * stride_kh
         V_h = V + b64 * stride_vb + h64 * stride_vh
     PT_row = PAGE_TABLE + b64 * stride_ptb
-    PAGE_ALIGNED: tl.constexpr = PAGE_SIZE % BLOCK_N == 0
+    K_ROWS_FIRST: tl.constexpr = PAGED and PREFETCH  # K in V's layout: one page-id layout for both
+    all_n = offs_n < BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -247,136 +158,123 @@ def decode_split_kernel(
         item_hi = tl.minimum(item_lo + per_split, total)
         SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK_N
         # listed blocks: every key of a block before the tail is visible to every row
-        for it in range(item_lo * SUBS, tl.minimum(item_hi, count) * SUBS):
-            blk = tl.load(idx_row + (it // SUBS) * stride_ic)
-            start_n = blk * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
-            live = blk < tail_first
-            kv_ok = (offs_n < BLOCK_N) & live
-            acc, l_i, m_i = _attend(
+        it_lo = item_lo * SUBS
+        it_hi = tl.minimum(item_hi, count) * SUBS
+        if PREFETCH:  # step it + 1's block, start and pages are looked up during step it
+            blk = tl.load(idx_row + (it_lo // SUBS) * stride_ic, mask=it_lo < it_hi, other=0)
+            next_n = blk * SPARSE_BLOCK + (it_lo % SUBS) * BLOCK_N
+            next_live = (blk < tail_first) & (it_lo < it_hi)
+            next_pages = tile_pages(PT_row, next_n, next_live, all_n, stride_ptp, PAGE_SIZE, BLOCK_N) if PAGED else 0
+        for it in range(it_lo, it_hi):
+            if PREFETCH:
+                start_n, live, pages = next_n, next_live, next_pages
+                blk = tl.load(idx_row + ((it + 1) // SUBS) * stride_ic, mask=it + 1 < it_hi, other=0)
+                next_n = blk * SPARSE_BLOCK + ((it + 1) % SUBS) * BLOCK_N
+                next_live = (blk < tail_first) & (it + 1 < it_hi)
+                if PAGED:
+                    next_pages = tile_pages(PT_row, next_n, next_live, all_n, stride_ptp, PAGE_SIZE, BLOCK_N)
+            else:
+                blk = tl.load(idx_row + (it // SUBS) * stride_ic)
+                start_n = blk * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
+                live = blk < tail_first
+                pages = tile_pages(PT_row, start_n, live, all_n, stride_ptp, PAGE_SIZE, BLOCK_N) if PAGED else 0
+            acc, l_i, m_i = attend_tile(
                 acc,
                 l_i,
                 m_i,
                 q,
                 K_h,
                 V_h,
-                PT_row,
+                key_rows(pages, start_n, stride_kb, stride_ks, PAGED, PAGE_SIZE, BLOCK_N),
+                key_rows(pages, start_n, stride_vb, stride_vs, PAGED, PAGE_SIZE, BLOCK_N),
                 start_n,
-                kv_ok,
-                live,
+                all_n & live,
                 q_pos,
                 qk_scale,
-                stride_kb,
-                stride_ks,
                 stride_kd,
-                stride_vb,
-                stride_vs,
                 stride_vd,
-                stride_ptp,
                 1,
-                PAGED,
-                PAGE_SIZE,
-                PAGE_ALIGNED,
+                K_ROWS_FIRST,
                 HEAD_DIM,
                 BLOCK_D,
                 BLOCK_N,
             )
         # the tail: causal mask and sequence end
-        for it in range(tl.maximum(item_lo, count) * SUBS, item_hi * SUBS):
-            start_n = (tail_first + it // SUBS - count) * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
-            kv_ok = start_n + offs_n < seq_len
-            acc, l_i, m_i = _attend(
-                acc,
-                l_i,
-                m_i,
-                q,
-                K_h,
-                V_h,
-                PT_row,
-                start_n,
-                kv_ok,
-                start_n < seq_len,
-                q_pos,
-                qk_scale,
-                stride_kb,
-                stride_ks,
-                stride_kd,
-                stride_vb,
-                stride_vs,
-                stride_vd,
-                stride_ptp,
-                2,
-                PAGED,
-                PAGE_SIZE,
-                PAGE_ALIGNED,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-            )
+        tail_lo = tl.maximum(item_lo, count) * SUBS
+        tail_hi = item_hi * SUBS
+        tail_base = (tail_first - count) * SPARSE_BLOCK
     else:
         chunk = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, seq_len)
         all_see = tl.minimum(hi, seq_len - S_Q + 1)  # keys [0, L - S_Q] are visible to every row
         full_hi = lo + tl.maximum(all_see - lo, 0) // BLOCK_N * BLOCK_N
+        if PAGED and PREFETCH:  # step start_n + BLOCK_N's pages are looked up during step start_n
+            next_pages = tile_pages(PT_row, lo, lo < full_hi, all_n, stride_ptp, PAGE_SIZE, BLOCK_N)
         for start_n in range(lo, full_hi, BLOCK_N):
-            acc, l_i, m_i = _attend(
+            if PAGED and PREFETCH:
+                pages = next_pages
+                more = start_n + BLOCK_N < full_hi
+                next_pages = tile_pages(PT_row, start_n + BLOCK_N, more, all_n, stride_ptp, PAGE_SIZE, BLOCK_N)
+            else:
+                pages = tile_pages(PT_row, start_n, True, all_n, stride_ptp, PAGE_SIZE, BLOCK_N) if PAGED else 0
+            acc, l_i, m_i = attend_tile(
                 acc,
                 l_i,
                 m_i,
                 q,
                 K_h,
                 V_h,
-                PT_row,
+                key_rows(pages, start_n, stride_kb, stride_ks, PAGED, PAGE_SIZE, BLOCK_N),
+                key_rows(pages, start_n, stride_vb, stride_vs, PAGED, PAGE_SIZE, BLOCK_N),
                 start_n,
-                offs_n < BLOCK_N,
-                True,
+                all_n,
                 q_pos,
                 qk_scale,
-                stride_kb,
-                stride_ks,
                 stride_kd,
-                stride_vb,
-                stride_vs,
                 stride_vd,
-                stride_ptp,
                 0,
-                PAGED,
-                PAGE_SIZE,
-                PAGE_ALIGNED,
+                K_ROWS_FIRST,
                 HEAD_DIM,
                 BLOCK_D,
                 BLOCK_N,
             )
-        for start_n in range(full_hi, hi, BLOCK_N):
-            kv_ok = start_n + offs_n < hi
-            acc, l_i, m_i = _attend(
-                acc,
-                l_i,
-                m_i,
-                q,
-                K_h,
-                V_h,
-                PT_row,
-                start_n,
-                kv_ok,
-                start_n < hi,
-                q_pos,
-                qk_scale,
-                stride_kb,
-                stride_ks,
-                stride_kd,
-                stride_vb,
-                stride_vs,
-                stride_vd,
-                stride_ptp,
-                2,
-                PAGED,
-                PAGE_SIZE,
-                PAGE_ALIGNED,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-            )
+        # the tiles holding the new tokens: causal mask and split end
+        tail_lo = full_hi
+        tail_hi = hi
+        tail_base = 0
+    # the tail (sparse: items tail_lo..tail_hi of SUBS sub-tiles; dense: keys tail_lo..tail_hi)
+    for it in range(tail_lo, tail_hi, 1 if SPARSE else BLOCK_N):
+        if SPARSE:
+            start_n = tail_base + (it // SUBS) * SPARSE_BLOCK + (it % SUBS) * BLOCK_N
+            kv_ok = start_n + offs_n < seq_len
+            live = start_n < seq_len
+        else:
+            start_n = it
+            kv_ok = start_n + offs_n < tail_hi
+            live = start_n < tail_hi
+        pages = tile_pages(PT_row, start_n, live, kv_ok, stride_ptp, PAGE_SIZE, BLOCK_N) if PAGED else 0
+        acc, l_i, m_i = attend_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K_h,
+            V_h,
+            key_rows(pages, start_n, stride_kb, stride_ks, PAGED, PAGE_SIZE, BLOCK_N),
+            key_rows(pages, start_n, stride_vb, stride_vs, PAGED, PAGE_SIZE, BLOCK_N),
+            start_n,
+            kv_ok,
+            q_pos,
+            qk_scale,
+            stride_kd,
+            stride_vd,
+            2,
+            K_ROWS_FIRST,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+        )
 
     empty = l_i == 0.0  # nothing attended; a NaN l_i (NaN input) stays NaN in out and lse
     l_safe = tl.where(empty, 1.0, l_i)

@@ -86,8 +86,12 @@ def decode_forward(
     num_splits: int | None = None,
     return_lse: bool = False,
     config: DecodeConfig | None = None,
+    prefetch: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Triton kernels on validated inputs; no host sync.
+
+    ``prefetch``: look pages and listed blocks up one tile ahead (:mod:`.kernel`'s PREFETCH); False keeps the
+    per-tile lookup (benchmarks/bench_decode.py compares the two).
 
     Returns out (B, Hq, Sq_new, D) in q's dtype (contiguous) and lse (B, Hq, Sq_new) float32 or None.
     """
@@ -172,6 +176,7 @@ def decode_forward(
         SPARSE_BLOCK=max(dims.block_size, 1),
         SPLIT=split,
         RETURN_LSE=return_lse,
+        PREFETCH=prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
