@@ -14,6 +14,7 @@ def test_defaults_are_the_library_tables():
     assert tuning == Tuning() and tuning.prefill is None and tuning.decode is None
     assert tuning.sparse_prefetch and tuning.decode_ctas_per_sm == 2
     assert default_config(128) == TileConfig(128, 128, 8, 3)
+    assert default_config(128, sparse=True) == TileConfig(128, 64, 8, 3)
 
 
 def test_tuned_changes_fields_for_the_block_only():

@@ -23,19 +23,25 @@ from sparseflash.ops.tuning import TileConfig, get_tuning
 INT32_MAX = 2**31 - 1
 
 
-# head_dim ceiling -> config on Hopper. d <= 128: benchmarks/bench_dense_configs.py on an H200
+# head_dim ceiling -> config on Hopper, dense launches. d <= 128: benchmarks/bench_dense_configs.py on an H200
 # (benchmarks/results/prefill_explore_h200/): at d = 128, 128x128 tiles were 2-5 % faster than 128x64 for dense
-# causal and non-causal prefill at 16K and 64K, and within -3..+2 % on real sparse layouts (layer_q15/); at d = 64,
-# 128x64 with 4 warps beat 8 warps and 128x128 by 9-27 %.
+# causal and non-causal prefill at 16K and 64K; at d = 64, 128x64 with 4 warps beat 8 warps and 128x128 by 9-27 %.
 _DEFAULT_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
     (64, TileConfig(128, 64, 4, 3)),
     (128, TileConfig(128, 128, 8, 3)),
     (256, TileConfig(64, 64, 4, 2)),
 )
+# Block-sparse launches at d = 128 keep 128x64: with 128x128 (benchmarks/results/sparse_h200/tile128x128/ against
+# sparse_h200/, same benchmark) layouts of 5-10 % density were up to 15 % slower at 16K and density 1.0 up to 2.4 %
+# slower at 128K, on real layouts (layer_q15/) the two were within -3..+2 %.
+_SPARSE_D128 = TileConfig(128, 64, 8, 3)
 
 
-def default_config(head_dim: int) -> TileConfig:
-    """The library's tile config for ``head_dim`` (:attr:`~sparseflash.ops.tuning.Tuning.prefill` overrides it)."""
+def default_config(head_dim: int, *, sparse: bool = False) -> TileConfig:
+    """The library's tile config for ``head_dim`` (:attr:`~sparseflash.ops.tuning.Tuning.prefill` overrides it);
+    ``sparse``: for a block-sparse launch."""
+    if sparse and 64 < head_dim <= 128:
+        return _SPARSE_D128
     for ceiling, config in _DEFAULT_CONFIGS:
         if head_dim <= ceiling:
             return config
@@ -179,7 +185,7 @@ def skip_attention_torch(
 
     Returns ``(out, lse)`` as :func:`prefill_forward`; adds the skipped / visited tile counts to ``skip_stats``.
     """
-    config = get_tuning().prefill or default_config(q.shape[3])
+    config = get_tuning().prefill or default_config(q.shape[3], sparse=layout is not None)
     geometry = tile_geometry(q.shape[1], k.shape[1], q.shape[2], config, layout=layout, pack_gqa=pack_gqa)
     out, lse, counts = skip_attention_reference(
         q,
@@ -228,7 +234,7 @@ def prefill_forward(
     num_kv_heads, seq_len_k = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     tuning = get_tuning()
-    config = config or tuning.prefill or default_config(head_dim)
+    config = config or tuning.prefill or default_config(head_dim, sparse=layout is not None)
     sparse = layout is not None
     block_m, block_n, pack = tile_geometry(num_heads, num_kv_heads, seq_len_q, config, layout=layout, pack_gqa=pack_gqa)
     queries_per_tile = block_m // pack
