@@ -125,3 +125,21 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def sdpa_repeated_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: object = None
+) -> Callable[[], torch.Tensor]:
+    """SDPA over K/V repeated to q's heads, as transformers runs cuDNN with GQA (the repeat made here, once, not
+    timed): a closure for :func:`bench_ms`. ``backend``: an ``SDPBackend`` (default: cuDNN)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    chosen = SDPBackend.CUDNN_ATTENTION if backend is None else backend
+
+    def run() -> torch.Tensor:
+        with sdpa_kernel(chosen):
+            return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
+
+    return run

@@ -19,7 +19,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_ms, gpu_tag  # noqa: E402
+from _common import bench_ms, gpu_tag, sdpa_repeated_kv  # noqa: E402
 
 import sparseflash as sf  # noqa: E402
 from sparseflash.ops.tuning import TileConfig, tuned  # noqa: E402
@@ -31,11 +31,9 @@ def one_point(d: int, hq: int, hkv: int, n: int, causal: bool, configs: list[Til
     q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-        ref = sdpa(q, kr, vr, is_causal=causal)
-        cudnn = bench_ms(lambda: sdpa(q, kr, vr, is_causal=causal))["ms"]
+    run_cudnn = sdpa_repeated_kv(q, k, v, causal)
+    ref = run_cudnn()
+    cudnn = bench_ms(run_cudnn)["ms"]
     flops = 4 * hq * n * n * d * (0.5 if causal else 1.0)
     base = dict(d=d, heads=f"{hq}/{hkv}", n=n, causal=causal)
     rows = [{**base, "variant": "cudnn", "ms": cudnn, "tflops": flops / cudnn / 1e9}]

@@ -34,10 +34,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, write_result
+from _common import base_parser, bench_ms, gpu_tag, out_dir, print_table, sdpa_repeated_kv, write_result
 
 import sparseflash as sf  # noqa: E402
 from sparseflash.layouts import causal_block_mask  # noqa: E402
@@ -115,18 +114,10 @@ def _compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def _cudnn(env: Env, q, k, v, causal):
-    """SDPA with K/V repeated to Hq (cuDNN's GQA); the math backend for the CPU smoke run."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """SDPA cuDNN with K/V repeated to Hq; the math backend for the CPU smoke run."""
+    from torch.nn.attention import SDPBackend
 
-    group = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    backend = SDPBackend.CUDNN_ATTENTION if env.cuda else SDPBackend.MATH
-
-    def run():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
-
-    return run
+    return sdpa_repeated_kv(q, k, v, causal, None if env.cuda else SDPBackend.MATH)
 
 
 def _ours(q, k, v, causal, tuning: Tuning, layout=None):

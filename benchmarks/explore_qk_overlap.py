@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_ms, gpu_tag  # noqa: E402
+from _common import bench_ms, gpu_tag, sdpa_repeated_kv  # noqa: E402
 
 import sparseflash as sf  # noqa: E402
 
@@ -101,11 +101,9 @@ def one_shape(d: int, hq: int, hkv: int, n: int, causal: bool) -> list[dict]:
     v = torch.randn(hkv, n, d, device="cuda", dtype=torch.bfloat16)
     flops = 4 * hq * n * n * d * (0.5 if causal else 1.0)
     qb, kb, vb = q[None], k[None], v[None]
-    kr, vr = kb.repeat_interleave(hq // hkv, 1), vb.repeat_interleave(hq // hkv, 1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-        ref = sdpa(qb, kr, vr, is_causal=causal)[0]
-        cudnn = bench_ms(lambda: sdpa(qb, kr, vr, is_causal=causal))["ms"]
+    run_cudnn = sdpa_repeated_kv(qb, kb, vb, causal)
+    ref = run_cudnn()[0]
+    cudnn = bench_ms(run_cudnn)["ms"]
     ours = bench_ms(lambda: sf.flash_attention(qb, kb, vb, causal=causal))["ms"]
     base = dict(d=d, n=n, causal=causal)
     rows = [{**base, "variant": "cudnn", "ms": cudnn}, {**base, "variant": "sparseflash", "ms": ours}]

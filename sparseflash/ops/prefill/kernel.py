@@ -88,7 +88,6 @@ def prefill_fwd_kernel(
     S_Q,
     S_K,
     NUM_TILES,
-    NUM_BH,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,

@@ -312,7 +312,6 @@ def prefill_forward(
         seq_len_q,
         seq_len_k,
         num_tiles,
-        num_bh,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m,
